@@ -46,7 +46,6 @@ class UNetConfig:
     num_head_channels: int = 64
     transformer_depth: int = 1
     context_dim: int = 1024
-    use_linear: bool = True
     temporal_conv: bool = True
     temporal_attention: bool = True
     temporal_length: int = 16

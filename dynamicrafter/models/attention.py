@@ -1,0 +1,181 @@
+"""Attention layers of the DynamiCrafter UNet.
+
+All attention goes through :func:`torch.nn.functional.scaled_dot_product_attention`, so no
+``[tokens x tokens]`` matrix is ever built here; PyTorch picks a flash or memory-efficient
+kernel where one exists.
+
+Spatial transformers see one frame at a time (``[B*T, H*W, C]``) and attend to the text
+tokens and, through a second set of key/value projections, to the image tokens.
+Temporal transformers see one pixel at a time (``[B*H*W, T, C]``) and only self-attend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention on ``[batch, tokens, heads * dim]`` tensors."""
+    b, n, inner = q.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, t.shape[1], heads, inner // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+class CrossAttention(nn.Module):
+    """Self- or cross-attention, with an optional second branch over image tokens.
+
+    With ``image_cross_attention`` the context is ``[text tokens | image tokens]``: the first
+    ``text_context_len`` tokens go through ``to_k``/``to_v``, the rest through
+    ``to_k_ip``/``to_v_ip``, and the two results are added, the image branch weighted by
+    ``1 + tanh(alpha)`` when that weight is learnable.
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
+                 image_cross_attention: bool = False, learnable_alpha: bool = False,
+                 text_context_len: int = 77) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.text_context_len = text_context_len
+        self.image_cross_attention = image_cross_attention
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
+        if image_cross_attention:
+            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+        self.alpha = nn.Parameter(torch.zeros(())) if image_cross_attention and learnable_alpha else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.to_q(x)
+        if context is None:
+            return self.to_out(attention(q, self.to_k(x), self.to_v(x), self.heads))
+        text = context[:, : self.text_context_len]
+        out = attention(q, self.to_k(text), self.to_v(text), self.heads)
+        if self.image_cross_attention:
+            image = context[:, self.text_context_len:]
+            out_ip = attention(q, self.to_k_ip(image), self.to_v_ip(image), self.heads)
+            if self.alpha is not None:
+                out_ip = out_ip * (torch.tanh(self.alpha) + 1)
+            out = out + out_ip
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection: ``a * gelu(b)`` for ``[a, b] = proj(x)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with a 4x hidden width."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        # Index 1 is where the training-time dropout sat; keeping the slot keeps the key names.
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention (or a second self-attention), feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
+                 image_cross_attention: bool = False, learnable_alpha: bool = False,
+                 text_context_len: int = 77) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, image_cross_attention,
+                                    learnable_alpha, text_context_len)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of each frame, conditioned on text and image tokens."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
+                 image_cross_attention: bool = False, learnable_alpha: bool = False,
+                 text_context_len: int = 77) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, image_cross_attention,
+                                  learnable_alpha, text_context_len)
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B*T, C, H, W]``; ``context``: ``[B*T, tokens, context_dim]``."""
+        bt, c, h, w = x.shape
+        y = self.norm(x).flatten(2).transpose(1, 2)
+        y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        y = self.proj_out(y)
+        return x + y.transpose(1, 2).reshape(bt, c, h, w)
+
+
+class TemporalTransformer(nn.Module):
+    """Self-attention along time for every pixel.
+
+    ``use_linear=False`` gives 1x1 ``Conv1d`` projections (the UNet's first temporal block),
+    ``True`` gives ``Linear`` ones; both compute the same thing with differently shaped weights.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, use_linear: bool) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        if use_linear:
+            self.proj_in, self.proj_out = nn.Linear(channels, inner), nn.Linear(inner, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv1d(channels, inner, 1), nn.Conv1d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head) for _ in range(depth)
+        )
+
+    @staticmethod
+    def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, nn.Conv1d):
+            return F.linear(x, layer.weight.squeeze(-1), layer.bias)
+        return layer(x)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``x``: ``[B*T, C, H, W]`` with frames of one video adjacent."""
+        bt, c, h, w = x.shape
+        b = bt // num_frames
+        y = self.norm(x.view(b, num_frames, c, h, w).transpose(1, 2))  # [B, C, T, H, W]
+        y = y.permute(0, 3, 4, 2, 1).reshape(b * h * w, num_frames, c)
+        y = self._project(self.proj_in, y)
+        for block in self.transformer_blocks:
+            y = block(y)
+        y = self._project(self.proj_out, y)
+        y = y.view(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
+        return x + y

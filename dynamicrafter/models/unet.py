@@ -1,0 +1,228 @@
+"""The 3-D denoising UNet of DynamiCrafter (``model.diffusion_model`` in the checkpoints).
+
+A Stable-Diffusion-style 2-D UNet run on every frame (``[B*T, C, H, W]``), made temporal by
+a temporal convolution inside each ResBlock and a temporal transformer after each spatial
+one, plus one extra temporal transformer (``init_attn``) after the input convolution.
+Conditioning: the diffusion timestep and the frame stride / frame rate (sinusoidal
+embeddings added to every ResBlock), text and image tokens through cross-attention, and the
+image latent concatenated to the noisy latent on the channel axis (``in_channels = 8``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import UNetConfig
+from .attention import SpatialTransformer, TemporalTransformer
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t * f), sin(t * f)]`` of a batch of (integer) timesteps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups computed in float32 whatever the input dtype."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+class TemporalConvBlock(nn.Module):
+    """Four (norm, SiLU, 3x1x1 conv) stages along time, added back to the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+        def stage(with_dropout_slot: bool) -> nn.Sequential:
+            layers = [nn.GroupNorm(32, channels), nn.SiLU()]
+            if with_dropout_slot:  # keeps the checkpoint's layer indices (conv at index 3)
+                layers.append(nn.Identity())
+            layers.append(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+            return nn.Sequential(*layers)
+
+        self.conv1 = stage(False)
+        self.conv2 = stage(True)
+        self.conv3 = stage(True)
+        self.conv4 = stage(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, C, T, H, W]``."""
+        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+
+
+class ResBlock(nn.Module):
+    """Residual block with the timestep embedding added between its two convolutions."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
+                 temporal_conv: bool = True) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        # The misspelling is the checkpoints' key name.
+        self.temopral_conv = TemporalConvBlock(out_channels) if temporal_conv else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = self.skip_connection(x) + self.out_layers(h)
+        if self.temopral_conv is None:
+            return h
+        bt, c, hh, ww = h.shape
+        h = h.view(bt // num_frames, num_frames, c, hh, ww).transpose(1, 2)
+        h = self.temopral_conv(h)
+        return h.transpose(1, 2).reshape(bt, c, hh, ww)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.ModuleList):
+    """One entry of the UNet's block lists: layers applied in order, each given what it needs."""
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb, num_frames)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context)
+            elif isinstance(layer, TemporalTransformer):
+                h = layer(h, num_frames)
+            else:
+                h = layer(h)
+        return h
+
+
+class UNet3D(nn.Module):
+    """The denoiser: ``(x [B, 8, T, h, w], t [B], context [B, L, D], fs [B]) -> [B, 4, T, h, w]``."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.model_channels
+        emb_dim = ch * 4
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.fs_condition:
+            self.fps_embedding = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        if cfg.addition_attention:
+            self.init_attn = Stage([TemporalTransformer(ch, 8, cfg.num_head_channels, cfg.transformer_depth,
+                                                        use_linear=False)])
+        skip_channels = [ch]
+        downscale = 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mult * cfg.model_channels, cfg.temporal_conv)]
+                ch = mult * cfg.model_channels
+                if downscale in cfg.attention_resolutions:
+                    layers += self._attention_layers(ch)
+                self.input_blocks.append(Stage(layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(Stage([Downsample(ch)]))
+                skip_channels.append(ch)
+                downscale *= 2
+
+        self.middle_block = Stage([ResBlock(ch, emb_dim, temporal_conv=cfg.temporal_conv),
+                                   *self._attention_layers(ch),
+                                   ResBlock(ch, emb_dim, temporal_conv=cfg.temporal_conv)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * cfg.model_channels, cfg.temporal_conv)]
+                ch = mult * cfg.model_channels
+                if downscale in cfg.attention_resolutions:
+                    layers += self._attention_layers(ch)
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    downscale //= 2
+                self.output_blocks.append(Stage(layers))
+
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def _attention_layers(self, ch: int) -> list[nn.Module]:
+        cfg = self.config
+        heads = ch // cfg.num_head_channels
+        layers: list[nn.Module] = [SpatialTransformer(
+            ch, heads, cfg.num_head_channels, cfg.transformer_depth, cfg.context_dim,
+            cfg.image_cross_attention, cfg.image_cross_attention_scale_learnable, cfg.text_context_len)]
+        if cfg.temporal_attention:
+            layers.append(TemporalTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth, use_linear=True))
+        return layers
+
+    def frame_context(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Give each frame its context: ``[B, L, D] -> [B*T, L', D]``.
+
+        When the context holds exactly ``text + num_frames * 16`` tokens, frame ``i`` gets the
+        text tokens and its own 16 image tokens; otherwise every frame gets the whole context.
+        """
+        cfg = self.config
+        b, length, dim = context.shape
+        per_frame = cfg.image_tokens_per_frame
+        if length == cfg.text_context_len + num_frames * per_frame:
+            text = context[:, : cfg.text_context_len].repeat_interleave(num_frames, dim=0)
+            image = context[:, cfg.text_context_len:].reshape(b * num_frames, per_frame, dim)
+            return torch.cat([text, image], dim=1)
+        return context.repeat_interleave(num_frames, dim=0)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                fs: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, t, h, w = x.shape
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.config.fs_condition:
+            if fs is None:
+                fs = torch.full((b,), self.config.default_fs, dtype=torch.long, device=x.device)
+            emb = emb + self.fps_embedding(timestep_embedding(fs, self.config.model_channels).to(dtype))
+        emb = emb.repeat_interleave(t, dim=0)
+        context = self.frame_context(context.to(dtype), t)
+
+        hidden = x.to(dtype).transpose(1, 2).reshape(b * t, -1, h, w)
+        skips = []
+        for i, block in enumerate(self.input_blocks):
+            hidden = block(hidden, emb, context, t)
+            if i == 0 and self.config.addition_attention:
+                hidden = self.init_attn(hidden, emb, context, t)
+            skips.append(hidden)
+        hidden = self.middle_block(hidden, emb, context, t)
+        for block in self.output_blocks:
+            hidden = block(torch.cat([hidden, skips.pop()], dim=1), emb, context, t)
+        out = self.out(hidden)
+        return out.view(b, t, -1, h, w).transpose(1, 2).to(x.dtype)
