@@ -1,40 +1,314 @@
-"""Image-to-video pipeline (being written: this is its public contract)."""
+"""Image-to-video pipeline: image + prompt -> encoders -> DDIM <-> UNet -> VAE -> frames."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .checkpoints import load_model
+from .configs import ModelConfig, get_config, load_config, resolve_resolution
+from .diffusion.ddim import DDIMSampler, guided
+from .diffusion.schedule import SPACINGS
+from .hub import default_checkpoint_path, ensure_checkpoint
+from .runtime import resolve_device, resolve_dtype, vae_dtype_for
+from .video import save_video
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Union[Image.Image, np.ndarray, str, Path]
+OUTPUT_TYPES = ("pt", "np", "latent")
+
+
+@dataclass
+class _Conditioning:
+    """What the denoiser needs besides the noisy latent, for the conditional and unconditional branch."""
+
+    context: torch.Tensor  # [B, 77 + image tokens, D]
+    uncond_context: torch.Tensor | None  # None without guidance
+    concat: torch.Tensor  # [B, 4, T, h, w] image latents concatenated to the noisy latent
+    fs: torch.Tensor  # [B] frame stride / frame rate
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a PIL image, an ``HxWx3`` array (uint8, or float in [0, 1]) or a file path."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"An image array must be HxWx3, got shape {image.shape}.")
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return Image.fromarray(image[..., :3])
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as img:
+                return img.convert("RGB")
+        except (FileNotFoundError, IsADirectoryError):
+            raise ValueError(f"Image {image} does not exist.") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"Cannot read image {image}: {exc}.") from None
+    raise ValueError(f"Unsupported image type {type(image).__name__}; give a PIL image, a numpy array or a path.")
+
+
+def fit_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """Resize to cover ``height x width`` and centre-crop, as the original's Resize + CenterCrop.
+
+    Returns ``[3, height, width]`` in [-1, 1]. An image already of that size is used untouched.
+    """
+    if image.size != (width, height):
+        scale = max(height / image.height, width / image.width)
+        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(size, Image.BILINEAR)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1.0
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Float32 Gaussian noise on ``device``, drawn on the generator's own device."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
 
 
 class DynamiCrafterImg2VideoPipeline:
-    """Turn an image and a prompt into a short video with a DynamiCrafter model.
+    """Animate an image with a text prompt using a DynamiCrafter model.
 
     Args:
-        resolution: '256', '512', '1024', '512_interp' or an alias ('256_256', '320_512', ...).
-        device: torch device; default cuda:0 when available, else cpu (with a warning).
-        checkpoint: path to model.ckpt / .safetensors; default
-            checkpoints/dynamicrafter_{name}_v1/model.ckpt, downloaded when missing.
-        config: a ModelConfig or a path to an original-format YAML config.
-        dtype: torch dtype or 'float32' / 'float16' / 'bfloat16'; default chosen per device.
-    Attributes:
-        config: the ModelConfig (name, height, width, default_fs, fs_kind, interp).
-        device, dtype.
+        resolution: which released model: ``'256'``, ``'512'``, ``'1024'`` or ``'512_interp'``
+            (also ``'256_256'``, ``'512_512'``, ``'1024_1024'``, ``'320_512'``, ``'576_1024'``).
+        device: where to run; default ``cuda:0`` when available, else the CPU (with a warning).
+        checkpoint: a ``.ckpt`` or ``.safetensors`` file; default
+            ``checkpoints/dynamicrafter_{name}_v1/model.ckpt``, downloaded when missing.
+        config: a :class:`ModelConfig` or the path of a model config in the original YAML
+            format; default the preset of ``resolution``.
+        dtype: ``torch.float32``/``float16``/``bfloat16`` or their names; default bf16 where the
+            hardware has fast bf16 (recent GPUs, CPUs with AMX/AVX-512 BF16), fp16 on other GPUs,
+            else float32. The VAE never runs in float16.
+
+    Example::
+
+        pipe = DynamiCrafterImg2VideoPipeline("256")
+        out = pipe(Image.open("cat.png"), "a cat turning its head", generator=torch.Generator().manual_seed(123))
+        pipe.save_video(out["videos"], "cat.mp4", fps=8)
     """
 
-    def __init__(self, resolution: str = "256", device: Any = None, checkpoint: Any = None,
-                 config: Any = None, dtype: Any = None) -> None:
-        raise NotImplementedError
+    def __init__(self, resolution: str = "256", device: str | torch.device | None = None,
+                 checkpoint: str | Path | None = None, config: ModelConfig | str | Path | None = None,
+                 dtype: str | torch.dtype | None = None) -> None:
+        name = resolve_resolution(resolution)
+        if config is None:
+            config = get_config(name)
+        elif not isinstance(config, ModelConfig):
+            config = load_config(config)
+        self.config: ModelConfig = config
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if checkpoint is None:
+            checkpoint = ensure_checkpoint(name, default_checkpoint_path(name))
+        elif not Path(checkpoint).is_file():
+            raise ValueError(f"Checkpoint {checkpoint} does not exist.")
+        self.checkpoint = Path(checkpoint)
+        self.model = load_model(config, checkpoint, dtype=self.dtype, device=self.device,
+                                vae_dtype=vae_dtype_for(self.dtype))
+        self.sampler = DDIMSampler(self.model.schedule, config.diffusion.parameterization)
+        self._uncond_text: dict[str, torch.Tensor] = {}
+        self._zero_image_tokens: torch.Tensor | None = None
+        logger.info("Ready: %s model on %s in %s.", config.name, self.device, str(self.dtype).replace("torch.", ""))
 
-    def __call__(self, image: Any, prompt: Any = "", negative_prompt: Any = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 1.0,
-                 frame_stride: int | None = None, num_frames: int = 16, height: int | None = None,
-                 width: int | None = None, guidance_rescale: float | None = None,
-                 timestep_spacing: str | None = None, generator: Any = None, latents: Any = None,
-                 output_type: str = "pt", return_dict: bool = True, end_image: Any = None,
-                 callback: Callable[[int, int], None] | None = None) -> Any:
-        """Returns {"videos": [B,T,3,H,W] float in [0,1]} for output_type="pt"."""
-        raise NotImplementedError
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(self, images: list, prompts: list[str], negative: list[str] | None, steps: int,
+                      frames: int, height: int, width: int, guidance_scale: float, eta: float,
+                      spacing: str, output_type: str, end_images: list | None) -> None:
+        multiple = self.config.size_multiple
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a whole number of at least 1, got {steps!r}.")
+        if steps > self.model.schedule.num_timesteps:
+            raise ValueError(f"num_inference_steps can be at most {self.model.schedule.num_timesteps}, got {steps}.")
+        if not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"num_frames must be a whole number of at least 1, got {frames!r}.")
+        for label, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < multiple or value % multiple:
+                raise ValueError(f"{label} must be a positive multiple of {multiple} pixels, got {value!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must not be negative, got {guidance_scale}.")
+        if eta < 0:
+            raise ValueError(f"eta must not be negative, got {eta}.")
+        if spacing not in SPACINGS:
+            raise ValueError(f"Unknown timestep_spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}.")
+        if len(prompts) != len(images):
+            raise ValueError(f"Got {len(images)} image(s) but {len(prompts)} prompt(s); give one prompt per image.")
+        if negative is not None and len(negative) != len(images):
+            raise ValueError(f"Got {len(images)} image(s) but {len(negative)} negative prompt(s).")
+        if end_images is not None:
+            if not self.config.interp:
+                raise ValueError(f"end_image needs the interpolation model ('512_interp'), not {self.config.name}.")
+            if len(end_images) != len(images):
+                raise ValueError(f"Got {len(images)} start image(s) but {len(end_images)} end image(s).")
 
     @staticmethod
-    def save_video(videos: Any, path: Any, fps: int = 8) -> None:
-        """Write videos[0] (or a [T,3,H,W] tensor) to an MP4 (H.264) or GIF, atomically."""
-        raise NotImplementedError
+    def _as_list(value: Any, batch: int | None = None) -> list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return [value] * (batch or 1)
+
+    # ------------------------------------------------------------- conditioning
+    def _uncond_text_tokens(self, negative_prompt: str) -> torch.Tensor:
+        if negative_prompt not in self._uncond_text:
+            if len(self._uncond_text) > 16:
+                self._uncond_text.clear()
+            self._uncond_text[negative_prompt] = self.model.encode_text([negative_prompt])
+        return self._uncond_text[negative_prompt]
+
+    def _zero_image(self) -> torch.Tensor:
+        if self._zero_image_tokens is None:
+            size = self.config.clip.image_size
+            zeros = torch.zeros(1, 3, size, size, device=self.device)
+            self._zero_image_tokens = self.model.encode_image_tokens(zeros)
+        return self._zero_image_tokens
+
+    def _condition(self, pixels: torch.Tensor, prompts: list[str], negative: list[str] | None,
+                   end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool) -> _Conditioning:
+        model = self.model
+        batch = pixels.shape[0]
+        context = torch.cat([model.encode_text(prompts), model.encode_image_tokens(pixels)], dim=1)
+        uncond = None
+        if use_guidance:
+            text = torch.cat([self._uncond_text_tokens(n) for n in (negative or [""] * batch)])
+            uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
+        first = model.encode_latents(pixels)  # one encode per image, not one per frame
+        if end_pixels is None:
+            concat = first[:, :, None].expand(-1, -1, frames, -1, -1)
+        else:
+            concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
+            concat[:, :, 0] = first
+            concat[:, :, -1] = model.encode_latents(end_pixels)
+        fs_tensor = torch.full((batch,), fs, dtype=torch.long, device=self.device)
+        return _Conditioning(context, uncond, concat, fs_tensor)
+
+    def _denoiser(self, cond: _Conditioning, scale: float, rescale: float) -> Callable:
+        unet = self.model.unet
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = torch.cat([x, cond.concat], dim=1)
+            if cond.uncond_context is None:
+                return unet(x_in, t, cond.context, cond.fs).float()
+            out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                       torch.cat([cond.context, cond.uncond_context]), torch.cat([cond.fs, cond.fs])).float()
+            cond_out, uncond_out = out.chunk(2)
+            return guided(cond_out, uncond_out, scale, rescale)
+
+        return denoise
+
+    # ----------------------------------------------------------------- running
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 1.0,
+        frame_stride: int | None = None,
+        num_frames: int = 16,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_rescale: float | None = None,
+        timestep_spacing: str | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        end_image: ImageInput | Sequence[ImageInput] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any] | Any:
+        """Generate videos.
+
+        Args:
+            image: the first frame: a PIL image, an ``HxWx3`` array, a path, or a list of them (a batch).
+            prompt: text prompt, or one per image.
+            negative_prompt: what to steer away from (the unconditional branch); default empty.
+            num_inference_steps: DDIM steps (exactly this many are run).
+            guidance_scale: classifier-free guidance scale (1 disables guidance).
+            eta: DDIM stochasticity (0 = deterministic).
+            frame_stride: frame stride (256 model; larger = more motion) or frame rate (others;
+                smaller = more motion); default the model's (3 / 24 / 10 / 5).
+            num_frames: frames to generate (the models are trained on 16).
+            height, width: output size, multiples of 64; default the model's.
+            guidance_rescale: guidance rescale factor; default the model's (0 or 0.7).
+            timestep_spacing: ``'uniform'`` or ``'uniform_trailing'``; default the model's.
+            generator: a ``torch.Generator`` for reproducible noise.
+            latents: initial noise ``[B, 4, T, H/8, W/8]``; default drawn from ``generator``.
+            output_type: ``'pt'`` (``[B, T, 3, H, W]`` float in [0, 1]), ``'np'``
+                (``[B, T, H, W, 3]`` float in [0, 1]) or ``'latent'`` (``[B, 4, T, h, w]``).
+            return_dict: return ``{"videos": ...}`` (else the bare value).
+            end_image: last frame(s), for the interpolation model (``'512_interp'``); give the
+                same image as ``image`` for a looping video.
+            callback: ``callback(step, total)`` after each denoising step.
+        """
+        cfg = self.config
+        images = self._as_list(image)
+        prompts = [str(p) for p in self._as_list(prompt, len(images))]
+        negative = None if negative_prompt is None else [str(n) for n in self._as_list(negative_prompt, len(images))]
+        end_images = None if end_image is None else self._as_list(end_image, len(images))
+        height = cfg.height if height is None else height
+        width = cfg.width if width is None else width
+        spacing = timestep_spacing or cfg.diffusion.timestep_spacing
+        rescale = cfg.diffusion.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
+        fs = cfg.default_fs if frame_stride is None else int(frame_stride)
+        self._check_inputs(images, prompts, negative, num_inference_steps, num_frames, height, width,
+                           guidance_scale, eta, spacing, output_type, end_images)
+        down = cfg.latent_downscale
+        shape = (len(images), cfg.vae.embed_dim, num_frames, height // down, width // down)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}.")
+
+        pixels = torch.stack([fit_image(load_image(i), height, width) for i in images]).to(self.device)
+        end_pixels = None if end_images is None else \
+            torch.stack([fit_image(load_image(i), height, width) for i in end_images]).to(self.device)
+        cond = self._condition(pixels, prompts, negative, end_pixels, num_frames, fs, guidance_scale != 1.0)
+        x_t = _randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
+
+        with tqdm(total=num_inference_steps, desc="Denoising", leave=False) as bar:
+            def on_step(step: int, total: int) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(step, total)
+
+            samples = self.sampler.sample(
+                self._denoiser(cond, guidance_scale, rescale), x_t, num_inference_steps, eta, spacing,
+                noise_sampler=lambda _: _randn(shape, generator, self.device), callback=on_step)
+
+        if output_type == "latent":
+            result: Any = samples
+        else:
+            frames = self.decode(samples)  # [B, T, 3, H, W] in [0, 1]
+            result = frames if output_type == "pt" else frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+        return {"videos": result} if return_dict else result
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, 4, T, h, w]`` latents -> ``[B, T, 3, H, W]`` frames in [0, 1], decoded frame by frame."""
+        b, c, t, h, w = latents.shape
+        flat = latents.transpose(1, 2).reshape(b * t, c, h, w)
+        images = torch.cat([self.model.decode_latents(f) for f in flat.split(1)])
+        return ((images.view(b, t, *images.shape[1:]) + 1) / 2).clamp(0, 1)
+
+    @staticmethod
+    def save_video(videos: torch.Tensor | np.ndarray, path: str | Path, fps: int = 8) -> Path:
+        """Write a video to ``.mp4`` (H.264) or ``.gif``, atomically.
+
+        ``videos``: the pipeline's ``"pt"`` or ``"np"`` output (the first video of the batch
+        is written) or a single ``[T, 3, H, W]`` / ``[T, H, W, 3]`` video.
+        """
+        return save_video(videos[0] if videos.ndim == 5 else videos, path, fps=fps)

@@ -88,7 +88,9 @@ class DDIMSampler:
                 pred_x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
             if "rescale" in tables:
                 pred_x0 = pred_x0 * tables["rescale"][index]
-            x = a_prev ** 0.5 * pred_x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+            # Clamped: with zero terminal SNR and eta = 1 this is 0 up to rounding, and a
+            # negative rounding error would turn the whole video into NaN.
+            x = a_prev ** 0.5 * pred_x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
             if sigma > 0:
                 x = x + sigma * noise_sampler(step)
             if callback is not None:

@@ -1,0 +1,70 @@
+"""Choosing the device and the precision to run on."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    """``cuda:0`` when a GPU is usable, else the CPU (with a warning: it is slow)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda:0")
+    logger.warning("No CUDA GPU found: running on the CPU, which takes minutes per video.")
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable ``torch.device`` from a user's choice (None = :func:`default_device`)."""
+    if device is None or str(device) == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"Device {device} was asked for but no CUDA GPU is available; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"Device {device} does not exist: {torch.cuda.device_count()} CUDA GPU(s) found.")
+    return dev
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: the user's, else bf16 where the hardware does it fast, else fp16 on CUDA, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"Unsupported dtype {dtype}; use float32, float16 or bfloat16.")
+        return dtype
+    if dtype is not None and str(dtype) != "auto":
+        if str(dtype).lower() not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; use float32, float16, bfloat16 or auto.")
+        return DTYPES[str(dtype).lower()]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16_units():
+        return torch.bfloat16
+    return torch.float32
+
+
+def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The VAE never runs in float16 (it overflows into NaN, the original's black videos)."""
+    return torch.float32 if dtype == torch.float16 else dtype

@@ -1,0 +1,213 @@
+"""Tests for dynamicrafter.hub against a fake Hugging Face Hub served on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from dynamicrafter.hub import REPOS, CheckpointError, default_checkpoint_path, ensure_checkpoint
+
+REPO = "Doubiiu/DynamiCrafter"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+PAYLOAD = bytes(range(256)) * 1200  # 300 KiB
+RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
+
+
+@dataclass
+class FakeHub:
+    """What the fake hub serves and what it was asked."""
+
+    url: str
+    files: dict[tuple[str, str], bytes] = field(default_factory=lambda: {(REPO, "model.ckpt"): PAYLOAD})
+    requests: list[dict[str, str | None]] = field(default_factory=list)
+    cut_next_get_after: int | None = None  # drop the connection after this many body bytes, once
+    forced_status: int | None = None
+
+
+class Handler(BaseHTTPRequestHandler):
+    """/{repo_id}/resolve/{revision}/{filename}, HEAD and GET, with Range support, as the Hub serves it."""
+
+    protocol_version = "HTTP/1.1"
+    server: ThreadingHTTPServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self.respond(send_body=False)
+
+    def do_GET(self) -> None:
+        self.respond(send_body=True)
+
+    def respond(self, send_body: bool) -> None:
+        hub: FakeHub = self.server.hub  # type: ignore[attr-defined]
+        hub.requests.append({"method": self.command, "path": self.path, "range": self.headers.get("Range"),
+                             "authorization": self.headers.get("Authorization")})
+        match = RESOLVE.match(self.path)
+        if hub.forced_status is not None:
+            return self.fail(hub.forced_status, {})
+        if match is None or match["repo"] not in {repo for repo, _ in hub.files}:
+            return self.fail(404, {"X-Error-Code": "RepoNotFound"})
+        data = hub.files.get((match["repo"], match["filename"]))
+        if data is None:
+            return self.fail(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+        start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"])[1]) if self.headers["Range"] else 0
+        self.send_response(206 if start else 200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(data) - start))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if not send_body:
+            return
+        if hub.cut_next_get_after is not None:
+            self.wfile.write(data[start:start + hub.cut_next_get_after])
+            hub.cut_next_get_after = None
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+    def fail(self, status: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture
+def hf_env(tmp_path, monkeypatch) -> Path:
+    """Hub environment variables pointing away from ~/.cache; returns the checkpoints root."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token")
+    for variable in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # in case it was set when huggingface_hub was imported
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # huggingface_hub's retry back-off
+    return tmp_path / "checkpoints"
+
+
+@pytest.fixture
+def hub(hf_env, monkeypatch) -> Iterator[FakeHub]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    fake = FakeHub(url=f"http://127.0.0.1:{server.server_port}")
+    server.hub = fake  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", fake.url + "/")
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+def test_repos_and_default_path():
+    assert REPOS == {"256": "Doubiiu/DynamiCrafter", "512": "Doubiiu/DynamiCrafter_512",
+                     "1024": "Doubiiu/DynamiCrafter_1024", "512_interp": "Doubiiu/DynamiCrafter_512_Interp"}
+    assert default_checkpoint_path("256") == Path("checkpoints/dynamicrafter_256_v1/model.ckpt")
+    assert default_checkpoint_path("512_interp", "/w") == Path("/w/dynamicrafter_512_interp_v1/model.ckpt")
+
+
+def test_download_lands_at_the_expected_path(hub, hf_env, caplog):
+    target = default_checkpoint_path("256", hf_env)
+    with caplog.at_level(logging.INFO, logger="dynamicrafter.hub"):
+        assert ensure_checkpoint("256", target) == target
+    assert target.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.ckpt"]  # no staging or .cache left
+    assert [(r["method"], r["path"]) for r in hub.requests] == [
+        ("HEAD", f"/{REPO}/resolve/main/model.ckpt"), ("GET", f"/{REPO}/resolve/main/model.ckpt")]
+    assert {r["authorization"] for r in hub.requests} == {"Bearer hf_fake_token"}
+    assert caplog.messages == [f"Downloading model.ckpt for the 256 model from {REPO} to {target} (about 10.4 GB)"]
+
+
+def test_custom_file_name_leaves_neighbours_alone(hub, tmp_path):
+    neighbour = tmp_path / "weights" / "model.ckpt"
+    neighbour.parent.mkdir()
+    neighbour.write_bytes(b"another model")
+    target = ensure_checkpoint("256_256", tmp_path / "weights" / "dc256.ckpt")
+    assert target.read_bytes() == PAYLOAD
+    assert neighbour.read_bytes() == b"another model"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["dc256.ckpt", "model.ckpt"]
+
+
+@pytest.mark.parametrize("chunk_size, resumed_range", [
+    (None, None),  # huggingface_hub's 10 MiB read chunks: a cut inside the first chunk restarts from 0
+    (65536, "bytes=65536-"),  # otherwise it asks for the rest after the last whole chunk it wrote
+])
+def test_dropped_connection_is_resumed(hub, hf_env, monkeypatch, chunk_size, resumed_range):
+    if chunk_size is not None:
+        monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", chunk_size)
+    hub.cut_next_get_after = 100_000
+    target = ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
+    assert target.read_bytes() == PAYLOAD
+    assert [r["range"] for r in hub.requests if r["method"] == "GET"] == [None, resumed_range]
+
+
+@pytest.mark.parametrize("files, message", [
+    ({(REPO, "other.bin"): b"x"}, "model.ckpt was not found in {repo} on {url}; check HF_ENDPOINT."),
+    ({}, "Repository {repo} was not found on {url}; check HF_ENDPOINT, or set HF_TOKEN if the repository is"
+         " private or gated."),
+])
+def test_not_found(hub, hf_env, files, message):
+    hub.files = files
+    with pytest.raises(CheckpointError) as info:
+        ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
+    assert str(info.value) == message.format(repo=REPO, url=hub.url)
+    assert list(hf_env.rglob("*")) == [hf_env / "dynamicrafter_256_v1"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_error_suggests_hf_token(hub, hf_env, status):
+    hub.forced_status = status
+    with pytest.raises(CheckpointError, match=rf"refused access to {REPO} \(HTTP {status}\); set HF_TOKEN"):
+        ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
+
+
+def test_unreachable_endpoint(hf_env, monkeypatch):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    with pytest.raises(CheckpointError, match=rf"^Could not reach {re.escape(url)} to download model.ckpt"):
+        ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
+
+
+def test_unwritable_folder(hub, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^Cannot write to {re.escape(str(blocker))} "):
+        ensure_checkpoint("256", blocker / "model.ckpt")
+    assert hub.requests == []
+
+
+def test_offline_with_missing_file_makes_no_request(hub, hf_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target = default_checkpoint_path("256", hf_env)
+    with pytest.raises(CheckpointError) as info:
+        ensure_checkpoint("256", target)
+    assert str(info.value) == (f"Checkpoint {target} is missing and HF_HUB_OFFLINE is set; "
+                               "download it or pass --checkpoint.")
+    assert hub.requests == []
+    assert not target.parent.exists()
+
+
+def test_existing_file_is_returned_without_any_request(hub, hf_env):
+    target = default_checkpoint_path("1024", hf_env)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"already here")
+    assert ensure_checkpoint("1024", target) == target
+    assert target.read_bytes() == b"already here"
+    assert hub.requests == []
