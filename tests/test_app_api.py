@@ -1,0 +1,168 @@
+"""The web app's endpoints, called through gradio_client, with the tiny 256 model on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import av
+import gradio as gr
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from dynamicrafter.app import build_demo
+from dynamicrafter.configs import load_config
+from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+DATA = Path(__file__).parent / "data"
+UPLOAD_LIMIT_MB = 0.05  # small, so that the size check can be tried with a 256x256 noise PNG
+FAST = dict(steps=2, num_frames=4, guidance_scale=7.5, eta=1.0, frame_stride=3)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(demo: gr.Blocks) -> Iterator[Client]:
+    """Launch ``demo`` in this process on a free local port and connect a client to it."""
+    demo.queue(max_size=4, default_concurrency_limit=1)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                quiet=True, ssr_mode=False)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # the client reads it when built
+            yield Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def decode(path: str) -> tuple[str, list[np.ndarray]]:
+    """The codec name and RGB frames of a video file."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.name, [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> DynamiCrafterImg2VideoPipeline:
+    return DynamiCrafterImg2VideoPipeline("256", device="cpu", checkpoint=DATA / "tiny256.ckpt",
+                                          config=DATA / "tiny256.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo(pipeline) -> gr.Blocks:
+    return build_demo(pipeline, max_upload_mb=UPLOAD_LIMIT_MB)
+
+
+@pytest.fixture(scope="module")
+def client(demo) -> Iterator[Client]:
+    with serve(demo) as connected:
+        yield connected
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    """A 64x64 colour gradient PNG."""
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
+                       np.full((64, 64), 128, np.uint8)], axis=-1)
+    path = tmp_path_factory.mktemp("inputs") / "gradient.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_generate_returns_playable_mp4(client, pipeline, image_path):
+    video, seed, timing = client.predict(
+        image=handle_file(str(image_path)), prompt="a tiny robot dancing in the rain",
+        negative_prompt="", seed=42, random_seed=False, api_name="/generate", **FAST)
+    assert seed == 42
+    assert timing.startswith("Generated 4 frames in ") and timing.endswith(" s")
+    codec, frames = decode(video)
+    assert codec == "h264"
+    assert len(frames) == 4
+    assert frames[0].shape == (pipeline.config.height, pipeline.config.width, 3)
+
+
+def test_random_seed_is_reported(client, image_path):
+    _, seed, _ = client.predict(image=handle_file(str(image_path)), prompt="", seed=0, random_seed=True,
+                                api_name="/generate", **{**FAST, "num_frames": 2})
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+
+
+def test_missing_image_gives_one_sentence(client):
+    with pytest.raises(Exception) as info:
+        client.predict(image=None, prompt="no picture", api_name="/generate", **FAST)
+    assert str(info.value) == "Please upload the input image."
+
+
+def test_non_image_upload_is_refused(client, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(text)), prompt="", api_name="/generate", **FAST)
+    assert str(info.value) == ("The input image is not a readable image; "
+                               "please upload a PNG, JPEG, WebP or BMP file.")
+
+
+def test_too_large_upload_is_refused(client, tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(tmp_path / "noise.png")), prompt="", api_name="/generate",
+                       **FAST)
+    assert str(info.value) == "The input image is larger than the 0.05 MB upload limit."
+
+
+def test_out_of_range_value_is_refused(client, image_path):
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(image_path)), prompt="", api_name="/generate",
+                       **{**FAST, "steps": 500})
+    assert str(info.value) == "Sampling steps must be between 1 and 60."
+
+
+def test_no_interpolation_tab_for_a_non_interp_model(client, demo, pipeline):
+    assert not pipeline.config.interp
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert "/generate" in endpoints
+    assert "/interpolate" not in endpoints
+    components = demo.get_config_file()["components"]
+    labels = {c.get("props", {}).get("label") for c in components}
+    assert "Input image" in labels
+    assert not {"Start image", "End image", "Interpolation / looping"} & labels
+    assert not {"tabs", "tabitem"} & {c["type"] for c in components}
+
+
+def test_examples_come_from_the_prompts_folder(demo):
+    folder = Path(__file__).parents[1] / "prompts" / "256"  # the tiny config falls back to 256
+    expected = sorted(p.name for p in folder.glob("*.png") if p.with_suffix(".txt").is_file())
+    assert expected, "prompts/256 should ship example images with .txt prompts"
+    (dataset,) = [c for c in demo.get_config_file()["components"] if c["type"] == "dataset"]
+    assert len(dataset["props"]["samples"]) == len(expected)
+
+
+def test_interpolation_model_gets_the_looping_tab(image_path):
+    config = load_config(DATA / "tiny256.yaml").replace(interp=True)  # the tiny model as an interp model
+    pipe = DynamiCrafterImg2VideoPipeline("256", device="cpu", checkpoint=DATA / "tiny256.ckpt",
+                                          config=config)
+    demo = build_demo(pipe)
+    labels = {c.get("props", {}).get("label") for c in demo.get_config_file()["components"]}
+    assert {"Interpolation / looping", "Start image", "End image"} <= labels
+    with serve(demo) as client:
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert "/interpolate" in endpoints and "/generate" not in endpoints
+        with pytest.raises(Exception) as info:
+            client.predict(start_image=handle_file(str(image_path)), end_image=None, loop=False,
+                           prompt="", api_name="/interpolate", **FAST)
+        assert str(info.value) == "Please upload the end image."
+        video, _, timing = client.predict(start_image=handle_file(str(image_path)), end_image=None,
+                                          loop=True, prompt="", api_name="/interpolate", **FAST)
+    assert timing.startswith("Generated 3 frames in ")  # the repeated first frame is dropped
+    assert len(decode(video)[1]) == 3

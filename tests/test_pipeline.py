@@ -1,0 +1,281 @@
+"""The image-to-video pipeline on the tiny reference models: parity, outputs, inputs, precision."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dynamicrafter.pipeline as pipeline_module
+from dynamicrafter import DynamiCrafterImg2VideoPipeline
+from dynamicrafter.pipeline import fit_image
+
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, load_tiny, relative_error
+
+FAST = dict(num_inference_steps=2, num_frames=3, height=64, width=64)
+
+
+def make_pipeline(name: str, **options) -> DynamiCrafterImg2VideoPipeline:
+    res = "256" if name == "tiny256" else "512"
+    return DynamiCrafterImg2VideoPipeline(res, device="cpu", checkpoint=DATA / f"{name}.ckpt",
+                                          config=DATA / f"{name}.yaml", **options)
+
+
+@pytest.fixture(scope="module")
+def pipes() -> dict[str, DynamiCrafterImg2VideoPipeline]:
+    return {name: make_pipeline(name, dtype="float32") for name in ("tiny256", "tiny512")}
+
+
+def reference_image(vectors: dict, key: str = "image.input") -> Image.Image:
+    """The reference input as the exact uint8 image it was made from."""
+    pixels = ((vectors[key][0] + 1) / 2 * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
+
+
+def replay_noise(monkeypatch, step_noise: torch.Tensor) -> None:
+    """Make the pipeline's noise draws return the reference run's per-step noise, in order."""
+    draws = iter(step_noise)
+    monkeypatch.setattr(pipeline_module, "_randn", lambda shape, generator, device: next(draws).to(device))
+
+
+@pytest.mark.parametrize("name", ["tiny256", "tiny512"])
+def test_image_to_video_chain_matches_reference(pipes, monkeypatch, name):
+    ref = load_tiny(name)
+    v, m = ref.vectors, ref.manifest
+    replay_noise(monkeypatch, v["i2v.step_noise"])
+    out = pipes[name](reference_image(v), m["prompts"][0], num_inference_steps=m["ddim_steps"],
+                      guidance_scale=m["guidance_scale"], eta=m["ddim_eta"], frame_stride=m["frame_stride"],
+                      num_frames=m["frames"], height=m["height"], width=m["width"],
+                      guidance_rescale=m["guidance_rescale"], timestep_spacing=m["timestep_spacing"],
+                      latents=v["i2v.x_T"], output_type="latent")
+    err = relative_error(out["videos"], v["i2v.latents"])
+    assert err < CHAIN_TOL, f"{name} i2v.latents: relative error {err:.3g}"
+    frames = pipes[name].decode(v["i2v.latents"])  # [B, T, 3, H, W] in [0, 1]
+    expected = ((v["i2v.video"].transpose(1, 2) + 1) / 2).clamp(0, 1)
+    err = relative_error(frames, expected)
+    assert err < MODULE_TOL, f"{name} i2v.video: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", ["tiny256", "tiny512"])
+def test_deterministic_chain_matches_reference(pipes, name):
+    ref = load_tiny(name)
+    v, m = ref.vectors, ref.manifest
+    out = pipes[name](reference_image(v), m["prompts"][0], num_inference_steps=m["ddim_steps"],
+                      guidance_scale=m["guidance_scale"], eta=0.0, frame_stride=m["frame_stride"],
+                      num_frames=m["frames"], height=m["height"], width=m["width"], guidance_rescale=0.0,
+                      latents=v["i2v_eta0.x_T"], output_type="latent", return_dict=False)
+    err = relative_error(out, v["i2v_eta0.latents"])
+    assert err < CHAIN_TOL, f"{name} i2v_eta0.latents: relative error {err:.3g}"
+
+
+def test_interpolation_chain_matches_reference(monkeypatch):
+    ref = load_tiny("tiny512")
+    v, m = ref.vectors, ref.manifest
+    pipe = DynamiCrafterImg2VideoPipeline("512_interp", device="cpu", checkpoint=DATA / "tiny512.ckpt",
+                                          config=ref.config.replace(interp=True), dtype="float32")
+    replay_noise(monkeypatch, v["interp.step_noise"])
+    out = pipe(reference_image(v), m["prompts"][0], end_image=reference_image(v, "interp.image_end"),
+               num_inference_steps=m["ddim_steps"], guidance_scale=m["guidance_scale"], eta=m["ddim_eta"],
+               frame_stride=m["frame_stride"], num_frames=m["frames"], height=m["height"], width=m["width"],
+               latents=v["interp.x_T"], output_type="latent")
+    err = relative_error(out["videos"], v["interp.latents"])
+    assert err < CHAIN_TOL, f"interp.latents: relative error {err:.3g}"
+
+
+def test_output_types_and_ranges(pipes):
+    pipe = pipes["tiny256"]
+    image = np.full((64, 64, 3), 128, dtype=np.uint8)
+    pt = pipe(image, "a", generator=torch.Generator().manual_seed(0), **FAST)["videos"]
+    assert pt.shape == (1, 3, 3, 64, 64) and pt.dtype == torch.float32
+    assert 0.0 <= pt.min() and pt.max() <= 1.0
+    arr = pipe(image, "a", generator=torch.Generator().manual_seed(0), output_type="np", **FAST)["videos"]
+    assert isinstance(arr, np.ndarray) and arr.shape == (1, 3, 64, 64, 3)
+    np.testing.assert_allclose(arr, pt.permute(0, 1, 3, 4, 2).numpy(), atol=1e-6)
+    lat = pipe(image, "a", generator=torch.Generator().manual_seed(0), output_type="latent", **FAST)["videos"]
+    assert lat.shape == (1, 4, 3, 8, 8)
+
+
+def test_model_size_is_the_default(pipes):
+    videos = pipes["tiny512"](np.zeros((40, 60, 3), dtype=np.uint8), "x", num_inference_steps=1, num_frames=1,
+                              output_type="latent")["videos"]
+    cfg = pipes["tiny512"].config
+    assert (cfg.height, cfg.width) == (320, 512)
+    assert videos.shape == (1, 4, 1, 40, 64)
+
+
+def test_same_seed_same_video_and_other_seed_differs(pipes):
+    pipe = pipes["tiny256"]
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    runs = [pipe(image, "x", generator=torch.Generator().manual_seed(s), **FAST)["videos"] for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+def test_batch_of_images_with_prompt_list(pipes, tmp_path):
+    pipe = pipes["tiny256"]
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    path = tmp_path / "b.png"
+    Image.fromarray(images[1]).save(path)
+    noise = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    batch = pipe([images[0], path], ["one", "two"], latents=noise, eta=0.0, **FAST)["videos"]
+    single = pipe(images[1], "two", latents=noise[1:], eta=0.0, **FAST)["videos"]
+    assert batch.shape == (2, 3, 3, 64, 64)
+    assert relative_error(batch[1:], single) < 1e-4
+
+
+def test_sequential_guidance_equals_batched(pipes):
+    pipe = pipes["tiny256"]
+    image = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    batched = pipe(image, "x", latents=noise, eta=0.0, output_type="latent", **FAST)["videos"]
+    pipe.sequential_guidance = True
+    try:
+        sequential = pipe(image, "x", latents=noise, eta=0.0, output_type="latent", **FAST)["videos"]
+    finally:
+        pipe.sequential_guidance = False
+    assert relative_error(sequential, batched) < 1e-5
+
+
+def test_conditioning_is_encoded_once(pipes, monkeypatch):
+    """One VAE encode per image (not per frame); the empty prompt and zero image are encoded once."""
+    pipe = make_pipeline("tiny256", dtype="float32")
+    calls = {"vae": [], "text": 0, "image": 0}
+    model = pipe.model
+    encode, text, image_tokens = model.vae.encode, model.encode_text, model.encode_image_tokens
+    monkeypatch.setattr(model.vae, "encode", lambda x: calls["vae"].append(x.shape[0]) or encode(x))
+    monkeypatch.setattr(model, "encode_text", lambda p: calls.__setitem__("text", calls["text"] + 1) or text(p))
+    monkeypatch.setattr(model, "encode_image_tokens",
+                        lambda x: calls.__setitem__("image", calls["image"] + 1) or image_tokens(x))
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    for _ in range(2):
+        pipe(image, "x", **FAST)
+    assert calls["vae"] == [1, 1]  # one image each call, whatever the frame count
+    assert calls["text"] == 3  # prompt twice + the empty negative prompt once
+    assert calls["image"] == 3  # image twice + the zero image once
+
+
+def test_fit_image_covers_and_crops():
+    wide = Image.fromarray(np.zeros((100, 300, 3), dtype=np.uint8))
+    assert fit_image(wide, 64, 128).shape == (3, 64, 128)
+    tall = Image.fromarray(np.zeros((300, 100, 3), dtype=np.uint8))
+    assert fit_image(tall, 320, 512).shape == (3, 320, 512)
+    exact = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    pixels = fit_image(Image.fromarray(exact), 64, 64)
+    assert torch.equal(((pixels + 1) * 127.5).round().byte().permute(1, 2, 0), torch.from_numpy(exact))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(height=100), "height must be a positive multiple of 64"),
+    (dict(width=0), "width must be a positive multiple of 64"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a whole number of at least 1"),
+    (dict(num_frames=0), "num_frames must be a whole number of at least 1"),
+    (dict(output_type="gif"), "Unknown output_type 'gif'"),
+    (dict(timestep_spacing="quad"), "Unknown timestep_spacing 'quad'"),
+    (dict(eta=-1.0), "eta must not be negative"),
+    (dict(guidance_scale=-2.0), "guidance_scale must not be negative"),
+    (dict(prompt=["a", "b"]), "Got 1 image(s) but 2 prompt(s)"),
+    (dict(end_image=np.zeros((64, 64, 3), dtype=np.uint8)), "end_image needs the interpolation model"),
+    (dict(latents=torch.zeros(1, 4, 3, 4, 4)), "latents must have shape [1, 4, 3, 8, 8]"),
+    (dict(image="does/not/exist.png"), "Image does/not/exist.png does not exist."),
+    (dict(image=np.zeros((4, 4))), "An image array must be HxWx3"),
+])
+def test_bad_inputs_are_one_clear_value_error(pipes, kwargs, message):
+    args = dict(image=np.zeros((64, 64, 3), dtype=np.uint8), prompt="x", **FAST)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        pipes["tiny256"](**args)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_image_file(pipes, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="Cannot read image .*broken.png"):
+        pipes["tiny256"](bad, "x", **FAST)
+
+
+def test_constructor_errors(tmp_path):
+    with pytest.raises(ValueError, match="Unknown resolution '999'"):
+        DynamiCrafterImg2VideoPipeline("999", device="cpu")
+    with pytest.raises(ValueError, match="Checkpoint .*missing.ckpt does not exist"):
+        DynamiCrafterImg2VideoPipeline("256", device="cpu", checkpoint=tmp_path / "missing.ckpt",
+                                       config=DATA / "tiny256.yaml")
+    with pytest.raises(ValueError, match="Unknown dtype 'float8'"):
+        make_pipeline("tiny256", dtype="float8")
+
+
+def test_save_video_writes_the_first_video(pipes, tmp_path):
+    import av
+
+    videos = pipes["tiny256"](np.zeros((64, 64, 3), dtype=np.uint8), "x", **FAST)["videos"]
+    path = pipes["tiny256"].save_video(videos, tmp_path / "out.mp4", fps=8)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        assert stream.codec_context.name == "h264"
+        assert (stream.width, stream.height, len(frames)) == (64, 64, 3)
+        assert stream.average_rate == 8
+
+
+def test_bfloat16_close_to_float32(pipes):
+    """Half precision is checked against our own float32 run (same noise), not the reference."""
+    bf16 = make_pipeline("tiny512", dtype="bfloat16")
+    assert bf16.model.unet.time_embed[0].weight.dtype == torch.bfloat16
+    image = reference_image(load_tiny("tiny512").vectors)
+    noise = torch.randn(1, 4, 4, 8, 16, generator=torch.Generator().manual_seed(5))
+    args = dict(num_inference_steps=5, num_frames=4, height=64, width=128, latents=noise, eta=0.0,
+                output_type="latent")
+    ours = bf16(image, "a tiny robot dancing in the rain", **args)["videos"]
+    ref = pipes["tiny512"](image, "a tiny robot dancing in the rain", **args)["videos"]
+    err = relative_error(ours, ref)
+    assert ours.dtype == torch.float32 and err < 2e-2, f"bf16 vs float32 relative error {err:.3g}"
+
+
+def test_non_finite_sampling_and_decoding_are_redone_in_float32(caplog):
+    """Half precision that overflows (forced here by hooks) is redone in float32: no NaN video."""
+    pipe = make_pipeline("tiny256", dtype="bfloat16")
+    reference = make_pipeline("tiny256", dtype="float32")
+
+    def poison_in_half(module, inputs, output):
+        half = next(module.parameters()).dtype != torch.float32
+        return output * float("nan") if half else output
+
+    pipe.model.unet.register_forward_hook(poison_in_half)
+    pipe.model.vae.decoder.register_forward_hook(poison_in_half)
+    image = np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    with caplog.at_level(logging.WARNING, logger="dynamicrafter.pipeline"):
+        videos = pipe(image, "x", latents=noise, eta=0.0, **FAST)["videos"]
+    assert torch.isfinite(videos).all()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("redoing it in float32 from the same noise" in m for m in messages), messages
+    assert any("decoding again in float32" in m for m in messages), messages
+    assert pipe.model.unet.time_embed[0].weight.dtype == torch.bfloat16  # back to its dtype afterwards
+    expected = reference(image, "x", latents=noise, eta=0.0, **FAST)["videos"]
+    assert relative_error(videos, expected) < 2e-2
+
+
+def test_cpu_offload_gives_the_same_video(pipes):
+    pipe = make_pipeline("tiny256", dtype="float32", offload=True)
+    image = np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    ours = pipe(image, "x", latents=noise, eta=0.0, **FAST)["videos"]
+    ref = pipes["tiny256"](image, "x", latents=noise, eta=0.0, **FAST)["videos"]
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_compiled_unet_gives_the_same_latents(pipes):
+    pipe = make_pipeline("tiny256", dtype="float32", compile=True)
+    image = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    args = dict(latents=noise, eta=0.0, output_type="latent", **FAST)
+    ours = pipe(image, "x", **args)["videos"]
+    ref = pipes["tiny256"](image, "x", **args)["videos"]
+    assert pipe._unet_forward is not pipe.model.unet
+    assert relative_error(ours, ref) < 1e-4
