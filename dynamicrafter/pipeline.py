@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,9 +17,8 @@ from .checkpoints import load_model
 from .configs import ModelConfig, get_config, load_config, resolve_resolution
 from .diffusion.ddim import DDIMSampler, guided
 from .diffusion.schedule import SPACINGS
-from .hub import default_checkpoint_path, ensure_checkpoint
+from .models.dynamicrafter import DynamiCrafter
 from .runtime import resolve_device, resolve_dtype, vae_dtype_for
-from .video import save_video
 
 logger = logging.getLogger(__name__)
 
@@ -102,26 +102,85 @@ class DynamiCrafterImg2VideoPipeline:
 
     def __init__(self, resolution: str = "256", device: str | torch.device | None = None,
                  checkpoint: str | Path | None = None, config: ModelConfig | str | Path | None = None,
-                 dtype: str | torch.dtype | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, *, offload: bool = False, compile: bool = False,
+                 sequential_guidance: bool = False, decode_chunk_size: int | None = None) -> None:
         name = resolve_resolution(resolution)
         if config is None:
             config = get_config(name)
         elif not isinstance(config, ModelConfig):
             config = load_config(config)
-        self.config: ModelConfig = config
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         if checkpoint is None:
-            checkpoint = ensure_checkpoint(name, default_checkpoint_path(name))
+            from .hub import ensure_checkpoint  # the download stack is only needed here
+
+            checkpoint = ensure_checkpoint(name)
         elif not Path(checkpoint).is_file():
             raise ValueError(f"Checkpoint {checkpoint} does not exist.")
-        self.checkpoint = Path(checkpoint)
-        self.model = load_model(config, checkpoint, dtype=self.dtype, device=self.device,
-                                vae_dtype=vae_dtype_for(self.dtype))
-        self.sampler = DDIMSampler(self.model.schedule, config.diffusion.parameterization)
+        self.checkpoint: Path | None = Path(checkpoint)
+        home = torch.device("cpu") if offload else device
+        model = load_model(config, checkpoint, dtype=dtype, device=home, vae_dtype=vae_dtype_for(dtype))
+        self._setup(model, device, dtype, offload, compile, sequential_guidance, decode_chunk_size)
+
+    @classmethod
+    def from_model(cls, model: DynamiCrafter, device: str | torch.device | None = None,
+                   dtype: str | torch.dtype | None = None, **options: Any) -> "DynamiCrafterImg2VideoPipeline":
+        """A pipeline around an already built model (cast and moved to ``device``/``dtype``).
+
+        ``options`` are the keyword-only options of the constructor.
+        """
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        home = torch.device("cpu") if options.get("offload") else device
+        model.to(home, dtype)
+        model.vae.to(dtype=vae_dtype_for(dtype))
+        pipe = cls.__new__(cls)
+        pipe.checkpoint = None
+        pipe._setup(model.eval().requires_grad_(False), device, dtype, **options)
+        return pipe
+
+    def _setup(self, model: DynamiCrafter, device: torch.device, dtype: torch.dtype, offload: bool = False,
+               compile: bool = False, sequential_guidance: bool = False,
+               decode_chunk_size: int | None = None) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = device
+        self.dtype = dtype
+        self.offload = offload
+        #: Run the conditional and unconditional branches one after the other (less memory).
+        self.sequential_guidance = sequential_guidance
+        #: Frames the VAE decodes at once; default about one megapixel per chunk.
+        self.decode_chunk_size = decode_chunk_size or max(1, 2 ** 20 // (self.config.height * self.config.width))
+        self.sampler = DDIMSampler(model.schedule, self.config.diffusion.parameterization)
+        self._unet_forward: Callable = torch.compile(model.unet) if compile else model.unet
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
-        logger.info("Ready: %s model on %s in %s.", config.name, self.device, str(self.dtype).replace("torch.", ""))
+        if device.type == "cuda" and dtype == torch.float32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        logger.info("Ready: %s model on %s in %s%s.", self.config.name, device, str(dtype).replace("torch.", ""),
+                    " with CPU offload" if offload else "")
+
+    def enable_model_cpu_offload(self) -> None:
+        """Keep the weights in host memory and move each component to the GPU only while it runs."""
+        self.model.to("cpu")
+        self.offload = True
+
+    @contextmanager
+    def _on_device(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """Run with ``modules`` on the compute device; with offload, send them back afterwards."""
+        if not self.offload:
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ inputs
     def _check_inputs(self, images: list, prompts: list[str], negative: list[str] | None, steps: int,
@@ -180,34 +239,50 @@ class DynamiCrafterImg2VideoPipeline:
                    end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool) -> _Conditioning:
         model = self.model
         batch = pixels.shape[0]
-        context = torch.cat([model.encode_text(prompts), model.encode_image_tokens(pixels)], dim=1)
-        uncond = None
-        if use_guidance:
-            text = torch.cat([self._uncond_text_tokens(n) for n in (negative or [""] * batch)])
-            uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
-        first = model.encode_latents(pixels)  # one encode per image, not one per frame
-        if end_pixels is None:
-            concat = first[:, :, None].expand(-1, -1, frames, -1, -1)
-        else:
-            concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
-            concat[:, :, 0] = first
-            concat[:, :, -1] = model.encode_latents(end_pixels)
+        with self._on_device(model.cond_stage_model, model.embedder, model.image_proj_model):
+            context = torch.cat([model.encode_text(prompts), model.encode_image_tokens(pixels)], dim=1)
+            uncond = None
+            if use_guidance:
+                text = torch.cat([self._uncond_text_tokens(n) for n in (negative or [""] * batch)])
+                uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
+        with self._on_device(model.vae):
+            first = model.encode_latents(pixels)  # one encode per image, not one per frame
+            if end_pixels is None:
+                concat = first[:, :, None].expand(-1, -1, frames, -1, -1)
+            else:
+                concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
+                concat[:, :, 0] = first
+                concat[:, :, -1] = model.encode_latents(end_pixels)
         fs_tensor = torch.full((batch,), fs, dtype=torch.long, device=self.device)
         return _Conditioning(context, uncond, concat, fs_tensor)
 
     def _denoiser(self, cond: _Conditioning, scale: float, rescale: float) -> Callable:
-        unet = self.model.unet
+        unet = self._unet_forward
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, cond.concat], dim=1)
             if cond.uncond_context is None:
                 return unet(x_in, t, cond.context, cond.fs).float()
-            out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                       torch.cat([cond.context, cond.uncond_context]), torch.cat([cond.fs, cond.fs])).float()
-            cond_out, uncond_out = out.chunk(2)
+            if self.sequential_guidance:
+                cond_out = unet(x_in, t, cond.context, cond.fs).float()
+                uncond_out = unet(x_in, t, cond.uncond_context, cond.fs).float()
+            else:
+                out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                           torch.cat([cond.context, cond.uncond_context]), torch.cat([cond.fs, cond.fs]))
+                cond_out, uncond_out = out.float().chunk(2)
             return guided(cond_out, uncond_out, scale, rescale)
 
         return denoise
+
+    @contextmanager
+    def _in_float32(self, module: torch.nn.Module) -> Iterator[None]:
+        """Temporarily run ``module`` in float32 (the fallback when half precision overflowed)."""
+        dtype = next(module.parameters()).dtype
+        module.float()
+        try:
+            yield
+        finally:
+            module.to(dtype)
 
     # ----------------------------------------------------------------- running
     @torch.no_grad()
@@ -279,15 +354,30 @@ class DynamiCrafterImg2VideoPipeline:
         cond = self._condition(pixels, prompts, negative, end_pixels, num_frames, fs, guidance_scale != 1.0)
         x_t = _randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
 
-        with tqdm(total=num_inference_steps, desc="Denoising", leave=False) as bar:
-            def on_step(step: int, total: int) -> None:
-                bar.update(1)
-                if callback is not None:
-                    callback(step, total)
+        noise: dict[int, torch.Tensor] = {}  # kept so a float32 redo sees the very same noise
 
-            samples = self.sampler.sample(
-                self._denoiser(cond, guidance_scale, rescale), x_t, num_inference_steps, eta, spacing,
-                noise_sampler=lambda _: _randn(shape, generator, self.device), callback=on_step)
+        def noise_sampler(step: int) -> torch.Tensor:
+            if step not in noise:
+                noise[step] = _randn(shape, generator, self.device)
+            return noise[step]
+
+        def sample() -> torch.Tensor:
+            with tqdm(total=num_inference_steps, desc="Denoising", leave=False) as bar:
+                def on_step(step: int, total: int) -> None:
+                    bar.update(1)
+                    if callback is not None:
+                        callback(step, total)
+
+                return self.sampler.sample(self._denoiser(cond, guidance_scale, rescale), x_t, num_inference_steps,
+                                           eta, spacing, noise_sampler=noise_sampler, callback=on_step)
+
+        with self._on_device(self.model.unet):
+            samples = sample()
+            if not torch.isfinite(samples).all() and self.dtype != torch.float32:
+                logger.warning("Sampling in %s gave non-finite values; redoing it in float32 from the same noise.",
+                               str(self.dtype).replace("torch.", ""))
+                with self._in_float32(self.model.unet):
+                    samples = sample()
 
         if output_type == "latent":
             result: Any = samples
@@ -298,10 +388,24 @@ class DynamiCrafterImg2VideoPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``[B, 4, T, h, w]`` latents -> ``[B, T, 3, H, W]`` frames in [0, 1], decoded frame by frame."""
+        """``[B, 4, T, h, w]`` latents -> ``[B, T, 3, H, W]`` frames in [0, 1].
+
+        Frames are decoded ``decode_chunk_size`` at a time; a chunk that comes out non-finite in
+        half precision is decoded again in float32.
+        """
         b, c, t, h, w = latents.shape
         flat = latents.transpose(1, 2).reshape(b * t, c, h, w)
-        images = torch.cat([self.model.decode_latents(f) for f in flat.split(1)])
+        vae = self.model.vae
+        chunks = []
+        with self._on_device(vae):
+            for chunk in flat.split(self.decode_chunk_size):
+                images = self.model.decode_latents(chunk)
+                if not torch.isfinite(images).all() and next(vae.parameters()).dtype != torch.float32:
+                    logger.warning("The VAE gave non-finite values in half precision; decoding again in float32.")
+                    with self._in_float32(vae):
+                        images = self.model.decode_latents(chunk)
+                chunks.append(images)
+        images = torch.cat(chunks)
         return ((images.view(b, t, *images.shape[1:]) + 1) / 2).clamp(0, 1)
 
     @staticmethod
@@ -311,4 +415,6 @@ class DynamiCrafterImg2VideoPipeline:
         ``videos``: the pipeline's ``"pt"`` or ``"np"`` output (the first video of the batch
         is written) or a single ``[T, 3, H, W]`` / ``[T, H, W, 3]`` video.
         """
+        from .video import save_video  # the encoder stack is only needed here
+
         return save_video(videos[0] if videos.ndim == 5 else videos, path, fps=fps)

@@ -1,0 +1,185 @@
+"""Benchmark: seconds per guided step and per video, peak memory and achieved TFLOP/s.
+
+``python -m dynamicrafter.bench --resolution 256 --frames 16 --steps 50 --device cuda --dtype bfloat16
+--random-weights --json``
+
+``--random-weights`` builds the full-size model with random weights (the same arithmetic as the
+released one, no download). The UNet's FLOP count comes from PyTorch's flop counter run on the
+meta device; the achieved rate is compared with a large matmul measured on the same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .configs import ModelConfig, get_config, load_config
+from .models.dynamicrafter import DynamiCrafter
+from .pipeline import DynamiCrafterImg2VideoPipeline
+from .runtime import resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DynamiCrafter:
+    """The full model with random weights made directly on ``device`` in ``dtype``.
+
+    Matrices get N(0, 0.02), biases 0 and norm scales 1: random, but numerically tame.
+    """
+    with torch.device("meta"):
+        model = DynamiCrafter(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            value = torch.empty(param.shape, device=device, dtype=dtype)
+            if param.ndim >= 2 or name in ("class_embedding", "positional_embedding"):
+                value.normal_(0.0, 0.02, generator=gen)
+            elif name == "weight":
+                value.fill_(1.0)
+            else:
+                value.zero_()
+            setattr(module, name, nn.Parameter(value, requires_grad=False))
+    return model.eval()
+
+
+def unet_flops(config: ModelConfig, frames: int, batch: int = 2) -> int:
+    """FLOPs of one UNet call (``batch`` = 2: the conditional and unconditional branch)."""
+    with torch.device("meta"):
+        unet = DynamiCrafter(config).unet
+        down = config.latent_downscale
+        x = torch.empty(batch, config.unet.in_channels, frames, config.height // down, config.width // down)
+        context = torch.empty(batch, config.unet.text_context_len + config.resampler.num_queries
+                              * (config.resampler.video_length or 1), config.unet.context_dim)
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.zeros(batch, dtype=torch.long), context)
+    return counter.get_total_flops()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+    """Measured TFLOP/s of a large square matmul in ``dtype`` on ``device``."""
+    size = size or (8192 if device.type == "cuda" else 4096)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA max allocated, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = load_config(args.config) if args.config else get_config(args.resolution)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    options = dict(offload=args.offload, compile=args.compile, sequential_guidance=args.sequential_guidance)
+    if args.checkpoint:
+        pipe = DynamiCrafterImg2VideoPipeline(args.resolution, device, args.checkpoint, dtype=dtype, **options)
+    else:
+        model = random_model(config, torch.device("cpu") if args.offload else device, dtype)
+        pipe = DynamiCrafterImg2VideoPipeline.from_model(model, device, dtype, **options)
+    image = np.random.default_rng(0).integers(0, 255, (config.height, config.width, 3), dtype=np.uint8)
+    call = dict(num_frames=args.frames, guidance_scale=args.guidance_scale,
+                generator=torch.Generator(device).manual_seed(0))
+
+    pipe(image, "a benchmark", num_inference_steps=1, **call)  # warm-up: kernels, allocator, compile
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times: list[float] = []
+    last = [0.0]
+
+    def on_step(step: int, total: int) -> None:
+        _sync(device)
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    _sync(device)
+    start = last[0] = time.perf_counter()
+    pipe(image, "a benchmark", num_inference_steps=args.steps, callback=on_step, **call)
+    _sync(device)
+    s_per_video = time.perf_counter() - start
+    # The first step also carries the conditioning (encoders, VAE encode): leave it out when we can.
+    steady = step_times[1:] or step_times
+    s_per_step = float(np.median(steady))
+    flops = unet_flops(config, args.frames, batch=1 if args.guidance_scale == 1 else 2)
+    tflops = flops / s_per_step / 1e12
+    reference = matmul_tflops(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "resolution": config.name, "frames": args.frames, "steps": args.steps, "dtype": str(dtype).split(".")[-1],
+        "offload": args.offload, "compile": args.compile, "device_name": name,
+        "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
+        "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
+        "matmul_share": tflops / reference,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return "CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dynamicrafter.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", default="256", choices=["256", "512", "1024", "512_interp"])
+    parser.add_argument("--config", help="a model config in the original YAML format instead of a preset")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: chosen per device)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
+    source.add_argument("--checkpoint", help="a released checkpoint instead of random weights")
+    parser.add_argument("--offload", action="store_true", help="enable model CPU offload")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.steps < 2 or args.frames < 1:
+        parser.error("--steps must be at least 2 and --frames at least 1.")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        result = run(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Gradio demo and the pipeline's import path used by the usage guide."""

@@ -1,0 +1,431 @@
+"""The run_pipeline command line, its shell wrapper and the API examples.
+
+Most tests swap the pipeline for a recording fake; the ``real`` ones at the end run the actual
+pipeline on the tiny test checkpoints and read the videos back with PyAV.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from PIL import Image
+
+from dynamicrafter import cli
+from dynamicrafter.configs import load_config
+from dynamicrafter.hub import CheckpointError
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+RUN_PIPELINE = ROOT / "scripts" / "run_pipeline.py"
+RUN_SHELL = ROOT / "scripts" / "run_pipeline.sh"
+EXAMPLES = ROOT / "scripts" / "pipeline_examples.py"
+REFUSED_SIZE = (13, 13)  # the fake pipeline raises ValueError for images of this size
+
+
+def make_image(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
+    """Write a small RGB image (format from the extension) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 80, 40)).save(path)
+    return path
+
+
+class FakePipeline:
+    """Stands in for DynamiCrafterImg2VideoPipeline: records how it is built and called."""
+
+    created: list[FakePipeline]
+
+    def __init__(self, resolution="256", device=None, checkpoint=None, config=None, dtype=None) -> None:
+        self.init = dict(resolution=resolution, device=device, checkpoint=checkpoint, config=config, dtype=dtype)
+        self.device = torch.device("cpu")
+        self.calls: list[dict] = []
+        self.saved: list[tuple[Path, int]] = []
+        self.created.append(self)
+
+    def __call__(self, image, prompt="", **kwargs):
+        if any(item.size == REFUSED_SIZE for item in image):
+            raise ValueError("The image is too small.")
+        self.calls.append(dict(image=image, prompt=prompt, **kwargs))
+        return {"videos": torch.rand(len(image), kwargs["num_frames"], 3, 8, 8)}
+
+    def save_video(self, videos, path, fps=8) -> None:
+        assert videos.shape[0] == 1
+        self.saved.append((Path(path), fps))
+        Path(path).write_bytes(b"video")
+
+
+@pytest.fixture
+def fake(monkeypatch, caplog) -> list[FakePipeline]:
+    """Make the CLI build FakePipelines; returns the list of those it built."""
+    caplog.set_level(logging.INFO)
+
+    class Recording(FakePipeline):
+        created = []
+
+    monkeypatch.setattr(cli, "DynamiCrafterImg2VideoPipeline", Recording)
+    return Recording.created
+
+
+def errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# ----------------------------------------------------------------------------- guide commands
+
+
+def test_single_image_with_prompt_text(fake, tmp_path):
+    image = make_image(tmp_path / "pour_bear.png")
+    out = tmp_path / "results" / "single_test"
+    code = cli.main(["256", "--image_path", str(image), "--prompt_text", "a person walking in a beautiful garden",
+                     "--output_dir", str(out), "--device", "cpu"])
+    assert code == 0
+    (pipe,) = fake
+    assert pipe.init == dict(resolution="256", device=torch.device("cpu"), checkpoint=None, config=None, dtype=None)
+    (call,) = pipe.calls
+    assert call["prompt"] == ["a person walking in a beautiful garden"]
+    assert [item.size for item in call["image"]] == [(64, 64)]
+    assert call["negative_prompt"] is None
+    assert (call["num_inference_steps"], call["guidance_scale"], call["eta"], call["num_frames"]) == (50, 7.5, 1.0, 16)
+    assert call["frame_stride"] is None and call["guidance_rescale"] is None and call["timestep_spacing"] is None
+    assert call["generator"].initial_seed() == 123
+    assert pipe.saved == [(out / "pour_bear.mp4", 8)]
+    assert (out / "pour_bear.mp4").is_file()
+
+
+def test_folder_with_same_name_txt_prompts(fake, tmp_path, caplog):
+    folder = tmp_path / "my_images"
+    make_image(folder / "image1.png")
+    make_image(folder / "image2.jpg")
+    (folder / "image1.txt").write_text("  waves crashing\n")
+    (folder / "image2.txt").write_text("clouds drifting")
+    out = tmp_path / "my_results"
+    code = cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--num_inference_steps", "25",
+                     "--device", "cpu"])
+    assert code == 0
+    (pipe,) = fake
+    assert [call["prompt"] for call in pipe.calls] == [["waves crashing"], ["clouds drifting"]]
+    assert all(call["num_inference_steps"] == 25 for call in pipe.calls)
+    assert [path for path, _ in pipe.saved] == [out / "image1.mp4", out / "image2.mp4"]
+    assert "2 done, 0 failed" in caplog.text
+    assert str(out / "image2.mp4") in caplog.text
+
+
+def test_folder_with_test_prompts_txt(fake, tmp_path, caplog):
+    folder = tmp_path / "prompts"
+    for name in ("c.png", "a.png", "b.PNG", "d.tif"):
+        make_image(folder / name)
+    (folder / "test_prompts.txt").write_text("prompt a\n\nprompt b\nprompt c\n")
+    (folder / "c.txt").write_text("own prompt of c")
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    prompts = [call["prompt"][0] for call in fake[0].calls]
+    assert prompts == ["prompt a", "prompt b", "own prompt of c", ""]
+    assert any("test_prompts.txt has 3 prompts for 4 images" in message for message in warnings(caplog))
+    assert any("d.tif" in message and "empty prompt" in message for message in warnings(caplog))
+
+
+def test_test_prompts_txt_applies_to_a_single_image_of_that_folder(fake, tmp_path):
+    folder = tmp_path / "prompts" / "1024"
+    make_image(folder / "bear.png")
+    make_image(folder / "pour_bear.png")
+    (folder / "test_prompts.txt").write_text("a bear\na bear pouring tea\n")
+    cli.main(["1024", "--image_path", str(folder / "pour_bear.png"), "--output_dir", str(tmp_path), "--device", "cpu"])
+    assert fake[0].calls[0]["prompt"] == ["a bear pouring tea"]
+
+
+def test_prompt_text_wins_over_prompt_files(fake, tmp_path):
+    folder = tmp_path / "in"
+    make_image(folder / "x.png")
+    (folder / "x.txt").write_text("from the file")
+    cli.main(["256", "--prompt_dir", str(folder), "--prompt_text", "from the flag", "--output_dir", str(tmp_path),
+              "--device", "cpu"])
+    assert fake[0].calls[0]["prompt"] == ["from the flag"]
+
+
+def test_image_without_prompt_warns_and_uses_empty_prompt(fake, tmp_path, caplog):
+    image = make_image(tmp_path / "lonely.bmp")
+    assert cli.main(["256", "--image_path", str(image), "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert fake[0].calls[0]["prompt"] == [""]
+    assert any("lonely.bmp" in message for message in warnings(caplog))
+
+
+@pytest.mark.parametrize("resolution, name", [("256", "256"), ("256_256", "256"), ("512", "512"), ("320_512", "512"),
+                                              ("1024", "1024"), ("512_interp", "512_interp")])
+def test_default_prompt_and_output_dirs(fake, tmp_path, monkeypatch, resolution, name):
+    monkeypatch.chdir(tmp_path)
+    make_image(tmp_path / "prompts" / name / "scene.png")
+    assert cli.main([resolution, "--seed", "456", "--device", "cpu"]) == 0
+    assert fake[0].init["resolution"] == name
+    assert fake[0].saved == [(Path("results") / f"dynamicrafter_pipeline_{name}_seed456" / "scene.mp4", 8)]
+    assert (tmp_path / "results" / f"dynamicrafter_pipeline_{name}_seed456" / "scene.mp4").is_file()
+
+
+def test_batch_size_groups_images_into_one_call(fake, tmp_path):
+    folder = tmp_path / "in"
+    for index in range(5):
+        make_image(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"prompt {index}")
+    code = cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--batch_size", "2",
+                     "--seed", "99", "--device", "cpu"])
+    assert code == 0
+    calls = fake[0].calls
+    assert [call["prompt"] for call in calls] == [["prompt 0", "prompt 1"], ["prompt 2", "prompt 3"], ["prompt 4"]]
+    assert [len(call["image"]) for call in calls] == [2, 2, 1]
+    assert all(call["generator"].initial_seed() == 99 for call in calls)
+    assert [path.name for path, _ in fake[0].saved] == [f"img{index}.mp4" for index in range(5)]
+
+
+def test_every_flag_reaches_the_pipeline(fake, tmp_path):
+    image = make_image(tmp_path / "a.png")
+    code = cli.main([
+        "512", "--image_path", str(image), "--prompt_text", "p", "--output_dir", str(tmp_path / "o"),
+        "--seed", "5", "--device", "cpu", "--num_inference_steps", "3", "--guidance_scale", "2.5", "--eta", "0",
+        "--video_length", "4", "--frame_stride", "7", "--negative_prompt", "blurry", "--fps", "12",
+        "--checkpoint", "ck.ckpt", "--config", "model.yaml", "--dtype", "bfloat16", "--guidance_rescale", "0.3",
+        "--timestep_spacing", "uniform_trailing",
+    ])
+    assert code == 0
+    (pipe,) = fake
+    assert pipe.init == dict(resolution="512", device=torch.device("cpu"), checkpoint=Path("ck.ckpt"),
+                             config=Path("model.yaml"), dtype="bfloat16")
+    (call,) = pipe.calls
+    expected = dict(num_inference_steps=3, guidance_scale=2.5, eta=0.0, num_frames=4, frame_stride=7,
+                    negative_prompt=["blurry"], guidance_rescale=0.3, timestep_spacing="uniform_trailing")
+    assert {key: call[key] for key in expected} == expected
+    assert call["generator"].initial_seed() == 5
+    assert pipe.saved == [(tmp_path / "o" / "a.mp4", 12)]
+
+
+def test_default_device_is_cuda0_when_available(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cli.main(["256", "--image_path", str(make_image(tmp_path / "a.png")), "--output_dir", str(tmp_path)])
+    assert fake[0].init["device"] == torch.device("cuda:0")
+
+
+def test_default_device_falls_back_to_cpu_with_a_warning(fake, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cli.main(["256", "--image_path", str(make_image(tmp_path / "a.png")), "--output_dir", str(tmp_path)])
+    assert fake[0].init["device"] == torch.device("cpu")
+    assert any("CUDA is not available" in message for message in warnings(caplog))
+
+
+# ----------------------------------------------------------------------------- naming and failures
+
+
+def test_same_stem_inputs_never_overwrite_each_other(fake, tmp_path):
+    folder = tmp_path / "in"
+    for name in ("a.png", "a.jpg", "a_png.png", "b.png"):
+        make_image(folder / name)
+    out = tmp_path / "out"
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--device", "cpu"]) == 0
+    names = [path.name for path, _ in fake[0].saved]
+    assert names == ["a.mp4", "a_png.mp4", "a_png_png.mp4", "b.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+def test_output_names_ignore_case_when_comparing():
+    paths = cli._output_paths([Path("A.png"), Path("a.png"), Path("a.PNG")], Path("o"))
+    assert paths == [Path("o/A.mp4"), Path("o/a_png.mp4"), Path("o/a_PNG_2.mp4")]
+
+
+@pytest.mark.parametrize("batch_size", ["1", "4"])
+def test_bad_images_are_skipped_and_counted(fake, tmp_path, caplog, batch_size):
+    folder = tmp_path / "in"
+    make_image(folder / "good1.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    make_image(folder / "refused.png", REFUSED_SIZE)
+    make_image(folder / "good2.png")
+    out = tmp_path / "out"
+    code = cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--prompt_text", "p",
+                     "--batch_size", batch_size, "--device", "cpu"])
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good1.mp4", "good2.mp4"]
+    assert "2 done, 2 failed" in caplog.text
+    assert any("broken.png" in message for message in warnings(caplog))
+    assert any("refused.png" in message and "too small" in message for message in warnings(caplog))
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize("argv, code, fragment", [
+    (["999"], 2, "unknown resolution '999'; choose one of 256, 512, 1024, 512_interp"),
+    ([], 2, "required: resolution"),
+    (["256", "--num_inference_steps", "0"], 2, "--num_inference_steps: must be at least 1"),
+    (["256", "--video_length", "0"], 2, "--video_length: must be at least 1"),
+    (["256", "--batch_size", "0"], 2, "--batch_size: must be at least 1"),
+    (["256", "--fps", "0"], 2, "--fps: must be at least 1"),
+    (["256", "--frame_stride", "0"], 2, "--frame_stride: must be at least 1"),
+    (["256", "--guidance_scale", "-1"], 2, "--guidance_scale: must be at least 0"),
+    (["256", "--eta", "-0.1"], 2, "--eta: must be at least 0"),
+    (["256", "--eta", "nan"], 2, "--eta: must be at least 0"),
+    (["256", "--guidance_rescale", "-1"], 2, "--guidance_rescale: must be at least 0"),
+    (["256", "--seed", "-1"], 2, "--seed: must be between 0 and"),
+    (["256", "--num_inference_steps", "ten"], 2, "expected an integer, got 'ten'"),
+    (["256", "--dtype", "int8"], 2, "--dtype: invalid choice"),
+    (["256", "--timestep_spacing", "leading"], 2, "--timestep_spacing: invalid choice"),
+    (["256", "--device", "banana"], 2, "'banana' is not a torch device"),
+    (["256", "--prompt_dir", "{tmp}/missing"], 1, "missing does not exist"),
+    (["256", "--prompt_dir", "{tmp}/empty"], 1, "No images"),
+    (["256", "--image_path", "{tmp}/missing.png"], 1, "missing.png does not exist"),
+])
+def test_user_errors_are_one_sentence(fake, tmp_path, caplog, argv, code, fragment):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "out")]) == code
+    (message,) = errors(caplog)
+    assert fragment in message
+    assert "\n" not in message and message.endswith(".")
+    assert not fake
+
+
+def test_cuda_device_without_cuda_is_a_user_error(fake, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["256", "--device", "cuda:1", "--image_path", str(make_image(tmp_path / "a.png"))]) == 2
+    assert errors(caplog) == ["--device cuda:1 needs CUDA, which is not available here; use --device cpu."]
+
+
+@pytest.mark.parametrize("error", [ValueError("Config file nope.yaml does not exist."),
+                                   CheckpointError("Cannot download model.ckpt; check your connection.")])
+def test_pipeline_construction_errors_exit_1(fake, tmp_path, monkeypatch, caplog, error):
+    def refuse(self, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli.DynamiCrafterImg2VideoPipeline, "__init__", refuse)
+    image = make_image(tmp_path / "a.png")
+    assert cli.main(["256", "--image_path", str(image), "--output_dir", str(tmp_path), "--device", "cpu"]) == 1
+    assert errors(caplog) == [str(error)]
+
+
+def run_script(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """Run a script (a .py with this Python, anything else directly) and capture its output."""
+    command = [sys.executable, *args] if args[0].endswith(".py") else list(args)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+@pytest.mark.parametrize("args, code", [
+    (["999"], 2),
+    (["256", "--prompt_dir", "{tmp}/missing", "--device", "cpu"], 1),
+    (["256", "--num_inference_steps", "0"], 2),
+])
+def test_run_pipeline_py_errors_have_no_traceback(tmp_path, args, code):
+    result = run_script(str(RUN_PIPELINE), *[arg.replace("{tmp}", str(tmp_path)) for arg in args])
+    assert result.returncode == code
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("ERROR: ")
+
+
+def test_guide_import_path_exports_the_pipeline():
+    code = ("from scripts.gradio.dynamicrafter_pipeline import DynamiCrafterImg2VideoPipeline as P; "
+            "from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline as Q; assert P is Q")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- run_pipeline.sh
+
+
+@pytest.mark.parametrize("args", [[], ["999"], ["256_256"], ["256", "seed"]])
+def test_shell_script_prints_usage_for_bad_arguments(args):
+    result = run_script(str(RUN_SHELL), *args)
+    assert result.returncode == 1
+    assert "Usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shell_script_help():
+    result = run_script(str(RUN_SHELL), "--help")
+    assert result.returncode == 0 and result.stdout.startswith("Usage:")
+
+
+@pytest.mark.parametrize("args, forwarded", [
+    (["256"], "scripts/run_pipeline.py 256 --seed 123"),
+    (["256", "42"], "scripts/run_pipeline.py 256 --seed 42"),
+    (["1024", "456", "cuda:1"], "scripts/run_pipeline.py 1024 --seed 456 --device cuda:1"),
+    (["512", "7", "cpu", "--fps", "4", "--prompt_text", "a b"],
+     "scripts/run_pipeline.py 512 --seed 7 --device cpu --fps 4 --prompt_text a b"),
+    (["512_interp", "--fps", "4"], "scripts/run_pipeline.py 512_interp --seed 123 --fps 4"),
+])
+def test_shell_script_forwards_arguments_from_the_repo_root(tmp_path, args, forwarded):
+    recorder = tmp_path / "python"
+    recorder.write_text('#!/bin/sh\necho "$(pwd)"\necho "$@"\n')
+    recorder.chmod(0o755)
+    result = run_script(str(RUN_SHELL), *args, cwd=tmp_path, PYTHON=str(recorder))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(ROOT), forwarded]
+
+
+# ----------------------------------------------------------------------------- real pipeline, tiny model
+
+
+def read_video(path: Path) -> tuple[str, int, tuple[int, int], float]:
+    """Codec, frame count, (height, width) and frame rate of a video file."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return stream.codec_context.name, len(frames), frames[0].shape[:2], float(stream.average_rate)
+
+
+def tiny_args(name: str) -> list[str]:
+    """Options that run the tiny test model fast: 2 steps, 4 frames."""
+    return ["--checkpoint", str(DATA / f"{name}.ckpt"), "--config", str(DATA / f"{name}.yaml"),
+            "--num_inference_steps", "2", "--video_length", "4"]
+
+
+def model_size(name: str) -> tuple[int, int]:
+    config = load_config(DATA / f"{name}.yaml")
+    return config.height, config.width
+
+
+def test_real_run_pipeline_py_writes_an_h264_video(tmp_path):
+    image = make_image(tmp_path / "input.png")
+    out = tmp_path / "out"
+    result = run_script(str(RUN_PIPELINE), "256", *tiny_args("tiny256"), "--device", "cpu", "--image_path", str(image),
+                        "--prompt_text", "x", "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert read_video(out / "input.mp4") == ("h264", 4, model_size("tiny256"), 8.0)
+    assert "1 done, 0 failed" in result.stderr
+
+
+def test_real_run_pipeline_sh_animates_a_folder(tmp_path):
+    folder = tmp_path / "prompts"
+    make_image(folder / "one.png")
+    (folder / "one.txt").write_text("a tiny robot dancing in the rain")
+    out = tmp_path / "out"
+    result = run_script(str(RUN_SHELL), "256", "123", "cpu", *tiny_args("tiny256"), "--prompt_dir", str(folder),
+                        "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert read_video(out / "one.mp4") == ("h264", 4, model_size("tiny256"), 8.0)
+
+
+def test_real_bad_config_path_ends_in_one_error_line(tmp_path):
+    image = make_image(tmp_path / "a.png")
+    args = tiny_args("tiny256")
+    args[args.index("--config") + 1] = str(tmp_path / "missing.yaml")
+    result = run_script(str(RUN_PIPELINE), "256", *args, "--device", "cpu", "--image_path", str(image),
+                        "--output_dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ERROR: ") and "missing.yaml" in result.stderr
+
+
+def test_real_pipeline_examples(tmp_path):
+    result = run_script(str(EXAMPLES), "--checkpoint", str(DATA / "tiny256.ckpt"), "--config",
+                        str(DATA / "tiny256.yaml"), "--device", "cpu", "--steps", "2", "--height", "64",
+                        "--width", "64", "--output_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(["basic.mp4", "negative_prompt.mp4", "custom_settings.mp4", "batch_0.mp4",
+                              "batch_1.mp4", "video.mp4", "video.gif"])
+    assert read_video(tmp_path / "basic.mp4")[:3] == ("h264", 4, (64, 64))
+    assert "output_type='latent'" in result.stderr
