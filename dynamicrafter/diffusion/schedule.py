@@ -60,16 +60,19 @@ def ddim_timesteps(num_steps: int, spacing: str, num_train_timesteps: int = 1000
     ``uniform`` is ``1 + floor(i * T / N)``: exactly the original's timesteps whenever ``T`` is a
     multiple of ``N`` (10, 25, 50, ... steps). For other counts the original runs ``N + 1``
     steps (30 -> 31) or fails (3 asks for timestep 1000); this always runs exactly ``N``.
-    ``uniform_trailing`` is ``round(T - i * T / N) - 1``, which is the original's for every ``N``.
+    ``uniform_trailing`` is ``round(T - i * T / N) - 1``, computed as the original does; for the
+    62 counts where the original's float arithmetic yields an extra ``-1`` step, it is dropped.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"Unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}.")
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"The number of steps must be between 1 and {num_train_timesteps}, got {num_steps}.")
-    i = np.arange(num_steps)
     if spacing == "uniform":
-        return i * num_train_timesteps // num_steps + 1
-    return np.round(num_train_timesteps - i * (num_train_timesteps / num_steps)).astype(np.int64)[::-1] - 1
+        first = 1 if num_steps < num_train_timesteps else 0  # T steps: every timestep, 0 included
+        return np.arange(num_steps) * num_train_timesteps // num_steps + first
+    # The original's arithmetic (float arange, round half to even), cut to exactly N values.
+    steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))[:num_steps]
+    return steps[::-1].astype(np.int64) - 1
 
 
 def checkpoint_buffers(config: DiffusionConfig) -> dict[str, torch.Tensor]:
