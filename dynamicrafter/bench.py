@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .configs import ModelConfig, get_config, load_config
 from .models.dynamicrafter import DynamiCrafter
+from .offload import OFFLOAD_MODES, offload_mode
 from .pipeline import DynamiCrafterImg2VideoPipeline
 from .runtime import resolve_device, resolve_dtype
 
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.checkpoint:
         pipe = DynamiCrafterImg2VideoPipeline(args.resolution, device, args.checkpoint, dtype=dtype, **options)
     else:
-        model = random_model(config, torch.device("cpu") if args.offload else device, dtype)
+        model = random_model(config, device if offload_mode(args.offload, device) == "none" else torch.device("cpu"),
+                             dtype)
         pipe = DynamiCrafterImg2VideoPipeline.from_model(model, device, dtype, **options)
     image = np.random.default_rng(0).integers(0, 255, (config.height, config.width, 3), dtype=np.uint8)
     call = dict(num_frames=args.frames, guidance_scale=args.guidance_scale,
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "resolution": config.name, "frames": args.frames, "steps": args.steps, "dtype": str(dtype).split(".")[-1],
-        "offload": args.offload, "compile": args.compile, "device_name": name,
+        "offload": pipe.offload, "compile": args.compile, "device_name": name,
         "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
         "matmul_share": tflops / reference,
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
     source.add_argument("--checkpoint", help="a released checkpoint instead of random weights")
-    parser.add_argument("--offload", action="store_true", help="enable model CPU offload")
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, default=None,
+                        help="what stays in host memory (default: the pipeline's, 'encoders' on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
     parser.add_argument("--guidance-scale", type=float, default=7.5)

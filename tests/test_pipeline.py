@@ -12,6 +12,7 @@ from PIL import Image
 
 import dynamicrafter.pipeline as pipeline_module
 from dynamicrafter import DynamiCrafterImg2VideoPipeline
+from dynamicrafter.offload import offload_mode
 from dynamicrafter.pipeline import fit_image
 
 from .conftest import CHAIN_TOL, DATA, MODULE_TOL, load_tiny, relative_error
@@ -261,13 +262,13 @@ def test_non_finite_sampling_and_decoding_are_redone_in_float32(caplog):
     assert relative_error(videos, expected) < 2e-2
 
 
-def test_cpu_offload_gives_the_same_video(pipes):
-    pipe = make_pipeline("tiny256", dtype="float32", offload=True)
-    image = np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
-    ours = pipe(image, "x", latents=noise, eta=0.0, **FAST)["videos"]
-    ref = pipes["tiny256"](image, "x", latents=noise, eta=0.0, **FAST)["videos"]
-    assert torch.allclose(ours, ref, atol=1e-5)
+def test_offload_modes():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert offload_mode(None, cuda) == "encoders"  # the default on a GPU
+    assert offload_mode(True, cuda) == "model" and offload_mode(False, cuda) == "none"
+    assert offload_mode(True, cpu) == "none"  # nothing to offload to on the CPU
+    with pytest.raises(ValueError, match="Unknown offload mode 'disk'"):
+        offload_mode("disk", cuda)
 
 
 def test_compiled_unet_gives_the_same_latents(pipes):

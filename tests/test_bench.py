@@ -1,0 +1,53 @@
+"""The benchmark command: its JSON report and its FLOP count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dynamicrafter import bench
+from dynamicrafter.configs import get_config
+
+from .conftest import DATA
+
+
+def test_json_report_on_the_tiny_model(capsys):
+    code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--frames", "2", "--steps", "2",
+                       "--device", "cpu", "--dtype", "float32", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("s_per_step", "s_per_video", "peak_mem_bytes", "tflops", "device_name"):
+        assert key in report
+    assert 0 < report["s_per_step"] < report["s_per_video"]
+    assert report["peak_mem_bytes"] > 0 and report["tflops"] > 0 and 0 < report["matmul_share"]
+    assert report["dtype"] == "float32" and report["offload"] == "none"
+
+
+@pytest.mark.parametrize(("resolution", "tflop"), [("256", 4.90), ("512", 12.6), ("1024", 52.3)])
+def test_unet_flops_of_the_released_models(resolution, tflop):
+    """One UNet call, batch 1, 16 frames: the figures the original's profile gives."""
+    flops = bench.unet_flops(get_config(resolution), frames=16, batch=1)
+    assert flops / 1e12 == pytest.approx(tflop, rel=5e-3)
+
+
+def test_random_model_has_the_real_shapes_and_runs_finite():
+    import torch
+
+    from dynamicrafter.configs import load_config
+
+    from .conftest import load_tiny
+
+    model = bench.random_model(load_config(DATA / "tiny256.yaml"), torch.device("cpu"), torch.float32)
+    real = load_tiny("tiny256").model.state_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in real.items()}
+    v = load_tiny("tiny256").vectors
+    out = model.unet(v["unet.x"], v["unet.t"], v["unet.context"], v["unet.fs"])
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def test_bad_arguments_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--steps", "1"])
+    assert info.value.code == 2
+    assert "--steps must be at least 2" in capsys.readouterr().err
