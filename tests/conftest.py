@@ -104,3 +104,17 @@ def tiny256() -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny512() -> TinyModel:
     return load_tiny("tiny512")
+
+
+@pytest.fixture(scope="session")
+def gradient_png(tmp_path_factory) -> Path:
+    """A 64x64 colour-gradient PNG to upload or animate."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
+                       np.full((64, 64), 128, np.uint8)], axis=-1)
+    path = tmp_path_factory.mktemp("inputs") / "gradient.png"
+    Image.fromarray(pixels).save(path)
+    return path

@@ -68,20 +68,9 @@ def client(demo) -> Iterator[Client]:
         yield connected
 
 
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory) -> Path:
-    """A 64x64 colour gradient PNG."""
-    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
-                       np.full((64, 64), 128, np.uint8)], axis=-1)
-    path = tmp_path_factory.mktemp("inputs") / "gradient.png"
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-def test_generate_returns_playable_mp4(client, pipeline, image_path):
+def test_generate_returns_playable_mp4(client, pipeline, gradient_png):
     video, seed, timing = client.predict(
-        image=handle_file(str(image_path)), prompt="a tiny robot dancing in the rain",
+        image=handle_file(str(gradient_png)), prompt="a tiny robot dancing in the rain",
         negative_prompt="", seed=42, random_seed=False, api_name="/generate", **FAST)
     assert seed == 42
     assert timing.startswith("Generated 4 frames in ") and timing.endswith(" s")
@@ -91,8 +80,8 @@ def test_generate_returns_playable_mp4(client, pipeline, image_path):
     assert frames[0].shape == (pipeline.config.height, pipeline.config.width, 3)
 
 
-def test_random_seed_is_reported(client, image_path):
-    _, seed, _ = client.predict(image=handle_file(str(image_path)), prompt="", seed=0, random_seed=True,
+def test_random_seed_is_reported(client, gradient_png):
+    _, seed, _ = client.predict(image=handle_file(str(gradient_png)), prompt="", seed=0, random_seed=True,
                                 api_name="/generate", **{**FAST, "num_frames": 2})
     assert isinstance(seed, int) and 0 <= seed < 2**31
 
@@ -121,9 +110,9 @@ def test_too_large_upload_is_refused(client, tmp_path):
     assert str(info.value) == "The input image is larger than the 0.05 MB upload limit."
 
 
-def test_out_of_range_value_is_refused(client, image_path):
+def test_out_of_range_value_is_refused(client, gradient_png):
     with pytest.raises(Exception) as info:
-        client.predict(image=handle_file(str(image_path)), prompt="", api_name="/generate",
+        client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
                        **{**FAST, "steps": 500})
     assert str(info.value) == "Sampling steps must be between 1 and 60."
 
@@ -148,7 +137,7 @@ def test_examples_come_from_the_prompts_folder(demo):
     assert len(dataset["props"]["samples"]) == len(expected)
 
 
-def test_interpolation_model_gets_the_looping_tab(image_path):
+def test_interpolation_model_gets_the_looping_tab(gradient_png):
     config = load_config(DATA / "tiny256.yaml").replace(interp=True)  # the tiny model as an interp model
     pipe = DynamiCrafterImg2VideoPipeline("256", device="cpu", checkpoint=DATA / "tiny256.ckpt",
                                           config=config)
@@ -159,10 +148,10 @@ def test_interpolation_model_gets_the_looping_tab(image_path):
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert "/interpolate" in endpoints and "/generate" not in endpoints
         with pytest.raises(Exception) as info:
-            client.predict(start_image=handle_file(str(image_path)), end_image=None, loop=False,
+            client.predict(start_image=handle_file(str(gradient_png)), end_image=None, loop=False,
                            prompt="", api_name="/interpolate", **FAST)
         assert str(info.value) == "Please upload the end image."
-        video, _, timing = client.predict(start_image=handle_file(str(image_path)), end_image=None,
+        video, _, timing = client.predict(start_image=handle_file(str(gradient_png)), end_image=None,
                                           loop=True, prompt="", api_name="/interpolate", **FAST)
     assert timing.startswith("Generated 3 frames in ")  # the repeated first frame is dropped
     assert len(decode(video)[1]) == 3

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-import numpy as np
 import pytest
-from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,17 +83,6 @@ def app_url(server_log) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def input_png(tmp_path_factory) -> Path:
-    """A 64x64 colour gradient PNG to upload."""
-    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
-                       np.full((64, 64), 160, np.uint8)], axis=-1)
-    path = tmp_path_factory.mktemp("inputs") / "gradient.png"
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def chromium() -> Path:
     if not CHROMIUM.exists():
         pytest.fail(f"Debian's Chromium is missing at {CHROMIUM}; install it with "
@@ -111,7 +98,7 @@ def set_slider(page, label: str, value: int) -> None:
     expect(box).to_have_value(str(value))
 
 
-def test_generate_in_browser(chromium, app_url, server_log, input_png):
+def test_generate_in_browser(chromium, app_url, server_log, gradient_png):
     OUTPUT.mkdir(exist_ok=True)
     outside: list[str] = []
     with sync_playwright() as playwright:
@@ -129,7 +116,7 @@ def test_generate_in_browser(chromium, app_url, server_log, input_png):
             page.locator("[data-testid=toast-close]").click()
             expect(toasts).to_have_count(0)
 
-            page.locator("#image input[type=file]").set_input_files(str(input_png))
+            page.locator("#image input[type=file]").set_input_files(str(gradient_png))
             expect(page.locator("#image img")).to_be_visible()
             page.locator("#prompt textarea").fill("a tiny robot dancing in the rain")
             set_slider(page, "Sampling steps", 2)

@@ -429,3 +429,13 @@ def test_real_pipeline_examples(tmp_path):
                               "batch_1.mp4", "video.mp4", "video.gif"])
     assert read_video(tmp_path / "basic.mp4")[:3] == ("h264", 4, (64, 64))
     assert "output_type='latent'" in result.stderr
+
+
+def test_real_guide_single_image_command(tmp_path):
+    """The guide's single-image example, word for word, plus the tiny model's options."""
+    out = tmp_path / "single_test"
+    result = run_script(str(RUN_PIPELINE), "256", "--image_path", "prompts/1024/pour_bear.png", "--prompt_text",
+                        "a person walking in a beautiful garden", "--output_dir", str(out), "--device", "cpu",
+                        *tiny_args("tiny256"))
+    assert result.returncode == 0, result.stderr
+    assert read_video(out / "pour_bear.mp4") == ("h264", 4, model_size("tiny256"), 8.0)
