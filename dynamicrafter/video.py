@@ -97,5 +97,5 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    logger.info("Saved %d frames to %s", len(video), path)
+    logger.debug("Saved %d frames to %s", len(video), path)
     return path
