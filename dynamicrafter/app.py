@@ -208,6 +208,11 @@ def _controls(maker: _VideoMaker, config: ModelConfig, min_frames: int) -> _Cont
     return _Controls(prompt, negative, steps, guidance, eta, fs, seed, random_seed, frames)
 
 
+def _image_input(label: str, elem_id: str) -> gr.Image:
+    """An image upload (file or clipboard) handed to the events as a file path."""
+    return gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], elem_id=elem_id)
+
+
 def _outputs() -> tuple[gr.Video, gr.Number, gr.Textbox]:
     """The video player and the seed and timing read-outs."""
     video = gr.Video(label="Generated video", autoplay=True, loop=True, buttons=["download"],
@@ -223,8 +228,7 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
     """Controls and ``/generate`` event for animating one image."""
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
-                             elem_id="image")
+            image = _image_input("Input image", "image")
             controls = _controls(maker, config, min_frames=1)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
@@ -241,10 +245,8 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
     with gr.Row():
         with gr.Column():
             with gr.Row():
-                start = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"],
-                                 elem_id="start-image")
-                end = gr.Image(label="End image", type="filepath", sources=["upload", "clipboard"],
-                               elem_id="end-image")
+                start = _image_input("Start image", "start-image")
+                end = _image_input("End image", "end-image")
             loop = gr.Checkbox(value=False, label="Loop (use the start image as the end image)",
                                elem_id="loop")
             controls = _controls(maker, config, min_frames=2)

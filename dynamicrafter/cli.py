@@ -22,6 +22,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .configs import PRESETS, resolve_resolution
 from .hub import CheckpointError
 from .pipeline import DynamiCrafterImg2VideoPipeline
+from .offload import OFFLOAD_MODES
+from .runtime import resolve_device
 
 __all__ = ["main", "is_user_error", "IMAGE_EXTENSIONS", "PROMPT_LIST_NAME"]
 
@@ -119,27 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights and compute precision (default: auto, chosen per device)")
     add("--guidance_rescale", type=_number(float, 0), help="rescale of guided noise, 0-1 (default: the model's)")
     add("--timestep_spacing", choices=("uniform", "uniform_trailing"), help="DDIM timesteps (default: the model's)")
+    add("--offload", choices=OFFLOAD_MODES,
+        help="what stays in host memory between uses (default: encoders on CUDA); 'model' needs the least GPU memory")
+    add("--compile", action="store_true", help="torch.compile the UNet (slow first video, faster after)")
     return parser
 
 
 def _resolve_device(name: str | None) -> torch.device:
     """The requested device, checked; without a request cuda:0, or the CPU when CUDA is absent."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda:0")
-        logger.warning("CUDA is not available; running on the CPU, which is slow.")
-        return torch.device("cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"--device {name!r} is not a torch device; use for example cuda:0 or cpu.", EXIT_USAGE) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CliError(f"--device {name} needs CUDA, which is not available here; use --device cpu.", EXIT_USAGE)
-        if (device.index or 0) >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise CliError(f"--device {name} does not exist; this machine has {count} CUDA device(s).", EXIT_USAGE)
-    return device
+        return resolve_device(name)
+    except ValueError as exc:
+        raise CliError(f"--device: {exc}", EXIT_USAGE) from None
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -232,6 +225,8 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
             checkpoint=args.checkpoint,
             config=args.config,
             dtype=None if args.dtype == "auto" else args.dtype,
+            offload=args.offload,
+            compile=args.compile,
         )
     except Exception as exc:
         if is_user_error(exc):

@@ -18,7 +18,7 @@ def default_device() -> torch.device:
     """``cuda:0`` when a GPU is usable, else the CPU (with a warning: it is slow)."""
     if torch.cuda.is_available():
         return torch.device("cuda:0")
-    logger.warning("No CUDA GPU found: running on the CPU, which takes minutes per video.")
+    logger.warning("CUDA is not available; running on the CPU, which is slow.")
     return torch.device("cpu")
 
 
@@ -29,12 +29,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"Unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
+        raise ValueError(f"{device!r} is not a torch device; use for example cuda:0 or cpu.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"Device {device} was asked for but no CUDA GPU is available; use --device cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"Device {device} does not exist: {torch.cuda.device_count()} CUDA GPU(s) found.")
+            raise ValueError(f"Device {device} needs CUDA, which is not available here; use cpu.")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"Device {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s).")
     return dev
 
 

@@ -41,8 +41,9 @@ class FakePipeline:
 
     created: list[FakePipeline]
 
-    def __init__(self, resolution="256", device=None, checkpoint=None, config=None, dtype=None) -> None:
-        self.init = dict(resolution=resolution, device=device, checkpoint=checkpoint, config=config, dtype=dtype)
+    def __init__(self, resolution="256", device=None, checkpoint=None, config=None, dtype=None, **options) -> None:
+        self.init = dict(resolution=resolution, device=device, checkpoint=checkpoint, config=config, dtype=dtype,
+                         **options)
         self.device = torch.device("cpu")
         self.calls: list[dict] = []
         self.saved: list[tuple[Path, int]] = []
@@ -90,7 +91,8 @@ def test_single_image_with_prompt_text(fake, tmp_path):
                      "--output_dir", str(out), "--device", "cpu"])
     assert code == 0
     (pipe,) = fake
-    assert pipe.init == dict(resolution="256", device=torch.device("cpu"), checkpoint=None, config=None, dtype=None)
+    assert pipe.init == dict(resolution="256", device=torch.device("cpu"), checkpoint=None, config=None, dtype=None,
+                             offload=None, compile=False)
     (call,) = pipe.calls
     assert call["prompt"] == ["a person walking in a beautiful garden"]
     assert [item.size for item in call["image"]] == [(64, 64)]
@@ -191,12 +193,12 @@ def test_every_flag_reaches_the_pipeline(fake, tmp_path):
         "--seed", "5", "--device", "cpu", "--num_inference_steps", "3", "--guidance_scale", "2.5", "--eta", "0",
         "--video_length", "4", "--frame_stride", "7", "--negative_prompt", "blurry", "--fps", "12",
         "--checkpoint", "ck.ckpt", "--config", "model.yaml", "--dtype", "bfloat16", "--guidance_rescale", "0.3",
-        "--timestep_spacing", "uniform_trailing",
+        "--timestep_spacing", "uniform_trailing", "--offload", "model", "--compile",
     ])
     assert code == 0
     (pipe,) = fake
     assert pipe.init == dict(resolution="512", device=torch.device("cpu"), checkpoint=Path("ck.ckpt"),
-                             config=Path("model.yaml"), dtype="bfloat16")
+                             config=Path("model.yaml"), dtype="bfloat16", offload="model", compile=True)
     (call,) = pipe.calls
     expected = dict(num_inference_steps=3, guidance_scale=2.5, eta=0.0, num_frames=4, frame_stride=7,
                     negative_prompt=["blurry"], guidance_rescale=0.3, timestep_spacing="uniform_trailing")
@@ -292,7 +294,7 @@ def test_user_errors_are_one_sentence(fake, tmp_path, caplog, argv, code, fragme
 def test_cuda_device_without_cuda_is_a_user_error(fake, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["256", "--device", "cuda:1", "--image_path", str(make_image(tmp_path / "a.png"))]) == 2
-    assert errors(caplog) == ["--device cuda:1 needs CUDA, which is not available here; use --device cpu."]
+    assert errors(caplog) == ["--device: Device cuda:1 needs CUDA, which is not available here; use cpu."]
 
 
 @pytest.mark.parametrize("error", [ValueError("Config file nope.yaml does not exist."),
