@@ -31,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .configs import PRESETS, ModelConfig, resolve_resolution
 from .pipeline import DynamiCrafterImg2VideoPipeline
+from .runtime import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Load one model and serve the page until interrupted."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check from gradio
     try:
         pipeline = DynamiCrafterImg2VideoPipeline(args.res, device=args.device, checkpoint=args.checkpoint,

@@ -23,7 +23,7 @@ from .configs import PRESETS, resolve_resolution
 from .hub import CheckpointError
 from .pipeline import DynamiCrafterImg2VideoPipeline
 from .offload import OFFLOAD_MODES
-from .runtime import resolve_device
+from .runtime import configure_logging, resolve_device
 
 __all__ = ["main", "is_user_error", "IMAGE_EXTENSIONS", "PROMPT_LIST_NAME"]
 
@@ -312,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``run_pipeline.py`` with ``argv`` (default: the command line); returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    configure_logging()
     try:
         return _run(build_parser().parse_args(argv))
     except CliError as exc:

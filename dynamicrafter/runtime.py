@@ -68,3 +68,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The VAE never runs in float16 (it overflows into NaN, the original's black videos)."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def configure_logging(fmt: str = "%(levelname)s: %(message)s") -> None:
+    """INFO logging for the command-line tools, without a line per HTTP request."""
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
