@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .configs import PRESETS, ModelConfig, resolve_resolution
+from .hub import CheckpointError
 from .pipeline import DynamiCrafterImg2VideoPipeline
 from .runtime import configure_logging
 
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         pipeline = DynamiCrafterImg2VideoPipeline(args.res, device=args.device, checkpoint=args.checkpoint,
                                                   config=args.config, dtype=args.dtype)
-    except ValueError as exc:
+    except (ValueError, CheckpointError) as exc:  # bad config, missing or undownloadable checkpoint
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     demo = build_demo(pipeline, max_upload_mb=args.max_upload_mb)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)

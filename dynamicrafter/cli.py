@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .configs import PRESETS, resolve_resolution
 from .hub import CheckpointError
-from .pipeline import DynamiCrafterImg2VideoPipeline
+from .pipeline import DynamiCrafterImg2VideoPipeline, load_image
 from .offload import OFFLOAD_MODES
 from .runtime import configure_logging, resolve_device
 
@@ -277,10 +277,9 @@ def _run_batch(pipe: Any, jobs: list[Job], args: argparse.Namespace) -> int:
     readable, images = [], []
     for job in jobs:
         try:
-            with Image.open(job.image) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, Image.DecompressionBombError) as exc:
-            logger.warning("Skipping %s: it cannot be read as an image (%s).", job.image, exc)
+            images.append(load_image(job.image))
+        except ValueError as exc:
+            logger.warning("Skipping %s: %s", job.image, exc)
         else:
             readable.append(job)
     return len(jobs) - len(readable) + _animate(pipe, readable, images, args)

@@ -53,7 +53,7 @@ def load_image(image: ImageInput) -> Image.Image:
                 return img.convert("RGB")
         except (FileNotFoundError, IsADirectoryError):
             raise ValueError(f"Image {image} does not exist.") from None
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
             raise ValueError(f"Cannot read image {image}: {exc}.") from None
     raise ValueError(f"Unsupported image type {type(image).__name__}; give a PIL image, a numpy array or a path.")
 
@@ -259,18 +259,22 @@ class DynamiCrafterImg2VideoPipeline:
 
     def _denoiser(self, cond: _Conditioning, scale: float, rescale: float) -> Callable:
         unet = self._unet_forward
+        batched = cond.uncond_context is not None and not self.sequential_guidance
+        if batched:  # what stays the same at every step, doubled once for the batch of 2
+            concat2 = torch.cat([cond.concat, cond.concat])
+            context2 = torch.cat([cond.context, cond.uncond_context])
+            fs2 = torch.cat([cond.fs, cond.fs])
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, cond.concat], dim=1)
-            if cond.uncond_context is None:
-                return unet(x_in, t, cond.context, cond.fs).float()
-            if self.sequential_guidance:
-                cond_out = unet(x_in, t, cond.context, cond.fs).float()
-                uncond_out = unet(x_in, t, cond.uncond_context, cond.fs).float()
-            else:
-                out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                           torch.cat([cond.context, cond.uncond_context]), torch.cat([cond.fs, cond.fs]))
+            if batched:
+                out = unet(torch.cat([torch.cat([x, x]), concat2], dim=1), torch.cat([t, t]), context2, fs2)
                 cond_out, uncond_out = out.float().chunk(2)
+                return guided(cond_out, uncond_out, scale, rescale)
+            x_in = torch.cat([x, cond.concat], dim=1)
+            cond_out = unet(x_in, t, cond.context, cond.fs).float()
+            if cond.uncond_context is None:
+                return cond_out
+            uncond_out = unet(x_in, t, cond.uncond_context, cond.fs).float()
             return guided(cond_out, uncond_out, scale, rescale)
 
         return denoise

@@ -155,3 +155,22 @@ def test_interpolation_model_gets_the_looping_tab(gradient_png):
                                           loop=True, prompt="", api_name="/interpolate", **FAST)
     assert timing.startswith("Generated 3 frames in ")  # the repeated first frame is dropped
     assert len(decode(video)[1]) == 3
+
+
+def test_listens_on_localhost_unless_told_otherwise():
+    from dynamicrafter.app import _parser
+
+    args = _parser().parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+
+
+def test_missing_checkpoint_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from dynamicrafter.app import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ folder here
+    with pytest.raises(SystemExit) as info:
+        main(["--res", "256", "--device", "cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "HF_HUB_OFFLINE is set" in err and "Traceback" not in err
