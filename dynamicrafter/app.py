@@ -13,59 +13,41 @@ also be called with ``gradio_client``.
 from __future__ import annotations
 
 import argparse
-import atexit
+import inspect
 import logging
 import os
 import random
-import shutil
+import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import gradio as gr
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from .configs import PRESETS, ModelConfig, resolve_resolution
+from .cli import EXIT_USAGE, CliError, _Parser, _resolution
+from .configs import PRESETS, ModelConfig
 from .hub import CheckpointError
-from .pipeline import DynamiCrafterImg2VideoPipeline
+from .images import IMAGE_EXTENSIONS, load_image
+from .options import MAX_SEED, OPTIONS, Option, add_model_arguments, check_number, motion_control
+from .pipeline import DynamiCrafterImg2VideoPipeline, GenerationError
 from .runtime import configure_logging
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**31 - 1
-SAVE_FPS = 8
-MAX_STEPS = 60
-MAX_FRAMES = 32
-DEFAULT_SEED = 123
-IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP"})
-IMAGE_KINDS = "PNG, JPEG, WebP or BMP"
-EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_SEED = OPTIONS["seed"].default
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 MB = 1024 * 1024
-
-
-@dataclass
-class _Controls:
-    """The sampling controls shared by both tabs, in the order the handlers take them."""
-
-    prompt: gr.Textbox
-    negative_prompt: gr.Textbox
-    steps: gr.Slider
-    guidance_scale: gr.Slider
-    eta: gr.Slider
-    frame_stride: gr.Slider
-    seed: gr.Number
-    random_seed: gr.Checkbox
-    num_frames: gr.Slider
-
-    def inputs(self) -> list[gr.components.Component]:
-        """The controls as an event's input list."""
-        return [self.prompt, self.negative_prompt, self.steps, self.guidance_scale, self.eta,
-                self.frame_stride, self.seed, self.random_seed, self.num_frames]
+#: Uploads and videos are deleted this many minutes after they were made.
+KEEP_MINUTES = 60
+#: The sampling controls on the page, in order (the endpoints take them as keyword arguments of
+#: these names, the pipeline's): shown, then folded under "Advanced settings".
+MAIN_CONTROLS = ("num_inference_steps", "frame_stride", "num_frames", "seed")
+ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "eta", "fps")
+CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS)
 
 
 def _fail(message: str) -> gr.Error:
@@ -73,57 +55,73 @@ def _fail(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def _check_range(label: str, value: Any, low: float, high: float) -> float:
-    """``value`` as a number within [low, high], or a page error naming the control."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _fail(f"{label} must be a number.") from None
-    if not low <= number <= high:
-        raise _fail(f"{label} must be between {low:g} and {high:g}.")
-    return number
+def _slider(option: Option, config: ModelConfig) -> tuple[str, tuple[float, float, float]]:
+    """The label and ``(low, high, step)`` of an option's slider for this model."""
+    if option.name == "frame_stride":
+        name, hint, ui = motion_control(config)
+        return f"{name} ({hint})", ui
+    if option.name == "num_frames":
+        low, high, step = option.ui or (1, 32, 1)
+        return option.label, (low, max(high, config.unet.temporal_length), step)
+    return option.label, option.ui or (option.minimum or 0, option.maximum or 100, 1)
 
 
 class _VideoMaker:
-    """Validates what the page sends, runs the pipeline and writes the MP4."""
+    """Validates what the page sends, runs the pipeline and hands the MP4 to Gradio's cache."""
 
     def __init__(self, pipeline: Any, max_upload_mb: float) -> None:
         self.pipeline = pipeline
+        self.config: ModelConfig = pipeline.config
         self.max_upload_mb = max_upload_mb
-        self.out_dir = Path(tempfile.mkdtemp(prefix="dynamicrafter-app-"))
-        atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)
-        config: ModelConfig = pipeline.config
-        if config.fs_kind == "frame_stride":
-            self.fs_name, self.fs_hint, self.fs_range = "Frame stride", "larger = more motion", (1, 10)
-        else:
-            self.fs_name, self.fs_hint, self.fs_range = "FPS", "smaller = more motion", (5, 30)
-        self.max_frames = max(MAX_FRAMES, config.unet.temporal_length)
+        self.cache_dir: str | None = None  # Gradio's file cache, set when the page is built
 
     def load_image(self, payload: Any, noun: str) -> Image.Image:
-        """Open an uploaded image (a Gradio file payload), checking its size and format."""
+        """Read an uploaded image (a Gradio file payload) with the project's one image loader."""
         if not payload:
             raise _fail(f"Please upload the {noun}.")
-        path = Path(payload["path"])  # the events skip preprocessing: uploads arrive as file payloads
-        if path.stat().st_size > self.max_upload_mb * MB:
+        path = payload.get("path") if isinstance(payload, dict) else None
+        if not path:  # e.g. a payload with only a URL: nothing is fetched on the client's behalf
+            raise _fail(f"Please upload the {noun} as a file.")
+        try:
+            size = Path(path).stat().st_size
+        except OSError:
+            raise _fail(f"Please upload the {noun} again; the upload is gone.") from None
+        if size > self.max_upload_mb * MB:
             raise _fail(f"The {noun} is larger than the {self.max_upload_mb:g} MB upload limit.")
         try:
-            with Image.open(path) as opened:
-                if opened.format not in IMAGE_FORMATS:
-                    raise _fail(f"The {noun} is a {opened.format} file; please upload a {IMAGE_KINDS} image.")
-                return ImageOps.exif_transpose(opened).convert("RGB")
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
-            raise _fail(f"The {noun} is not a readable image; please upload a {IMAGE_KINDS} file.") from None
+            return load_image(path, f"The {noun}")
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+
+    def check(self, values: dict[str, Any], loop: bool) -> dict[str, Any]:
+        """The controls' values checked against the page's ranges (a page error names the control)."""
+        checked: dict[str, Any] = {}
+        for name in CONTROLS:
+            option, value = OPTIONS[name], values[name]
+            label, (low, high, _) = _slider(option, self.config)
+            if option.type is str:
+                checked[name] = str(value or "") or None
+                continue
+            if name == "seed":
+                label, (low, high) = "Seed", (0, MAX_SEED)
+            if name == "num_frames" and loop:
+                low = max(low, 2)
+            if isinstance(value, float) and value.is_integer() and option.type is int:
+                value = int(value)  # numbers arrive from the page as JSON
+            try:
+                checked[name] = check_number(value, label.split(" (")[0], integer=option.type is int,
+                                             minimum=low, maximum=high)
+            except ValueError as exc:
+                raise _fail(str(exc)) from None
+        return checked
 
     def run(self, image: Image.Image, end_image: Image.Image | None, loop: bool, prompt: Any,
-            negative_prompt: Any, steps: Any, guidance_scale: Any, eta: Any, frame_stride: Any,
-            seed: Any, random_seed: Any, num_frames: Any, progress: gr.Progress) -> tuple[str, int, str]:
-        """Generate one video; returns (mp4 path, seed used, timing message)."""
-        steps = int(_check_range("Sampling steps", steps, 1, MAX_STEPS))
-        frames = int(_check_range("Number of frames", num_frames, 2 if loop else 1, self.max_frames))
-        frame_stride = int(_check_range(self.fs_name, frame_stride, *self.fs_range))
-        guidance_scale = _check_range("Guidance scale", guidance_scale, 1.0, 15.0)
-        eta = _check_range("ETA", eta, 0.0, 1.0)
-        seed = random.randint(0, MAX_SEED) if random_seed else int(_check_range("Seed", seed, 0, MAX_SEED))
+            values: dict[str, Any], random_seed: Any, progress: gr.Progress) -> tuple[str, int, str]:
+        """Generate one video; returns (mp4 path in Gradio's cache, seed used, timing message)."""
+        settings = self.check(values, loop)
+        seed = random.randint(0, MAX_SEED) if random_seed else settings.pop("seed")
+        settings.pop("seed", None)
+        fps = settings.pop("fps")
         generator = torch.Generator(device=self.pipeline.device).manual_seed(seed)
 
         def report(step: int, total: int) -> None:
@@ -131,43 +129,65 @@ class _VideoMaker:
 
         progress(0, desc="Preparing")
         started = time.perf_counter()
-        logger.info("Generating %d frames, %d steps, seed %d, prompt %r", frames, steps, seed, prompt)
+        logger.info("Generating %d frames, %d steps, seed %d, prompt %r", settings["num_frames"],
+                    settings["num_inference_steps"], seed, prompt)
         try:
-            videos = self.pipeline(
-                image, prompt=str(prompt or ""), negative_prompt=str(negative_prompt or "") or None,
-                num_inference_steps=steps, guidance_scale=guidance_scale, eta=eta,
-                frame_stride=frame_stride, num_frames=frames, generator=generator,
-                end_image=end_image, callback=report,
-            )["videos"]
+            videos = self.pipeline(image, prompt=str(prompt or ""), generator=generator, end_image=end_image,
+                                   callback=report, **settings)["videos"]
             if loop:
                 videos = videos[:, :-1]  # the last frame repeats the first: drop it to loop seamlessly
-            path = self.out_dir / f"{uuid.uuid4().hex}.mp4"
-            self.pipeline.save_video(videos, path, fps=SAVE_FPS)
-        except ValueError as exc:
+            path = self._publish(videos, fps)
+        except (ValueError, GenerationError) as exc:
             raise _fail(str(exc)) from None
         except Exception:
             logger.exception("Generation failed")
             raise _fail("Generation failed because of an internal error; see the server log.") from None
         elapsed = time.perf_counter() - started
         logger.info("Wrote %s in %.1f s", path, elapsed)
-        return str(path), seed, f"Generated {videos.shape[1]} frames in {elapsed:.1f} s"
+        return path, seed, f"Generated {videos.shape[1]} frames in {elapsed:.1f} s"
 
-    def generate(self, image: Any, prompt: Any, negative_prompt: Any, steps: Any,
-                 guidance_scale: Any, eta: Any, frame_stride: Any, seed: Any, random_seed: Any,
-                 num_frames: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, int, str]:
+    def _publish(self, videos: Any, fps: int) -> str:
+        """Write the MP4 once, straight into Gradio's cache (where ``delete_cache`` ages it out)."""
+        from gradio.processing_utils import save_file_to_cache
+
+        with tempfile.TemporaryDirectory(dir=self.cache_dir) as staging:
+            written = self.pipeline.save_video(videos, Path(staging) / f"{uuid.uuid4().hex}.mp4", fps=fps)
+            # Gradio moves what an event returns into its cache; putting it there first (the same
+            # content-addressed place) means the output is never copied a second time.
+            return save_file_to_cache(written, self.cache_dir or tempfile.gettempdir())
+
+    def generate(self, image: Any, prompt: Any, random_seed: Any, progress: gr.Progress, **values: Any
+                 ) -> tuple[str, int, str]:
         """Animate one image (the ``/generate`` endpoint)."""
-        return self.run(self.load_image(image, "input image"), None, False, prompt, negative_prompt,
-                        steps, guidance_scale, eta, frame_stride, seed, random_seed, num_frames, progress)
+        return self.run(self.load_image(image, "input image"), None, False, prompt, values, random_seed, progress)
 
-    def interpolate(self, start_image: Any, end_image: Any, loop: Any, prompt: Any,
-                    negative_prompt: Any, steps: Any, guidance_scale: Any, eta: Any,
-                    frame_stride: Any, seed: Any, random_seed: Any, num_frames: Any,
-                    progress: gr.Progress = gr.Progress()) -> tuple[str, int, str]:
+    def interpolate(self, start_image: Any, end_image: Any, loop: Any, prompt: Any, random_seed: Any,
+                    progress: gr.Progress, **values: Any) -> tuple[str, int, str]:
         """Fill the motion between two images, or loop one (the ``/interpolate`` endpoint)."""
         start = self.load_image(start_image, "start image")
         end = start if loop else self.load_image(end_image, "end image")
-        return self.run(start, end, bool(loop), prompt, negative_prompt, steps, guidance_scale, eta,
-                        frame_stride, seed, random_seed, num_frames, progress)
+        return self.run(start, end, bool(loop), prompt, values, random_seed, progress)
+
+
+def _endpoint(method: Any, leading: Sequence[str]) -> Any:
+    """``method`` as an event function whose parameters are ``leading``, the controls and ``random_seed``.
+
+    Gradio names an endpoint's API parameters after the function's; giving the function the
+    controls' option names makes ``client.predict(num_inference_steps=25, ...)`` work.
+    """
+    names = [*leading, *CONTROLS, "random_seed"]
+
+    def event(*args: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, int, str]:
+        values = dict(zip(names, args))
+        fixed = {name: values.pop(name) for name in (*leading, "random_seed")}
+        return method(*(fixed[name] for name in leading), random_seed=fixed["random_seed"], progress=progress,
+                      **values)
+
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    parameters.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
+    event.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    event.__doc__ = method.__doc__
+    return event
 
 
 def find_examples(config: ModelConfig, examples_dir: str | os.PathLike | None = None) -> list[list[str]]:
@@ -180,34 +200,44 @@ def find_examples(config: ModelConfig, examples_dir: str | os.PathLike | None = 
         PROMPTS_DIR / (config.name if config.name in PRESETS else "256"))
     if not folder.is_dir():
         return []
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     return [[str(image), image.with_suffix(".txt").read_text(encoding="utf-8").strip()]
             for image in images if image.with_suffix(".txt").is_file()]
 
 
-def _controls(maker: _VideoMaker, config: ModelConfig, min_frames: int) -> _Controls:
-    """Lay out the prompt and sampling controls for one tab (rarely changed ones folded away)."""
+def _control(option: Option, config: ModelConfig) -> gr.components.Component:
+    """The page control of one option, from the options table."""
+    elem_id = option.name.replace("_", "-")
+    if option.name == "seed":
+        return gr.Number(value=option.default, label="Seed", precision=0, minimum=0, maximum=MAX_SEED,
+                         elem_id=elem_id)
+    if option.type is str:
+        return gr.Textbox(value="", label=option.label, placeholder="What to avoid (optional)", elem_id=elem_id)
+    label, (low, high, step) = _slider(option, config)
+    default = config.default_fs if option.name == "frame_stride" else option.default
+    if option.name == "num_frames":
+        default = config.unet.temporal_length
+    return gr.Slider(low, high, value=min(max(default, low), high), step=step, label=label, elem_id=elem_id)
+
+
+def _controls(config: ModelConfig) -> tuple[gr.Textbox, list[gr.components.Component], gr.Checkbox]:
+    """Lay out the prompt and the sampling controls (rarely changed ones folded away), in ``CONTROLS`` order."""
     prompt = gr.Textbox(label="Prompt", placeholder="Describe the motion, e.g. 'waves crashing on rocks'",
                         elem_id="prompt")
+    controls: dict[str, gr.components.Component] = {}
     with gr.Row():
-        steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Sampling steps", elem_id="steps")
-        low, high = maker.fs_range
-        fs = gr.Slider(low, high, value=min(max(config.default_fs, low), high), step=1,
-                       label=f"{maker.fs_name} ({maker.fs_hint})", elem_id="motion")
+        for name in MAIN_CONTROLS[:2]:
+            controls[name] = _control(OPTIONS[name], config)
     with gr.Row():
-        frames = gr.Slider(min_frames, maker.max_frames, value=config.unet.temporal_length, step=1,
-                           label="Number of frames", elem_id="frames")
-        seed = gr.Number(value=DEFAULT_SEED, label="Seed", precision=0, minimum=0, maximum=MAX_SEED,
-                         elem_id="seed")
+        for name in MAIN_CONTROLS[2:]:
+            controls[name] = _control(OPTIONS[name], config)
         random_seed = gr.Checkbox(value=False, label="Random seed", elem_id="random-seed")
     with gr.Accordion("Advanced settings", open=False):
-        negative = gr.Textbox(value="", label="Negative prompt", placeholder="What to avoid (optional)",
-                              elem_id="negative-prompt")
+        controls["negative_prompt"] = _control(OPTIONS["negative_prompt"], config)
         with gr.Row():
-            guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance scale", elem_id="guidance")
-            eta = gr.Slider(0.0, 1.0, value=1.0, step=0.1, label="ETA (0 = deterministic sampling)",
-                            elem_id="eta")
-    return _Controls(prompt, negative, steps, guidance, eta, fs, seed, random_seed, frames)
+            for name in ADVANCED_CONTROLS[1:]:
+                controls[name] = _control(OPTIONS[name], config)
+    return prompt, [controls[name] for name in CONTROLS], random_seed
 
 
 def _image_input(label: str, elem_id: str) -> gr.Image:
@@ -226,24 +256,25 @@ def _outputs() -> tuple[gr.Video, gr.Number, gr.Textbox]:
     return video, seed_used, timing
 
 
-def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[list[str]]) -> None:
-    """Controls and ``/generate`` event for animating one image."""
+def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[list[str]]) -> gr.Video:
+    """Controls and ``/generate`` event for animating one image; returns the video output."""
     with gr.Row():
         with gr.Column():
             image = _image_input("Input image", "image")
-            controls = _controls(maker, config, min_frames=1)
+            prompt, controls, random_seed = _controls(config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
     if examples:
-        gr.Examples(examples, inputs=[image, controls.prompt], label="Examples")
-    button.click(maker.generate, inputs=[image, *controls.inputs()], outputs=list(outputs),
-                 api_name="generate", preprocess=False, show_progress_on=outputs[0],
+        gr.Examples(examples, inputs=[image, prompt], label="Examples")
+    button.click(_endpoint(maker.generate, ("image", "prompt")), inputs=[image, prompt, *controls, random_seed],
+                 outputs=list(outputs), api_name="generate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
+    return outputs[0]
 
 
-def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[list[str]]) -> None:
-    """Controls and ``/interpolate`` event for two-image interpolation and looping."""
+def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[list[str]]) -> gr.Video:
+    """Controls and ``/interpolate`` event for two-image interpolation and looping; returns the video output."""
     with gr.Row():
         with gr.Column():
             with gr.Row():
@@ -251,22 +282,24 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
                 end = _image_input("End image", "end-image")
             loop = gr.Checkbox(value=False, label="Loop (use the start image as the end image)",
                                elem_id="loop")
-            controls = _controls(maker, config, min_frames=2)
+            prompt, controls, random_seed = _controls(config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
     if examples:
-        gr.Examples([[image, True, prompt] for image, prompt in examples],
-                    inputs=[start, loop, controls.prompt], label="Examples (looping)")
+        gr.Examples([[image, True, text] for image, text in examples],
+                    inputs=[start, loop, prompt], label="Examples (looping)")
     loop.change(lambda looping: gr.Image(visible=not looping), inputs=loop, outputs=end,
                 queue=False, api_visibility="private")
-    button.click(maker.interpolate, inputs=[start, end, loop, *controls.inputs()], outputs=list(outputs),
+    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt")),
+                 inputs=[start, end, loop, prompt, *controls, random_seed], outputs=list(outputs),
                  api_name="interpolate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
+    return outputs[0]
 
 
 def build_demo(pipeline: Any, examples_dir: str | os.PathLike | None = None, *,
-               max_upload_mb: float = 20) -> gr.Blocks:
+               max_upload_mb: float = 20, keep_minutes: float = KEEP_MINUTES) -> gr.Blocks:
     """Build the page for one loaded pipeline.
 
     Args:
@@ -275,65 +308,67 @@ def build_demo(pipeline: Any, examples_dir: str | os.PathLike | None = None, *,
         examples_dir: folder of example images with same-name ``.txt`` prompts; default
             ``prompts/<model name>/`` of the checkout.
         max_upload_mb: uploads larger than this are refused with a message.
+        keep_minutes: uploads and generated videos are deleted this long after they were made
+            (checked every ``keep_minutes / 4`` minutes, at most every 10 minutes).
     Returns:
         The Blocks; call ``.queue()`` / ``.launch()`` on it (``main`` does both).
     """
     config: ModelConfig = pipeline.config
     maker = _VideoMaker(pipeline, max_upload_mb)
     examples = find_examples(config, examples_dir)
-    with gr.Blocks(title="DynamiCrafter", analytics_enabled=False) as demo:
+    age = max(1, int(keep_minutes * 60))
+    with gr.Blocks(title="DynamiCrafter", analytics_enabled=False,
+                   delete_cache=(max(1, min(600, age // 4)), age)) as demo:
         gr.Markdown(f"# DynamiCrafter: animate an image\nModel **{config.name}**, "
                     f"{config.width}×{config.height} video. Upload an image, describe the motion "
                     f"and press **Generate**. One video is made at a time; others wait in a queue.")
         if config.interp:
             with gr.Tab("Interpolation / looping"):
-                _interpolation_tab(maker, config, examples)
+                video = _interpolation_tab(maker, config, examples)
         else:
-            _image_to_video_tab(maker, config, examples)
+            video = _image_to_video_tab(maker, config, examples)
+    maker.cache_dir = video.GRADIO_CACHE
     return demo
 
 
-def _resolution(value: str) -> str:
-    """argparse type: a preset resolution name (aliases such as 320_512 accepted)."""
-    try:
-        return resolve_resolution(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _parser() -> argparse.ArgumentParser:
-    """Command-line options of ``dynamicrafter-app``."""
-    parser = argparse.ArgumentParser(prog="dynamicrafter-app", description=__doc__.splitlines()[0])
-    parser.add_argument("--res", type=_resolution, default="256",
-                        help="model: 256, 512, 1024 or 512_interp (default 256)")
-    parser.add_argument("--checkpoint", help="model.ckpt / .safetensors (default: the released one)")
-    parser.add_argument("--config", help="model config YAML in the original layout")
-    parser.add_argument("--device", help="torch device (default cuda:0 when available, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    """Command-line options of ``dynamicrafter-app`` (the model options are the command line's)."""
+    parser = _Parser(prog="dynamicrafter-app", description=__doc__.splitlines()[0])
+    parser.add_argument("resolution", nargs="?", type=_resolution, help=f"model: {', '.join(PRESETS)} (default 256)")
+    parser.add_argument("--res", "--resolution", dest="res", type=_resolution, help="the model, as a flag")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (default 20)")
     parser.add_argument("--queue-size", type=int, default=8, help="most waiting requests (default 8)")
+    parser.add_argument("--keep-minutes", type=float, default=KEEP_MINUTES,
+                        help=f"delete uploads and videos this many minutes after they were made (default {KEEP_MINUTES})")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Load one model and serve the page until interrupted."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Load one model and serve the page until interrupted; returns the exit status."""
     configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check from gradio
     try:
-        pipeline = DynamiCrafterImg2VideoPipeline(args.res, device=args.device, checkpoint=args.checkpoint,
-                                                  config=args.config, dtype=args.dtype)
-    except (ValueError, CheckpointError) as exc:  # bad config, missing or undownloadable checkpoint
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    demo = build_demo(pipeline, max_upload_mb=args.max_upload_mb)
+        args = _parser().parse_args(argv)
+        resolution = args.res or args.resolution or "256"
+        try:
+            pipeline = DynamiCrafterImg2VideoPipeline(
+                resolution, device=args.device, checkpoint=args.checkpoint, config=args.config,
+                dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile)
+        except (ValueError, CheckpointError) as exc:  # bad config, missing or undownloadable checkpoint
+            raise CliError(str(exc), EXIT_USAGE) from None
+    except CliError as exc:
+        logger.error("%s", exc)
+        return exc.code
+    demo = build_demo(pipeline, max_upload_mb=args.max_upload_mb, keep_minutes=args.keep_minutes)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=int(args.max_upload_mb * MB), show_error=False, ssr_mode=False)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,40 +1,60 @@
 """Command line: ``run_pipeline.py <resolution> [options]`` turns still images into videos.
 
-The images come from ``--image_path`` or from every image in ``--prompt_dir``; each gets a
-prompt and becomes ``<output_dir>/<image stem>.mp4``. docs/cli.md describes every option,
-how prompts are found, how videos are named and the exit codes.
+The images come from ``--image_path`` or from every image in ``--prompt_dir`` (one video per
+image, per pair with ``--interp``, a looping video per image with ``--loop``); each gets a
+prompt and becomes ``<output_dir>/<image stem>.mp4``. Under ``torchrun`` the videos are shared
+out over the processes. docs/cli.md describes every option, how prompts are found, how videos
+are named, seeds, resuming and the exit codes.
+
+The ``dynamicrafter`` command runs this too, and ``dynamicrafter <command>`` runs the others
+(``dynamicrafter app``, ``dynamicrafter bench``; see :data:`COMMANDS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import math
-from dataclasses import dataclass
+import re
+import socket
+import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .configs import PRESETS, resolve_resolution
+from . import distributed
+from .configs import ModelConfig, PRESETS, get_config, load_config, resolve_resolution
 from .hub import CheckpointError
-from .pipeline import DynamiCrafterImg2VideoPipeline, load_image
-from .offload import OFFLOAD_MODES
+from .images import load_image
+from .jobs import Job, find_images, make_jobs
+from .manifest import MANIFEST_NAME, append_record
+from .options import OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
+from .pipeline import DynamiCrafterImg2VideoPipeline, GenerationError
 from .runtime import configure_logging, resolve_device
 
-__all__ = ["main", "is_user_error", "IMAGE_EXTENSIONS", "PROMPT_LIST_NAME"]
+__all__ = ["main", "build_parser", "is_user_error", "COMMANDS"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tiff", ".tif")
-PROMPT_LIST_NAME = "test_prompts.txt"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-MAX_SEED = 2**64 - 1
+
+#: ``dynamicrafter <command> ...``: the module whose ``main(argv)`` runs it.
+COMMANDS = {
+    "app": "dynamicrafter.app",
+    "bench": "dynamicrafter.bench",
+}
+#: Sampling options handed to every pipeline call; the others (seed, fps, samples) shape the jobs.
+PIPELINE_OPTIONS = tuple(o.name for o in SAMPLING_OPTIONS
+                         if o.name not in ("seed", "fps", "num_videos_per_prompt", "negative_prompt"))
+#: The original's application defaults (run_application.sh): seed per mode.
+MODE_SEEDS = {"interp": 12306, "loop": 234}
 
 
 class CliError(Exception):
@@ -43,15 +63,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image to animate, its prompt and the video file it becomes."""
-
-    image: Path
-    prompt: str
-    output: Path
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -63,24 +74,9 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are a single sentence and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
+        # "argument --video_length/--num_frames/--frames: ..." names the option by its first flag only
+        message = re.sub(r"^argument (-[^/:\s]+)(/[^:]+)?:", r"\1:", message)
         raise CliError(f"{message[:1].upper()}{message[1:]}.", EXIT_USAGE)
-
-
-def _number(kind: type, minimum: float, maximum: float = math.inf) -> Callable[[str], Any]:
-    """An argparse type: a finite ``kind`` (int or float) between ``minimum`` and ``maximum``."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            expected = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not math.isfinite(value) or not minimum <= value <= maximum:
-            bounds = f"at least {minimum}" if maximum == math.inf else f"between {minimum} and {maximum}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return value
-
-    return parse
 
 
 def _resolution(text: str) -> str:
@@ -95,124 +91,71 @@ def _resolution(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``run_pipeline.py``; defaults follow the usage guide."""
-    parser = _Parser(description="Animate images with a DynamiCrafter model; see docs/cli.md.")
-    add = parser.add_argument
-    add("resolution", type=_resolution, help="model: 256, 512, 1024 or 512_interp")
-    add("--seed", type=_number(int, 0, MAX_SEED), default=123, help="random seed of every batch (default: 123)")
-    add("--device", help="torch device (default: cuda:0, or cpu when CUDA is not available)")
-    add("--num_inference_steps", type=_number(int, 1), default=50, help="DDIM steps (default: 50)")
-    add("--guidance_scale", type=_number(float, 0), default=7.5, help="text guidance strength (default: 7.5)")
-    add("--eta", type=_number(float, 0), default=1.0, help="DDIM eta; 0 is deterministic (default: 1.0)")
-    add("--video_length", type=_number(int, 1), default=16, help="frames per video (default: 16)")
-    add("--frame_stride", type=_number(int, 1),
-        help="motion: frame stride for 256, frames per second for the others (default: the model's)")
-    add("--prompt_dir", type=Path, help="folder of input images and prompts (default: prompts/<resolution>/)")
-    add("--output_dir", type=Path,
-        help="where videos go (default: results/dynamicrafter_pipeline_<resolution>_seed<seed>/)")
-    add("--image_path", type=Path, help="animate this one image instead of --prompt_dir")
-    add("--prompt_text", help="prompt for every image, instead of the prompt files")
-    add("--negative_prompt", help="what the videos should not show (default: none)")
-    add("--batch_size", type=_number(int, 1), default=1, help="images per pipeline call (default: 1)")
-    add("--fps", type=_number(int, 1), default=8, help="frame rate of the written MP4 (default: 8)")
-    add("--checkpoint", type=Path, help="model checkpoint (default: downloaded to checkpoints/)")
-    add("--config", type=Path, help="model config YAML in the original layout (default: the preset)")
-    add("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-        help="weights and compute precision (default: auto, chosen per device)")
-    add("--guidance_rescale", type=_number(float, 0), help="rescale of guided noise, 0-1 (default: the model's)")
-    add("--timestep_spacing", choices=("uniform", "uniform_trailing"), help="DDIM timesteps (default: the model's)")
-    add("--offload", choices=OFFLOAD_MODES,
-        help="what stays in host memory between uses (default: encoders on CUDA); 'model' needs the least GPU memory")
-    add("--compile", action="store_true", help="torch.compile the UNet (slow first video, faster after)")
+    """The parser of ``run_pipeline.py``; names and defaults follow the usage guide."""
+    parser = _Parser(prog="run_pipeline.py", description="Animate images with a DynamiCrafter model; see docs/cli.md.")
+    parser.add_argument("resolution", type=_resolution, help=f"model: {', '.join(PRESETS)}")
+    add_arguments(parser, [o.name for o in SAMPLING_OPTIONS], defaults={"seed": None},
+                  shown={"seed": "123; 12306 with --interp, 234 with --loop, as the original"})
+    inputs = parser.add_argument_group("inputs and outputs")
+    inputs.add_argument("--prompt_dir", type=Path, help="folder of input images and prompts (default: prompts/<resolution>/)")
+    inputs.add_argument("--output_dir", type=Path,
+                        help="where videos go (default: results/dynamicrafter_pipeline_<resolution>_seed<seed>/)")
+    inputs.add_argument("--image_path", type=Path, help="animate this one image instead of --prompt_dir")
+    inputs.add_argument("--prompt_text", help="prompt for every image, instead of the prompt files")
+    mode = inputs.add_mutually_exclusive_group()
+    mode.add_argument("--interp", action="store_true",
+                      help="interpolation model: one video between each pair of consecutive images")
+    mode.add_argument("--loop", action="store_true", help="interpolation model: one looping video per image")
+    add_arguments(inputs, ["batch_size"])
+    inputs.add_argument("--overwrite", action="store_true", help="make videos again even if their files exist")
+    add_model_arguments(parser.add_argument_group("model and hardware"))
     return parser
 
 
-def _resolve_device(name: str | None) -> torch.device:
-    """The requested device, checked; without a request cuda:0, or the CPU when CUDA is absent."""
+def _mode(args: argparse.Namespace) -> str:
+    return "interp" if args.interp else "loop" if args.loop else "single"
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    try:
+        return load_config(args.config) if args.config is not None else get_config(args.resolution)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _defaults(args: argparse.Namespace, mode: str) -> tuple[int, Path, Path]:
+    """Seed, prompt folder and output folder, with the guide's (and the original's) defaults."""
+    seed = args.seed if args.seed is not None else MODE_SEEDS.get(mode, OPTIONS["seed"].default)
+    name = args.resolution
+    folder = {"single": name, "interp": name, "loop": name.replace("_interp", "") + "_loop"}[mode]
+    prompt_dir = args.prompt_dir or Path("prompts") / folder
+    tag = f"{name}_loop" if mode == "loop" else name
+    output_dir = args.output_dir or Path("results") / f"dynamicrafter_pipeline_{tag}_seed{seed}"
+    return seed, prompt_dir, output_dir
+
+
+def _prepare_output_dir(output_dir: Path) -> None:
+    """Create the output folder and make sure files can be written there, before any model work."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"Cannot create output folder {output_dir} ({exc.strerror or exc}).") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"Cannot write to output folder {output_dir} ({exc.strerror or exc}).") from None
+
+
+def _resolve_device(args: argparse.Namespace, ranks: distributed.Ranks) -> torch.device:
+    """The requested device, checked; under torchrun ``cuda`` (or nothing) means ``cuda:LOCAL_RANK``."""
+    name = args.device
+    if ranks.distributed and name in (None, "cuda", "auto"):
+        name = ranks.default_device() or name
     try:
         return resolve_device(name)
     except ValueError as exc:
         raise CliError(f"--device: {exc}", EXIT_USAGE) from None
-
-
-def _list_images(folder: Path) -> list[Path]:
-    """The image files directly inside ``folder``, sorted by name."""
-    try:
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    except OSError as exc:
-        raise CliError(f"Cannot read folder {folder} ({exc.strerror}).") from None
-
-
-def _find_images(image_path: Path | None, prompt_dir: Path) -> list[Path]:
-    """``image_path`` alone when given, else every image in ``prompt_dir``."""
-    if image_path is not None:
-        if not image_path.is_file():
-            raise CliError(f"Image {image_path} does not exist.")
-        return [image_path]
-    if not prompt_dir.is_dir():
-        raise CliError(f"Prompt folder {prompt_dir} does not exist; pass --prompt_dir or --image_path.")
-    images = _list_images(prompt_dir)
-    if not images:
-        raise CliError(f"No images ({' '.join(IMAGE_EXTENSIONS)}) in {prompt_dir}.")
-    return images
-
-
-def _read_text(path: Path) -> str:
-    """A prompt file's text (UTF-8, a byte-order mark allowed)."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"Cannot read prompt file {path} ({exc}).") from None
-
-
-def _listed_prompts(folder: Path) -> dict[Path, str]:
-    """Pair the non-empty lines of the folder's test_prompts.txt with its sorted images."""
-    path = folder / PROMPT_LIST_NAME
-    if not path.is_file():
-        return {}
-    lines = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
-    images = _list_images(folder)
-    if len(lines) != len(images):
-        logger.warning("%s has %d prompts for %d images; pairing them in sorted order.", path, len(lines), len(images))
-    return dict(zip(images, lines))
-
-
-def _prompts(images: list[Path], prompt_text: str | None) -> list[str]:
-    """Each image's prompt: ``prompt_text``, else ``<stem>.txt``, else its line of test_prompts.txt."""
-    if prompt_text is not None:
-        return [prompt_text] * len(images)
-    listed = _listed_prompts(images[0].parent)  # the images share one folder
-    prompts = []
-    for image in images:
-        own = image.with_suffix(".txt")
-        if own.is_file():
-            prompts.append(_read_text(own).strip())
-        elif image in listed:
-            prompts.append(listed[image])
-        else:
-            logger.warning("No prompt for %s (no %s, no %s line); using an empty prompt.",
-                           image, own.name, PROMPT_LIST_NAME)
-            prompts.append("")
-    return prompts
-
-
-def _output_paths(images: list[Path], output_dir: Path) -> list[Path]:
-    """``<stem>.mp4`` per image; a later image whose stem is taken gets its extension added (``a_jpg.mp4``).
-
-    Names are compared case-insensitively so that no two videos of a run collide on any file system.
-    """
-    taken: set[str] = set()
-    paths = []
-    for image in images:
-        name = image.stem
-        if name.casefold() in taken:
-            name = f"{image.stem}_{image.suffix[1:]}"
-        base, number = name, 2
-        while name.casefold() in taken:
-            name, number = f"{base}_{number}", number + 1
-        taken.add(name.casefold())
-        paths.append(output_dir / f"{name}.mp4")
-    return paths
 
 
 def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
@@ -220,97 +163,155 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
     logger.info("Loading the %s model on %s.", args.resolution, device)
     try:
         return DynamiCrafterImg2VideoPipeline(
-            resolution=args.resolution,
-            device=device,
-            checkpoint=args.checkpoint,
-            config=args.config,
-            dtype=None if args.dtype == "auto" else args.dtype,
-            offload=args.offload,
-            compile=args.compile,
-        )
+            resolution=args.resolution, device=device, checkpoint=args.checkpoint, config=args.config,
+            dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile)
     except Exception as exc:
         if is_user_error(exc):
             raise CliError(str(exc)) from None
         raise
 
 
-def _animate(pipe: Any, jobs: list[Job], images: list[Image.Image], args: argparse.Namespace) -> int:
-    """Animate ``jobs`` in one pipeline call and write their videos; returns how many failed."""
-    if not jobs:
-        return 0
-    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
-    negative = None if args.negative_prompt is None else [args.negative_prompt] * len(jobs)
-    try:
-        videos = pipe(
-            image=images,
-            prompt=[job.prompt for job in jobs],
-            negative_prompt=negative,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            eta=args.eta,
-            frame_stride=args.frame_stride,
-            num_frames=args.video_length,
-            guidance_rescale=args.guidance_rescale,
-            timestep_spacing=args.timestep_spacing,
-            generator=generator,
-        )["videos"]
-    except ValueError as exc:
-        if len(jobs) == 1:
-            logger.warning("Skipping %s: %s", jobs[0].image, exc)
-            return 1
-        # Some image of the batch was refused: run them one at a time so that only it is skipped.
-        return sum(_animate(pipe, [job], [image], args) for job, image in zip(jobs, images))
-    failed = 0
-    for index, job in enumerate(jobs):
+class _Runner:
+    """Makes this rank's jobs in batches, writes their videos and manifest lines, and counts."""
+
+    def __init__(self, pipe: Any, args: argparse.Namespace, output_dir: Path, ranks: distributed.Ranks) -> None:
+        self.pipe = pipe
+        self.args = args
+        self.manifest = output_dir / MANIFEST_NAME
+        self.ranks = ranks
+        self.settings = {name: getattr(args, name) for name in PIPELINE_OPTIONS}
+        self.done = self.failed = 0
+
+    def run(self, jobs: list[Job]) -> None:
+        show = self.ranks.is_main
+        with tqdm(total=len(jobs), desc="Videos", unit="video", disable=not show) as bar:
+            for start in range(0, len(jobs), self.args.batch_size):
+                batch = jobs[start : start + self.args.batch_size]
+                self._batch(batch)
+                bar.update(len(batch))
+
+    def _fail(self, job: Job, reason: Any) -> None:
+        logger.warning("Skipping %s: %s", job.image, str(reason).rstrip("."))
+        self.failed += 1
+
+    def _batch(self, jobs: list[Job]) -> None:
+        """Read the batch's images (skipping bad ones) and animate the rest in one call."""
+        ready = []
+        for job in jobs:
+            if job.problem:
+                self._fail(job, job.problem)
+                continue
+            try:
+                images = (load_image(job.image), None if job.end_image is None else load_image(job.end_image))
+            except ValueError as exc:
+                self._fail(job, exc)
+            else:
+                ready.append((job, images))
+        self._animate(ready)
+
+    def _animate(self, ready: list[tuple[Job, tuple[Any, Any]]]) -> None:
+        if not ready:
+            return
+        jobs = [job for job, _ in ready]
+        ends = [end for _, (_, end) in ready]
+        negative = self.args.negative_prompt
+        started = time.perf_counter()
         try:
-            pipe.save_video(videos[index : index + 1], job.output, fps=args.fps)
-        except OSError as exc:
-            logger.warning("Cannot write %s (%s).", job.output, exc)
-            failed += 1
-        else:
+            videos = self.pipe(
+                image=[start for _, (start, _) in ready],
+                prompt=[job.prompt for job in jobs],
+                negative_prompt=None if negative is None else [negative] * len(jobs),
+                end_image=None if all(end is None for end in ends) else ends,
+                generator=[torch.Generator(device=self.pipe.device).manual_seed(job.seed) for job in jobs],
+                **self.settings,
+            )["videos"]
+        except (ValueError, GenerationError) as exc:
+            if len(ready) == 1:
+                self._fail(jobs[0], exc)
+                return
+            # Something in the batch was refused: run the jobs one at a time so only the bad one is skipped.
+            for item in ready:
+                self._animate([item])
+            return
+        seconds = (time.perf_counter() - started) / len(jobs)
+        for index, job in enumerate(jobs):
+            video = videos[index : index + 1]
+            if job.loop:
+                video = video[:, :-1]  # the last frame repeats the first: drop it so the video loops seamlessly
+            try:
+                self.pipe.save_video(video, job.output, fps=self.args.fps)
+            except OSError as exc:
+                self._fail(job, f"cannot write {job.output} ({exc})")
+                continue
+            self.done += 1
             logger.info("%s -> %s", job.image, job.output)
-    return failed
+            self._record(job, seconds)
 
-
-def _run_batch(pipe: Any, jobs: list[Job], args: argparse.Namespace) -> int:
-    """Read the batch's images, skipping unreadable ones, and animate the rest; returns failures."""
-    readable, images = [], []
-    for job in jobs:
-        try:
-            images.append(load_image(job.image))
-        except ValueError as exc:
-            logger.warning("Skipping %s: %s", job.image, exc)
-        else:
-            readable.append(job)
-    return len(jobs) - len(readable) + _animate(pipe, readable, images, args)
+    def _record(self, job: Job, seconds: float) -> None:
+        config = self.pipe.config
+        append_record(self.manifest, {
+            "video": job.output.name, "image": str(job.image),
+            "end_image": None if job.end_image is None or job.loop else str(job.end_image),
+            "loop": job.loop, "prompt": job.prompt, "negative_prompt": self.args.negative_prompt,
+            "seed": job.seed, "sample": job.sample, "fps": self.args.fps, "settings": self.settings,
+            "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
+            "dtype": str(self.pipe.dtype).replace("torch.", ""), "seconds": round(seconds, 3),
+            "rank": self.ranks.rank, "host": socket.gethostname(),
+        })
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Animate every image the arguments name; returns the exit status."""
-    device = _resolve_device(args.device)
-    prompt_dir = args.prompt_dir or Path("prompts") / args.resolution
-    output_dir = args.output_dir or Path("results") / f"dynamicrafter_pipeline_{args.resolution}_seed{args.seed}"
-    images = _find_images(args.image_path, prompt_dir)
-    prompts = _prompts(images, args.prompt_text)
-    jobs = [Job(*fields) for fields in zip(images, prompts, _output_paths(images, output_dir))]
+    """Make every video the arguments name; returns the exit status."""
+    ranks = distributed.Ranks.from_env()
+    mode = _mode(args)
+    if mode != "single" and not _model_config(args).interp:
+        raise CliError(f"--{mode} needs an interpolation model such as 512_interp, not {args.resolution}.", EXIT_USAGE)
+    seed, prompt_dir, output_dir = _defaults(args, mode)
+    device = _resolve_device(args, ranks)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"Cannot create output folder {output_dir} ({exc.strerror}).") from None
-    pipe = _load_pipeline(args, device)
-
-    failed = 0
-    with logging_redirect_tqdm(), tqdm(total=len(jobs), desc="Videos", unit="image") as bar:
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start : start + args.batch_size]
-            failed += _run_batch(pipe, batch, args)
-            bar.update(len(batch))
-    logger.info("%d done, %d failed", len(jobs) - failed, failed)
+        images = find_images(args.image_path, prompt_dir)
+        jobs = make_jobs(images, output_dir, mode=mode, prompt_text=args.prompt_text, seed=seed,
+                         n_samples=args.num_videos_per_prompt)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    _prepare_output_dir(output_dir)
+    distributed.init(ranks)
+    try:
+        mine = ranks.share(jobs)
+        todo = [job for job in mine if args.overwrite or not job.output.is_file()]
+        skipped = len(mine) - len(todo)
+        done = failed = 0
+        if todo:
+            pipe = _load_pipeline(args, device)
+            runner = _Runner(pipe, args, output_dir, ranks)
+            with logging_redirect_tqdm():
+                runner.run(todo)
+            done, failed = runner.done, runner.failed
+        if ranks.distributed:
+            logger.info("Rank %d: %d done, %d failed, %d skipped", ranks.rank, done, failed, skipped)
+        done, failed, skipped = distributed.sum_counts([done, failed, skipped], ranks)
+    finally:
+        distributed.shutdown(ranks)
+    if ranks.is_main:
+        logger.info("%d done, %d failed, %d skipped", done, failed, skipped)
     return EXIT_FAILED if failed else 0
+
+
+def _dispatch(argv: list[str]) -> int | None:
+    """Run ``dynamicrafter <command>`` when the first argument names one; ``None`` otherwise."""
+    if not argv or argv[0] not in COMMANDS:
+        return None
+    module = importlib.import_module(COMMANDS[argv[0]])
+    result = module.main(argv[1:])
+    return int(result or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``run_pipeline.py`` with ``argv`` (default: the command line); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dispatched = _dispatch(argv)
+    if dispatched is not None:
+        return dispatched
     configure_logging()
     try:
         return _run(build_parser().parse_args(argv))

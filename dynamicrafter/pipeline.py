@@ -1,30 +1,37 @@
-"""Image-to-video pipeline: image + prompt -> encoders -> DDIM <-> UNet -> VAE -> frames."""
+"""Image-to-video pipeline: image + prompt -> encoders -> sampler <-> UNet -> VAE -> frames."""
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .checkpoints import load_model
 from .configs import ModelConfig, get_config, load_config, resolve_resolution
 from .diffusion.ddim import DDIMSampler, guided
-from .diffusion.schedule import SPACINGS
+from .images import ImageInput, fit_image, load_image
 from .models.dynamicrafter import DynamiCrafter
+from .models.encoders import prompt_token_count
 from .offload import Offloader, offload_mode
+from .options import DEFAULTS, OPTIONS
 from .runtime import resolve_device, resolve_dtype, vae_dtype_for
+
+__all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationError", "load_image", "fit_image"]
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[Image.Image, np.ndarray, str, Path]
 OUTPUT_TYPES = ("pt", "np", "latent")
+GeneratorInput = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+class GenerationError(RuntimeError):
+    """The model produced NaN or infinite values even in float32 (nothing is written)."""
 
 
 @dataclass
@@ -37,44 +44,42 @@ class _Conditioning:
     fs: torch.Tensor  # [B] frame stride / frame rate
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a PIL image, an ``HxWx3`` array (uint8, or float in [0, 1]) or a file path."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"An image array must be HxWx3, got shape {image.shape}.")
-        if image.dtype != np.uint8:
-            image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
-        return Image.fromarray(image[..., :3])
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as img:
-                return img.convert("RGB")
-        except (FileNotFoundError, IsADirectoryError):
-            raise ValueError(f"Image {image} does not exist.") from None
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
-            raise ValueError(f"Cannot read image {image}: {exc}.") from None
-    raise ValueError(f"Unsupported image type {type(image).__name__}; give a PIL image, a numpy array or a path.")
+@dataclass
+class _Request:
+    """One call's inputs, checked and with the model's defaults filled in (batch = images x videos per prompt)."""
+
+    images: list  # PIL images, one per input image
+    end_images: list | None
+    prompts: list[str]
+    negative: list[str] | None
+    steps: int
+    guidance_scale: float
+    eta: float
+    fs: int
+    frames: int
+    height: int
+    width: int
+    rescale: float
+    spacing: str
+    per_prompt: int
+    generator: torch.Generator | list[torch.Generator] | None
+    latents: torch.Tensor | None
+    output_type: str
+
+    @property
+    def batch(self) -> int:
+        return len(self.images) * self.per_prompt
 
 
-def fit_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """Resize to cover ``height x width`` and centre-crop, as the original's Resize + CenterCrop.
+def _randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None,
+           device: torch.device) -> torch.Tensor:
+    """Float32 Gaussian noise on ``device``, drawn on the generator's own device.
 
-    Returns ``[3, height, width]`` in [-1, 1]. An image already of that size is used untouched.
+    With a list of generators, video ``i`` of the batch is drawn from ``generator[i]`` alone, so
+    it does not depend on what else is in the batch.
     """
-    if image.size != (width, height):
-        scale = max(height / image.height, width / image.width)
-        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(size, Image.BILINEAR)
-        left, top = (image.width - width) // 2, (image.height - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1.0
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Float32 Gaussian noise on ``device``, drawn on the generator's own device."""
+    if isinstance(generator, list):
+        return torch.cat([_randn((1, *shape[1:]), g, device) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
 
@@ -184,42 +189,122 @@ class DynamiCrafterImg2VideoPipeline:
         return self._offloader.on_device(*modules)
 
     # ------------------------------------------------------------------ inputs
-    def _check_inputs(self, images: list, prompts: list[str], negative: list[str] | None, steps: int,
-                      frames: int, height: int, width: int, guidance_scale: float, eta: float,
-                      spacing: str, output_type: str, end_images: list | None) -> None:
-        multiple = self.config.size_multiple
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a whole number of at least 1, got {steps!r}.")
+    def check_inputs(self, image: Any, prompt: Any, negative_prompt: Any, end_image: Any, *,
+                     num_inference_steps: Any, guidance_scale: Any, eta: Any, frame_stride: Any,
+                     num_frames: Any, height: Any, width: Any, guidance_rescale: Any, timestep_spacing: Any,
+                     num_videos_per_prompt: Any, generator: Any, latents: Any, output_type: Any,
+                     callback: Any) -> _Request:
+        """Check every input before any model work and fill in the model's defaults.
+
+        Images are read here (see :func:`~dynamicrafter.images.load_image`), so an unreadable
+        file fails before the encoders run. Raises one ``ValueError`` sentence per problem.
+        """
+        cfg = self.config
+        images = self._as_list(image, "image")
+        if not images:
+            raise ValueError("No image given; pass an image or a non-empty list of images.")
+        prompts = [self._text(p, "prompt") for p in self._broadcast(prompt, len(images), "prompt")]
+        negative = None if negative_prompt is None else [
+            self._text(n, "negative_prompt") for n in self._broadcast(negative_prompt, len(images), "negative_prompt")]
+        if end_image is not None and not cfg.interp:
+            raise ValueError(f"end_image needs an interpolation model (512_interp), not {cfg.name}.")
+        end_images = None if end_image is None else self._broadcast(end_image, len(images), "end_image")
+
+        steps = OPTIONS["num_inference_steps"].check(num_inference_steps)
         if steps > self.model.schedule.num_timesteps:
             raise ValueError(f"num_inference_steps can be at most {self.model.schedule.num_timesteps}, got {steps}.")
-        if not isinstance(frames, int) or frames < 1:
-            raise ValueError(f"num_frames must be a whole number of at least 1, got {frames!r}.")
+        frames = OPTIONS["num_frames"].check(num_frames)
+        if end_images is not None and frames < 2:
+            raise ValueError("num_frames must be at least 2 for interpolation (a start and an end frame).")
+        height = cfg.height if height is None else OPTIONS["height"].check(height)
+        width = cfg.width if width is None else OPTIONS["width"].check(width)
         for label, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < multiple or value % multiple:
-                raise ValueError(f"{label} must be a positive multiple of {multiple} pixels, got {value!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must not be negative, got {guidance_scale}.")
-        if eta < 0:
-            raise ValueError(f"eta must not be negative, got {eta}.")
-        if spacing not in SPACINGS:
-            raise ValueError(f"Unknown timestep_spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}.")
+            if value % cfg.size_multiple:
+                raise ValueError(f"{label} must be a multiple of {cfg.size_multiple} pixels, got {value}.")
+        fs = cfg.default_fs if frame_stride is None else OPTIONS["frame_stride"].check(frame_stride)
+        rescale = OPTIONS["guidance_rescale"].check(guidance_rescale)
+        per_prompt = OPTIONS["num_videos_per_prompt"].check(num_videos_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}.")
-        if len(prompts) != len(images):
-            raise ValueError(f"Got {len(images)} image(s) but {len(prompts)} prompt(s); give one prompt per image.")
-        if negative is not None and len(negative) != len(images):
-            raise ValueError(f"Got {len(images)} image(s) but {len(negative)} negative prompt(s).")
-        if end_images is not None:
-            if not self.config.interp:
-                raise ValueError(f"end_image needs the interpolation model ('512_interp'), not {self.config.name}.")
-            if len(end_images) != len(images):
-                raise ValueError(f"Got {len(images)} start image(s) but {len(end_images)} end image(s).")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}.")
+        request = _Request(
+            images=[load_image(i) for i in images],
+            end_images=None if end_images is None else [load_image(i) for i in end_images],
+            prompts=prompts, negative=negative, steps=steps,
+            guidance_scale=OPTIONS["guidance_scale"].check(guidance_scale),
+            eta=OPTIONS["eta"].check(eta), fs=fs, frames=frames, height=height, width=width,
+            rescale=cfg.diffusion.guidance_rescale if rescale is None else rescale,
+            spacing=OPTIONS["timestep_spacing"].check(timestep_spacing) or cfg.diffusion.timestep_spacing,
+            per_prompt=per_prompt, generator=None, latents=None, output_type=output_type)
+        request.generator = self._check_generator(generator, request.batch)
+        request.latents = self._check_latents(latents, self._latent_shape(request))
+        self._warn_long_prompts([*prompts, *(negative or [])])
+        return request
 
     @staticmethod
-    def _as_list(value: Any, batch: int | None = None) -> list:
+    def _as_list(value: Any, name: str) -> list:
         if isinstance(value, (list, tuple)):
             return list(value)
-        return [value] * (batch or 1)
+        if value is None:
+            raise ValueError(f"{name} is required.")
+        return [value]
+
+    @classmethod
+    def _broadcast(cls, value: Any, count: int, name: str) -> list:
+        """One value per image: a single value is repeated; a list must have one per image."""
+        if not isinstance(value, (list, tuple)):
+            return [value] * count
+        if len(value) != count:
+            raise ValueError(f"Got {count} image(s) but {len(value)} {name}(s); give one {name} per image.")
+        return list(value)
+
+    @staticmethod
+    def _text(value: Any, name: str) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string (or a list of strings), got {type(value).__name__}.")
+        return value
+
+    def _warn_long_prompts(self, prompts: list[str]) -> None:
+        limit = self.config.unet.text_context_len
+        for text in dict.fromkeys(prompts):
+            tokens = prompt_token_count(text)
+            if tokens > limit:
+                logger.warning("The prompt %r has %d tokens; the text encoder reads only the first %d.",
+                               text if len(text) <= 60 else text[:57] + "...", tokens, limit)
+
+    @staticmethod
+    def _check_generator(generator: Any, batch: int) -> torch.Generator | list[torch.Generator] | None:
+        if generator is None or isinstance(generator, torch.Generator):
+            return generator
+        if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+            if len(generator) != batch:
+                raise ValueError(f"Got {len(generator)} generators for {batch} video(s); give one per video "
+                                 "(images x num_videos_per_prompt) or a single generator.")
+            return list(generator)
+        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}; "
+                         "for a seed use torch.Generator().manual_seed(seed).")
+
+    @staticmethod
+    def _check_latents(latents: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if latents is None:
+            return None
+        if not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}.")
+        if not latents.is_floating_point():
+            raise ValueError(f"latents must be a floating-point tensor, got {latents.dtype}.")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}.")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents hold NaN or infinite values.")
+        return latents
+
+    def _latent_shape(self, request: _Request) -> tuple[int, ...]:
+        down = self.config.latent_downscale
+        return (request.batch, self.config.vae.embed_dim, request.frames, request.height // down,
+                request.width // down)
 
     # ------------------------------------------------------------- conditioning
     def _uncond_text_tokens(self, negative_prompt: str) -> torch.Tensor:
@@ -236,8 +321,10 @@ class DynamiCrafterImg2VideoPipeline:
             self._zero_image_tokens = self.model.encode_image_tokens(zeros)
         return self._zero_image_tokens
 
-    def _condition(self, pixels: torch.Tensor, prompts: list[str], negative: list[str] | None,
-                   end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool) -> _Conditioning:
+    def encode(self, pixels: torch.Tensor, prompts: list[str], negative: list[str] | None,
+               end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool,
+               per_prompt: int = 1) -> _Conditioning:
+        """Encode the prompts and images once: ``pixels`` ``[N, 3, H, W]`` -> conditioning for ``N * per_prompt`` videos."""
         model = self.model
         batch = pixels.shape[0]
         with self._on_device(model.cond_stage_model, model.embedder, model.image_proj_model):
@@ -254,8 +341,12 @@ class DynamiCrafterImg2VideoPipeline:
                 concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
                 concat[:, :, 0] = first
                 concat[:, :, -1] = model.encode_latents(end_pixels)
-        fs_tensor = torch.full((batch,), fs, dtype=torch.long, device=self.device)
-        return _Conditioning(context, uncond, concat, fs_tensor)
+        fs_tensor = torch.full((batch * per_prompt,), fs, dtype=torch.long, device=self.device)
+
+        def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or per_prompt == 1 else t.repeat_interleave(per_prompt, dim=0)
+
+        return _Conditioning(repeat(context), repeat(uncond), repeat(concat), fs_tensor)
 
     def _denoiser(self, cond: _Conditioning, scale: float, rescale: float) -> Callable:
         unet = self._unet_forward
@@ -294,87 +385,110 @@ class DynamiCrafterImg2VideoPipeline:
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
-        prompt: str | Sequence[str] = "",
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        eta: float = 1.0,
-        frame_stride: int | None = None,
-        num_frames: int = 16,
-        height: int | None = None,
-        width: int | None = None,
-        guidance_rescale: float | None = None,
-        timestep_spacing: str | None = None,
-        generator: torch.Generator | None = None,
+        prompt: str | Sequence[str] | None = "",
+        negative_prompt: str | Sequence[str] | None = DEFAULTS.negative_prompt,
+        num_inference_steps: int = DEFAULTS.num_inference_steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
+        eta: float = DEFAULTS.eta,
+        frame_stride: int | None = DEFAULTS.frame_stride,
+        num_frames: int = DEFAULTS.num_frames,
+        height: int | None = DEFAULTS.height,
+        width: int | None = DEFAULTS.width,
+        guidance_rescale: float | None = DEFAULTS.guidance_rescale,
+        timestep_spacing: str | None = DEFAULTS.timestep_spacing,
+        generator: GeneratorInput = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pt",
         return_dict: bool = True,
         end_image: ImageInput | Sequence[ImageInput] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        num_videos_per_prompt: int = DEFAULTS.num_videos_per_prompt,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
         Args:
             image: the first frame: a PIL image, an ``HxWx3`` array, a path, or a list of them (a batch).
-            prompt: text prompt, or one per image.
+            prompt: text prompt, or one per image (``None`` is the empty prompt).
             negative_prompt: what to steer away from (the unconditional branch); default empty.
-            num_inference_steps: DDIM steps (exactly this many are run).
+            num_inference_steps: sampling steps (exactly this many are run).
             guidance_scale: classifier-free guidance scale (1 disables guidance).
-            eta: DDIM stochasticity (0 = deterministic).
+            eta: DDIM stochasticity, 0 (deterministic) to 1.
             frame_stride: frame stride (256 model; larger = more motion) or frame rate (others;
                 smaller = more motion); default the model's (3 / 24 / 10 / 5).
-            num_frames: frames to generate (the models are trained on 16).
-            height, width: output size, multiples of 64; default the model's.
-            guidance_rescale: guidance rescale factor; default the model's (0 or 0.7).
+            num_frames: frames to generate, 1 to 64 (the models are trained on 16).
+            height, width: output size, multiples of 64 up to 2048; default the model's.
+            guidance_rescale: guidance rescale factor in [0, 1]; default the model's (0 or 0.7).
             timestep_spacing: ``'uniform'`` or ``'uniform_trailing'``; default the model's.
-            generator: a ``torch.Generator`` for reproducible noise.
-            latents: initial noise ``[B, 4, T, H/8, W/8]``; default drawn from ``generator``.
+            generator: a ``torch.Generator`` for the whole batch, or one per video (images x
+                ``num_videos_per_prompt``, in that order) so each video is independent of the rest.
+            latents: initial noise ``[B, 4, T, H/8, W/8]`` (finite, float); default drawn from ``generator``.
             output_type: ``'pt'`` (``[B, T, 3, H, W]`` float in [0, 1]), ``'np'``
                 (``[B, T, H, W, 3]`` float in [0, 1]) or ``'latent'`` (``[B, 4, T, h, w]``).
             return_dict: return ``{"videos": ...}`` (else the bare value).
             end_image: last frame(s), for the interpolation model (``'512_interp'``); give the
                 same image as ``image`` for a looping video.
             callback: ``callback(step, total)`` after each denoising step.
+            num_videos_per_prompt: videos per image; video ``i * k + j`` is sample ``j`` of image ``i``.
+
+        Raises:
+            ValueError: a bad input, before any model work (one sentence).
+            GenerationError: the model produced NaN or infinite values even in float32.
         """
-        cfg = self.config
-        images = self._as_list(image)
-        prompts = [str(p) for p in self._as_list(prompt, len(images))]
-        negative = None if negative_prompt is None else [str(n) for n in self._as_list(negative_prompt, len(images))]
-        end_images = None if end_image is None else self._as_list(end_image, len(images))
-        height = cfg.height if height is None else height
-        width = cfg.width if width is None else width
-        spacing = timestep_spacing or cfg.diffusion.timestep_spacing
-        rescale = cfg.diffusion.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
-        fs = cfg.default_fs if frame_stride is None else int(frame_stride)
-        self._check_inputs(images, prompts, negative, num_inference_steps, num_frames, height, width,
-                           guidance_scale, eta, spacing, output_type, end_images)
-        down = cfg.latent_downscale
-        shape = (len(images), cfg.vae.embed_dim, num_frames, height // down, width // down)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}.")
+        request = self.check_inputs(
+            image, prompt, negative_prompt, end_image, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, eta=eta, frame_stride=frame_stride, num_frames=num_frames,
+            height=height, width=width, guidance_rescale=guidance_rescale, timestep_spacing=timestep_spacing,
+            num_videos_per_prompt=num_videos_per_prompt, generator=generator, latents=latents,
+            output_type=output_type, callback=callback)
+        pixels, end_pixels = self.prepare_images(request)
+        cond = self.encode(pixels, request.prompts, request.negative, end_pixels, request.frames, request.fs,
+                           request.guidance_scale != 1.0, request.per_prompt)
+        x_t = self.prepare_latents(request)
+        samples = self.denoise(cond, x_t, request, callback)
+        if request.output_type == "latent":
+            result: Any = samples
+        else:
+            frames = self.decode(samples)  # [B, T, 3, H, W] in [0, 1]
+            result = frames if request.output_type == "pt" else frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+        return {"videos": result} if return_dict else result
 
-        pixels = torch.stack([fit_image(load_image(i), height, width) for i in images]).to(self.device)
-        end_pixels = None if end_images is None else \
-            torch.stack([fit_image(load_image(i), height, width) for i in end_images]).to(self.device)
-        cond = self._condition(pixels, prompts, negative, end_pixels, num_frames, fs, guidance_scale != 1.0)
-        x_t = _randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
+    def prepare_images(self, request: _Request) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The start (and end) images scaled and cropped to the video size: ``[N, 3, H, W]`` in [-1, 1]."""
+        def stack(images: list) -> torch.Tensor:
+            return torch.stack([fit_image(i, request.height, request.width) for i in images]).to(self.device)
 
+        return stack(request.images), None if request.end_images is None else stack(request.end_images)
+
+    def prepare_latents(self, request: _Request) -> torch.Tensor:
+        """The starting noise ``[B, 4, T, h, w]`` (float32): the given latents or a draw from the generator."""
+        if request.latents is not None:
+            return request.latents.to(self.device, torch.float32)
+        return _randn(self._latent_shape(request), request.generator, self.device)
+
+    def denoise(self, cond: _Conditioning, x_t: torch.Tensor, request: _Request,
+                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Sample from the noise ``x_t`` to clean latents ``[B, 4, T, h, w]``.
+
+        A run that comes out non-finite in half precision is redone in float32 from the same
+        noise; one that is still non-finite raises :class:`GenerationError`.
+        """
         noise: dict[int, torch.Tensor] = {}  # kept so a float32 redo sees the very same noise
 
         def noise_sampler(step: int) -> torch.Tensor:
             if step not in noise:
-                noise[step] = _randn(shape, generator, self.device)
+                noise[step] = _randn(x_t.shape, request.generator, self.device)
             return noise[step]
 
         def sample() -> torch.Tensor:
-            with tqdm(total=num_inference_steps, desc="Denoising", leave=False) as bar:
+            with tqdm(total=request.steps, desc="Denoising", leave=False) as bar:
                 def on_step(step: int, total: int) -> None:
                     bar.update(1)
                     if callback is not None:
                         callback(step, total)
 
-                return self.sampler.sample(self._denoiser(cond, guidance_scale, rescale), x_t, num_inference_steps,
-                                           eta, spacing, noise_sampler=noise_sampler, callback=on_step)
+                denoiser = self._denoiser(cond, request.guidance_scale, request.rescale)
+                return self.sampler.sample(denoiser, x_t, request.steps, request.eta, request.spacing,
+                                           noise_sampler=noise_sampler, callback=on_step)
 
         with self._on_device(self.model.unet):
             samples = sample()
@@ -383,13 +497,10 @@ class DynamiCrafterImg2VideoPipeline:
                                str(self.dtype).replace("torch.", ""))
                 with self._in_float32(self.model.unet):
                     samples = sample()
-
-        if output_type == "latent":
-            result: Any = samples
-        else:
-            frames = self.decode(samples)  # [B, T, 3, H, W] in [0, 1]
-            result = frames if output_type == "pt" else frames.permute(0, 1, 3, 4, 2).cpu().numpy()
-        return {"videos": result} if return_dict else result
+        if not torch.isfinite(samples).all():
+            raise GenerationError("The model produced NaN or infinite values even in float32; "
+                                  "check the checkpoint and the settings.")
+        return samples
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -409,6 +520,9 @@ class DynamiCrafterImg2VideoPipeline:
                     logger.warning("The VAE gave non-finite values in half precision; decoding again in float32.")
                     with self._in_float32(vae):
                         images = self.model.decode_latents(chunk)
+                if not torch.isfinite(images).all():
+                    raise GenerationError("The VAE produced NaN or infinite values even in float32; "
+                                          "check the checkpoint.")
                 chunks.append(images)
         images = torch.cat(chunks)
         return ((images.view(b, t, *images.shape[1:]) + 1) / 2).clamp(0, 1)

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from dynamicrafter import cli
-from dynamicrafter.configs import load_config
+from dynamicrafter.configs import get_config, load_config
 from dynamicrafter.hub import CheckpointError
+from dynamicrafter.jobs import output_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -45,6 +46,9 @@ class FakePipeline:
         self.init = dict(resolution=resolution, device=device, checkpoint=checkpoint, config=config, dtype=dtype,
                          **options)
         self.device = torch.device("cpu")
+        self.config = get_config(resolution)
+        self.checkpoint = checkpoint
+        self.dtype = torch.float32
         self.calls: list[dict] = []
         self.saved: list[tuple[Path, int]] = []
         self.created.append(self)
@@ -99,7 +103,7 @@ def test_single_image_with_prompt_text(fake, tmp_path):
     assert call["negative_prompt"] is None
     assert (call["num_inference_steps"], call["guidance_scale"], call["eta"], call["num_frames"]) == (50, 7.5, 1.0, 16)
     assert call["frame_stride"] is None and call["guidance_rescale"] is None and call["timestep_spacing"] is None
-    assert call["generator"].initial_seed() == 123
+    assert [g.initial_seed() for g in call["generator"]] == [123]
     assert pipe.saved == [(out / "pour_bear.mp4", 8)]
     assert (out / "pour_bear.mp4").is_file()
 
@@ -182,7 +186,7 @@ def test_batch_size_groups_images_into_one_call(fake, tmp_path):
     calls = fake[0].calls
     assert [call["prompt"] for call in calls] == [["prompt 0", "prompt 1"], ["prompt 2", "prompt 3"], ["prompt 4"]]
     assert [len(call["image"]) for call in calls] == [2, 2, 1]
-    assert all(call["generator"].initial_seed() == 99 for call in calls)
+    assert [[g.initial_seed() for g in call["generator"]] for call in calls] == [[99, 99], [99, 99], [99]]
     assert [path.name for path, _ in fake[0].saved] == [f"img{index}.mp4" for index in range(5)]
 
 
@@ -197,13 +201,13 @@ def test_every_flag_reaches_the_pipeline(fake, tmp_path):
     ])
     assert code == 0
     (pipe,) = fake
-    assert pipe.init == dict(resolution="512", device=torch.device("cpu"), checkpoint=Path("ck.ckpt"),
-                             config=Path("model.yaml"), dtype="bfloat16", offload="model", compile=True)
+    assert pipe.init == dict(resolution="512", device=torch.device("cpu"), checkpoint="ck.ckpt",
+                             config="model.yaml", dtype="bfloat16", offload="model", compile=True)
     (call,) = pipe.calls
     expected = dict(num_inference_steps=3, guidance_scale=2.5, eta=0.0, num_frames=4, frame_stride=7,
                     negative_prompt=["blurry"], guidance_rescale=0.3, timestep_spacing="uniform_trailing")
     assert {key: call[key] for key in expected} == expected
-    assert call["generator"].initial_seed() == 5
+    assert [g.initial_seed() for g in call["generator"]] == [5]
     assert pipe.saved == [(tmp_path / "o" / "a.mp4", 12)]
 
 
@@ -231,12 +235,12 @@ def test_same_stem_inputs_never_overwrite_each_other(fake, tmp_path):
     assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--device", "cpu"]) == 0
     names = [path.name for path, _ in fake[0].saved]
     assert names == ["a.mp4", "a_png.mp4", "a_png_png.mp4", "b.mp4"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert sorted(p.name for p in out.glob("*.mp4")) == sorted(names)
 
 
 def test_output_names_ignore_case_when_comparing():
-    paths = cli._output_paths([Path("A.png"), Path("a.png"), Path("a.PNG")], Path("o"))
-    assert paths == [Path("o/A.mp4"), Path("o/a_png.mp4"), Path("o/a_PNG_2.mp4")]
+    names = output_names([("A", ".png"), ("a", ".png"), ("a", ".PNG")])
+    assert names == ["A", "a_png", "a_PNG_2"]
 
 
 @pytest.mark.parametrize("batch_size", ["1", "4"])
@@ -250,8 +254,8 @@ def test_bad_images_are_skipped_and_counted(fake, tmp_path, caplog, batch_size):
     code = cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--prompt_text", "p",
                      "--batch_size", batch_size, "--device", "cpu"])
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["good1.mp4", "good2.mp4"]
-    assert "2 done, 2 failed" in caplog.text
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["good1.mp4", "good2.mp4"]
+    assert "2 done, 2 failed, 0 skipped" in caplog.text
     assert any("broken.png" in message for message in warnings(caplog))
     assert any("refused.png" in message and "too small" in message for message in warnings(caplog))
 
@@ -262,15 +266,17 @@ def test_bad_images_are_skipped_and_counted(fake, tmp_path, caplog, batch_size):
 @pytest.mark.parametrize("argv, code, fragment", [
     (["999"], 2, "unknown resolution '999'; choose one of 256, 512, 1024, 512_interp"),
     ([], 2, "required: resolution"),
-    (["256", "--num_inference_steps", "0"], 2, "--num_inference_steps: must be at least 1"),
-    (["256", "--video_length", "0"], 2, "--video_length: must be at least 1"),
-    (["256", "--batch_size", "0"], 2, "--batch_size: must be at least 1"),
-    (["256", "--fps", "0"], 2, "--fps: must be at least 1"),
-    (["256", "--frame_stride", "0"], 2, "--frame_stride: must be at least 1"),
-    (["256", "--guidance_scale", "-1"], 2, "--guidance_scale: must be at least 0"),
-    (["256", "--eta", "-0.1"], 2, "--eta: must be at least 0"),
-    (["256", "--eta", "nan"], 2, "--eta: must be at least 0"),
-    (["256", "--guidance_rescale", "-1"], 2, "--guidance_rescale: must be at least 0"),
+    (["256", "--num_inference_steps", "0"], 2, "--num_inference_steps: must be between 1 and 1000, got 0"),
+    (["256", "--video_length", "0"], 2, "--video_length: must be between 1 and 64, got 0"),
+    (["256", "--frames", "1000000000"], 2, "--video_length: must be between 1 and 64, got 1000000000"),
+    (["256", "--batch_size", "0"], 2, "--batch_size: must be between 1 and 256, got 0"),
+    (["256", "--fps", "0"], 2, "--fps: must be between 1 and 120, got 0"),
+    (["256", "--frame_stride", "-5"], 2, "--frame_stride: must be between 1 and 100, got -5"),
+    (["256", "--guidance_scale", "-1"], 2, "--guidance_scale: must be between 0 and 100, got -1"),
+    (["256", "--guidance_scale", "inf"], 2, "--guidance_scale: must be a finite number, got inf"),
+    (["256", "--eta", "-0.1"], 2, "--eta: must be between 0 and 1, got -0.1"),
+    (["256", "--eta", "nan"], 2, "--eta: must be a finite number, got nan"),
+    (["256", "--guidance_rescale", "-1"], 2, "--guidance_rescale: must be between 0 and 1, got -1"),
     (["256", "--seed", "-1"], 2, "--seed: must be between 0 and"),
     (["256", "--num_inference_steps", "ten"], 2, "expected an integer, got 'ten'"),
     (["256", "--dtype", "int8"], 2, "--dtype: invalid choice"),

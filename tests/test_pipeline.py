@@ -170,19 +170,19 @@ def test_fit_image_covers_and_crops():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(height=100), "height must be a positive multiple of 64"),
-    (dict(width=0), "width must be a positive multiple of 64"),
-    (dict(num_inference_steps=0), "num_inference_steps must be a whole number of at least 1"),
-    (dict(num_frames=0), "num_frames must be a whole number of at least 1"),
+    (dict(height=100), "height must be a multiple of 64 pixels, got 100."),
+    (dict(width=0), "width must be between 64 and 2048, got 0."),
+    (dict(num_inference_steps=0), "num_inference_steps must be between 1 and 1000, got 0."),
+    (dict(num_frames=0), "num_frames must be between 1 and 64, got 0."),
     (dict(output_type="gif"), "Unknown output_type 'gif'"),
     (dict(timestep_spacing="quad"), "Unknown timestep_spacing 'quad'"),
-    (dict(eta=-1.0), "eta must not be negative"),
-    (dict(guidance_scale=-2.0), "guidance_scale must not be negative"),
+    (dict(eta=-1.0), "eta must be between 0 and 1, got -1."),
+    (dict(guidance_scale=-2.0), "guidance_scale must be between 0 and 100, got -2."),
     (dict(prompt=["a", "b"]), "Got 1 image(s) but 2 prompt(s)"),
-    (dict(end_image=np.zeros((64, 64, 3), dtype=np.uint8)), "end_image needs the interpolation model"),
+    (dict(end_image=np.zeros((64, 64, 3), dtype=np.uint8)), "end_image needs an interpolation model"),
     (dict(latents=torch.zeros(1, 4, 3, 4, 4)), "latents must have shape [1, 4, 3, 8, 8]"),
     (dict(image="does/not/exist.png"), "Image does/not/exist.png does not exist."),
-    (dict(image=np.zeros((4, 4))), "An image array must be HxWx3"),
+    (dict(image=np.zeros((4, 4, 2))), "The image array must be HxW, HxWx3 or HxWx4"),
 ])
 def test_bad_inputs_are_one_clear_value_error(pipes, kwargs, message):
     args = dict(image=np.zeros((64, 64, 3), dtype=np.uint8), prompt="x", **FAST)
@@ -196,7 +196,7 @@ def test_bad_inputs_are_one_clear_value_error(pipes, kwargs, message):
 def test_unreadable_image_file(pipes, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="Cannot read image .*broken.png"):
+    with pytest.raises(ValueError, match="Image .*broken.png is not an image file"):
         pipes["tiny256"](bad, "x", **FAST)
 
 

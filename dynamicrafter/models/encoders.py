@@ -20,6 +20,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def prompt_token_count(text: str) -> int:
+    """How many tokens the OpenCLIP tokenizer makes of ``text``, start and end tokens included.
+
+    The text tower reads 77; a longer prompt is cut (the pipeline warns).
+    """
+    return len(open_clip.tokenizer._tokenizer.encode(text)) + 2
+
+
 def build_clip(config: CLIPConfig) -> nn.Module:
     """An untrained ``open_clip.CLIP`` of the configured architecture."""
     model_cfg = config.model_cfg or open_clip.get_model_config(config.arch)

@@ -1,0 +1,92 @@
+"""Several processes, one run: the rank layout ``torchrun`` gives and the few collectives a run needs.
+
+Under ``torchrun`` (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) each process takes every
+``world_size``-th job, runs on ``cuda:LOCAL_RANK`` (or the CPU), and joins a process group
+(NCCL for CUDA tensors, gloo for CPU ones) only for the start and the final tally. Without
+``torchrun`` everything here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import torch
+
+__all__ = ["Ranks", "init", "barrier", "sum_counts", "shutdown"]
+
+T = TypeVar("T")
+
+#: Ranks may finish their shares hours apart: the final tally waits that long for the slowest.
+TALLY_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        """The layout torchrun exports (one process when it is absent)."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (as torchrun sets them).") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
+        return cls(rank, world, local)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's items: every ``world_size``-th, starting at ``rank`` (a fixed, order-preserving split)."""
+        return list(items[self.rank :: self.world_size])
+
+    def default_device(self) -> torch.device | None:
+        """``cuda:LOCAL_RANK`` when CUDA is here and the run is distributed; else ``None`` (the usual choice)."""
+        if self.distributed and torch.cuda.is_available():
+            return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
+        return None
+
+
+def init(ranks: Ranks) -> None:
+    """Join the process group of a distributed run (no-op for one process)."""
+    if not ranks.distributed or torch.distributed.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world_size,
+                                         timeout=TALLY_TIMEOUT)
+
+
+def barrier(ranks: Ranks) -> None:
+    """Wait for every rank (no-op for one process); a CPU all-reduce, so it works on every backend."""
+    sum_counts([0], ranks)
+
+
+def sum_counts(counts: Sequence[int], ranks: Ranks) -> list[int]:
+    """Element-wise sums of ``counts`` over every rank (the counts themselves for one process)."""
+    if not ranks.distributed:
+        return list(counts)
+    tensor = torch.tensor(list(counts), dtype=torch.long)
+    torch.distributed.all_reduce(tensor)  # a CPU tensor: gloo carries it
+    return tensor.tolist()
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+

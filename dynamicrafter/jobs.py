@@ -1,0 +1,172 @@
+"""The videos one command-line run makes: inputs, prompt, seed and output file of each.
+
+Three layouts of a prompt folder are understood, those of the original repository:
+
+- one video per image (``prompts/256/``): images and their prompts;
+- ``interp``: consecutive images in sorted order are pairs (``smile_01.png``, ``smile_02.png``),
+  one video per pair, named after its first image;
+- ``loop``: one looping video per image (the image is the start and the end frame).
+
+A prompt is, in order: ``--prompt_text``; the text file with the (first) image's name and a
+``.txt`` extension; line *i* of the folder's ``test_prompts.txt`` for video *i* (image *i*, or
+pair *i*); else empty, with a warning. Video *i* with ``n_samples = K`` becomes ``K`` jobs whose
+seeds are ``seed + k``: a job's noise depends on its seed only, never on the batch it runs in or
+on the rank that runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .images import IMAGE_EXTENSIONS
+
+__all__ = ["Job", "MODES", "PROMPT_LIST_NAME", "list_images", "find_images", "make_jobs", "output_names"]
+
+logger = logging.getLogger(__name__)
+
+PROMPT_LIST_NAME = "test_prompts.txt"
+MODES = ("single", "interp", "loop")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One video to make.
+
+    ``end_image`` is the interpolation partner (the image itself for a loop); ``problem`` is set
+    for a job that cannot run (an image without a partner) and is reported as failed.
+    """
+
+    image: Path
+    prompt: str
+    output: Path
+    seed: int
+    sample: int = 0
+    end_image: Path | None = None
+    loop: bool = False
+    problem: str | None = None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The entries directly inside ``folder`` with an image extension, sorted by name.
+
+    Broken links and other unreadable entries are kept, so that the run reports them instead of
+    dropping them silently. Raises ``ValueError`` when the folder cannot be listed.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise ValueError(f"Cannot read folder {folder} ({exc.strerror}).") from None
+    return sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_dir(p))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a link loop: not a folder; reading it will report the problem
+        return False
+
+
+def find_images(image_path: Path | None, prompt_dir: Path) -> list[Path]:
+    """``image_path`` alone when given, else every image in ``prompt_dir``; ``ValueError`` if there are none."""
+    if image_path is not None:
+        if image_path.is_dir():
+            raise ValueError(f"Image {image_path} is a folder; pass it as --prompt_dir.")
+        if not image_path.is_file():
+            raise ValueError(f"Image {image_path} does not exist.")
+        return [image_path]
+    if not prompt_dir.is_dir():
+        what = "is a file, not a folder" if prompt_dir.exists() else "does not exist"
+        raise ValueError(f"Prompt folder {prompt_dir} {what}; pass --prompt_dir or --image_path.")
+    images = list_images(prompt_dir)
+    if not images:
+        raise ValueError(f"No images ({' '.join(IMAGE_EXTENSIONS)}) in {prompt_dir}.")
+    return images
+
+
+def _read_text(path: Path) -> str:
+    """A prompt file's text (UTF-8, a byte-order mark allowed)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Cannot read prompt file {path} ({exc}).") from None
+
+
+def _units(images: list[Path], mode: str) -> list[tuple[Path, Path | None]]:
+    """(start, end) of each video: pairs of consecutive images for ``interp``, the image twice for ``loop``."""
+    if mode == "interp":
+        return [(images[i], images[i + 1] if i + 1 < len(images) else None) for i in range(0, len(images), 2)]
+    return [(image, image if mode == "loop" else None) for image in images]
+
+
+def _listed_prompts(folder: Path, mode: str) -> dict[Path, str]:
+    """Line *i* of the folder's test_prompts.txt for video *i* of the whole folder, by its (first) image.
+
+    The pairing uses every image of the folder, so a single ``--image_path`` gets its own line.
+    """
+    path = folder / PROMPT_LIST_NAME
+    if not path.is_file():
+        return {}
+    lines = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    units = _units(list_images(folder), mode)
+    if len(lines) != len(units):
+        unit = "image pairs" if mode == "interp" else "images"
+        logger.warning("%s has %d prompts for %d %s; pairing them in sorted order.", path, len(lines), len(units), unit)
+    return {first: line for (first, _), line in zip(units, lines)}
+
+
+def output_names(stems: list[tuple[str, str]]) -> list[str]:
+    """Unique file names (without extension) for ``(stem, suffix)`` inputs, compared ignoring case.
+
+    A later input whose stem is taken gets its extension added (``a_jpg``), then ``_2``, ``_3`` ...
+    """
+    taken: set[str] = set()
+    names = []
+    for stem, suffix in stems:
+        name = stem
+        if name.casefold() in taken:
+            name = f"{stem}_{suffix.lstrip('.')}"
+        base, number = name, 2
+        while name.casefold() in taken:
+            name, number = f"{base}_{number}", number + 1
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def make_jobs(images: list[Path], output_dir: Path, *, mode: str = "single", prompt_text: str | None = None,
+              seed: int = 123, n_samples: int = 1) -> list[Job]:
+    """Every job of a run, in a fixed order (the same list on every rank).
+
+    ``images`` share one folder (or are a single ``--image_path``). With ``mode="interp"`` they
+    are paired in order; an odd image out becomes a job with a ``problem``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}.")
+    units = _units(images, mode)
+    listed = {} if prompt_text is not None else _listed_prompts(images[0].parent, mode)
+    names = output_names([(first.stem, first.suffix) for first, _ in units])
+    jobs = []
+    for (first, second), name in zip(units, names):
+        prompt = _prompt(first, prompt_text, listed)
+        problem = None
+        if mode == "interp" and second is None:
+            problem = f"{first.name} has no partner image (interpolation needs images in pairs)"
+        for sample in range(n_samples):
+            suffix = f"_sample{sample}" if n_samples > 1 else ""
+            jobs.append(Job(first, prompt, output_dir / f"{name}{suffix}.mp4", seed + sample, sample,
+                            second, mode == "loop", problem))
+    return jobs
+
+
+def _prompt(image: Path, prompt_text: str | None, listed: dict[Path, str]) -> str:
+    if prompt_text is not None:
+        return prompt_text
+    own = image.with_suffix(".txt")
+    if own.is_file():
+        return _read_text(own).strip()
+    if image in listed:
+        return listed[image]
+    logger.warning("No prompt for %s (no %s, no %s line); using an empty prompt.", image, own.name, PROMPT_LIST_NAME)
+    return ""

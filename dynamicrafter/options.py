@@ -1,0 +1,246 @@
+"""The generation options, defined once.
+
+Every option a user can set for one generation (steps, guidance, motion, frames, seed, ...) is
+an :class:`Option` row of :data:`SAMPLING_OPTIONS`: its pipeline keyword, type, default,
+bounds, help text, command-line flag (the usage guide's name, with older spellings as
+aliases), the models it applies to, and how the web app shows it. The pipeline's input checks
+(:meth:`Option.check`), the command line's flags (:func:`add_arguments`), the app's controls
+and the benchmark's flags are all built from these rows, so a default or a bound is changed
+in one place.
+
+The options that choose *how* a model runs rather than what it generates (device, precision,
+offload, compilation, checkpoint files) are rows of :data:`RUNTIME_OPTIONS`, shared the same
+way by the command line, the app and the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .diffusion.schedule import SPACINGS
+from .offload import OFFLOAD_MODES
+
+if TYPE_CHECKING:
+    from .configs import ModelConfig
+
+__all__ = [
+    "Option", "SAMPLING_OPTIONS", "RUNTIME_OPTIONS", "OPTIONS", "DEFAULTS", "MAX_SEED", "MAX_FRAMES", "MAX_SIDE",
+    "MAX_STEPS", "MODEL_ARGUMENTS", "add_arguments", "add_model_arguments", "check_number", "motion_control",
+]
+
+#: Seeds are 0 .. 2**32 - 1 everywhere (command line, app, pipeline helpers).
+MAX_SEED = 2**32 - 1
+#: Most frames one video may have: the models are trained on 16; memory grows linearly.
+MAX_FRAMES = 64
+#: Largest output height or width in pixels (the largest released model makes 576x1024).
+MAX_SIDE = 2048
+#: Most sampling steps (the models have 1000 training timesteps).
+MAX_STEPS = 1000
+#: Sampler names; the first is the default.
+SAMPLERS = ("ddim",)
+
+
+def _all_models(_: "ModelConfig") -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Option:
+    """One generation option.
+
+    Attributes:
+        name: the pipeline's keyword argument.
+        type: ``int``, ``float`` or ``str``.
+        default: the value used when the option is not given; ``None`` means "the model's own"
+            (see :meth:`model_default`) or "off".
+        help: one line for ``--help`` and the app.
+        minimum, maximum: inclusive bounds of a number.
+        choices: allowed values of a string option.
+        flag: the command-line flag (default ``--<name>``); ``aliases`` are other spellings.
+        applies: which models the option makes sense for.
+        ui: ``(low, high, step)`` of the app's slider, or ``None`` when the app shows no slider.
+        label: the app's label.
+        none_means: what a ``None`` default means, for the help text.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None
+    aliases: tuple[str, ...] = ()
+    applies: Callable[["ModelConfig"], bool] = field(default=_all_models, compare=False, repr=False)
+    ui: tuple[float, float, float] | None = None
+    label: str = ""
+    none_means: str = "the model's"
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Every command-line spelling, the guide's first."""
+        return (self.flag or f"--{self.name}", *self.aliases)
+
+    def check(self, value: Any, what: str | None = None) -> Any:
+        """``value`` checked against type and bounds; ``None`` passes when the default is ``None``.
+
+        Raises:
+            ValueError: one sentence naming the option (or ``what``) and what it accepts.
+        """
+        what = self.name if what is None else what
+        if value is None and self.default is None:
+            return None
+        if self.type is str:
+            if not isinstance(value, str):
+                raise ValueError(f"{what} must be a string, got {type(value).__name__}.")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"Unknown {what} {value!r}; choose one of: {', '.join(self.choices)}.")
+            return value
+        return check_number(value, what, integer=self.type is int, minimum=self.minimum, maximum=self.maximum)
+
+    def parse(self, text: str) -> Any:
+        """An argparse ``type``: the text as this option's value, or an ``ArgumentTypeError``."""
+        if self.type is str:
+            value: Any = text
+        else:
+            try:
+                value = self.type(text)
+            except ValueError:
+                expected = "an integer" if self.type is int else "a number"
+                raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        try:
+            return self.check(value, "")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).strip().rstrip(".")) from None
+
+
+def check_number(value: Any, what: str, *, integer: bool = False, minimum: float | None = None,
+                 maximum: float | None = None) -> Any:
+    """A real, finite number (a whole one if ``integer``) within the bounds, as a Python number.
+
+    Booleans, strings, arrays and non-finite values are refused with one sentence.
+    """
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be {kind}, got {type(value).__name__} {value!r}.")
+    if integer:
+        if not isinstance(value, numbers.Integral):
+            raise ValueError(f"{what} must be {kind}, got {value!r}.")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{what} must be a finite number, got {value}.")
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{what} must be between {_show(minimum)} and {_show(maximum)}, got {_show(value)}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be at least {_show(minimum)}, got {_show(value)}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{what} must be at most {_show(maximum)}, got {_show(value)}.")
+    return value
+
+
+def _show(number: float) -> str:
+    """A bound or value as a user typed it: whole numbers in full, others shortest."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+
+def motion_control(config: "ModelConfig") -> tuple[str, str, tuple[float, float, float]]:
+    """Label, hint and ``(low, high, step)`` of the motion control: frame stride (256) or frame rate (others)."""
+    if config.fs_kind == "frame_stride":
+        return "Frame stride", "larger = more motion", (1, 10, 1)
+    return "FPS", "smaller = more motion", (5, 30, 1)
+
+
+SAMPLING_OPTIONS: tuple[Option, ...] = (
+    Option("num_inference_steps", int, 50, "sampling steps (exactly this many); fewer is faster and rougher",
+           minimum=1, maximum=MAX_STEPS, aliases=("--steps",), ui=(1, 100, 1), label="Sampling steps"),
+    Option("guidance_scale", float, 7.5, "text guidance strength (classifier-free guidance; 1 turns it off)",
+           minimum=0, maximum=100, ui=(1.0, 15.0, 0.5), label="Guidance scale"),
+    Option("eta", float, 1.0, "DDIM eta: 0 is deterministic, 1 the most random",
+           minimum=0, maximum=1, ui=(0.0, 1.0, 0.1), label="ETA (0 = deterministic sampling)"),
+    Option("frame_stride", int, None,
+           "motion: frame stride for the 256 model (larger = more motion), frames per second for the others "
+           "(smaller = more motion)", minimum=1, maximum=100),
+    Option("num_frames", int, 16, f"frames per video, 1 to {MAX_FRAMES} (the models are trained on 16)",
+           minimum=1, maximum=MAX_FRAMES, flag="--video_length", aliases=("--num_frames", "--frames"),
+           ui=(1, 32, 1), label="Number of frames"),
+    Option("height", int, None, f"video height in pixels, a multiple of 64 up to {MAX_SIDE}",
+           minimum=64, maximum=MAX_SIDE),
+    Option("width", int, None, f"video width in pixels, a multiple of 64 up to {MAX_SIDE}",
+           minimum=64, maximum=MAX_SIDE),
+    Option("guidance_rescale", float, None,
+           "rescale of the guided prediction towards the conditional one's spread, 0-1",
+           minimum=0, maximum=1, none_means="the model's: 0 for 256, 0.7 for the others"),
+    Option("timestep_spacing", str, None, "which training timesteps the sampler visits",
+           choices=SPACINGS),
+    Option("num_videos_per_prompt", int, 1, "videos per image, each from its own noise (sample k uses seed + k)",
+           minimum=1, maximum=64, flag="--n_samples", aliases=("--num_videos_per_prompt",)),
+    Option("seed", int, 123, f"random seed, 0 to {MAX_SEED}", minimum=0, maximum=MAX_SEED, label="Seed"),
+    Option("negative_prompt", str, None, "what the video should not show, e.g. 'blurry, low quality'",
+           label="Negative prompt", none_means="none"),
+    Option("fps", int, 8, "frame rate written into the video file", minimum=1, maximum=120,
+           label="Frame rate of the written video"),
+)
+
+#: Options that choose how the model runs: device, precision, memory, files.
+RUNTIME_OPTIONS: tuple[Option, ...] = (
+    Option("device", str, None, "torch device such as cuda:0, cuda:1, mps or cpu",
+           none_means="cuda:0, else mps, else cpu"),
+    Option("dtype", str, "auto", "weights and compute precision; auto picks per device",
+           choices=("auto", "float32", "float16", "bfloat16")),
+    Option("offload", str, None,
+           "what stays in host memory between uses: none, encoders (the CLIP towers) or model (every "
+           "component; least GPU memory)", choices=OFFLOAD_MODES, none_means="encoders on CUDA"),
+    Option("checkpoint", str, None, "model weights, .ckpt or .safetensors", none_means="downloaded to checkpoints/"),
+    Option("config", str, None, "model config YAML in the original layout", none_means="the preset"),
+    Option("compile", bool, False, "torch.compile the UNet (slow first video, faster after)"),
+    Option("batch_size", int, 1, "videos per pipeline call; more is faster on a large GPU and needs more memory",
+           minimum=1, maximum=256),
+)
+
+OPTIONS: dict[str, Option] = {option.name: option for option in (*SAMPLING_OPTIONS, *RUNTIME_OPTIONS)}
+
+#: The defaults by attribute: ``DEFAULTS.guidance_scale`` is 7.5.
+DEFAULTS = SimpleNamespace(**{option.name: option.default for option in OPTIONS.values()})
+
+
+def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str], *,
+                  defaults: dict[str, Any] | None = None, shown: dict[str, str] | None = None) -> None:
+    """Add the named options to an argparse parser (or argument group) with their flags and help.
+
+    Numbers are checked while parsing (type and bounds); ``defaults`` overrides table defaults
+    and ``shown`` the default's description in the help. The destination is always the
+    pipeline's keyword (``--video_length`` sets ``num_frames``).
+    """
+    defaults, shown = defaults or {}, shown or {}
+    for name in names:
+        option = OPTIONS[name]
+        default = defaults.get(name, option.default)
+        text = shown.get(name, option.none_means if default is None else default)
+        kwargs: dict[str, Any] = dict(dest=option.name, default=default, help=f"{option.help} (default: {text})")
+        if option.type is bool:
+            parser.add_argument(*option.flags, dest=option.name, action="store_true", help=option.help)
+            continue
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+        elif option.type is not str:
+            kwargs["type"] = option.parse
+            kwargs["metavar"] = "N" if option.type is int else "X"
+        parser.add_argument(*option.flags, **kwargs)
+
+
+#: The runtime options every front end takes (the command line, the app, the benchmark).
+MODEL_ARGUMENTS = ("device", "dtype", "offload", "checkpoint", "config", "compile")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """Add :data:`MODEL_ARGUMENTS`: how the model is loaded and run."""
+    add_arguments(parser, MODEL_ARGUMENTS)
