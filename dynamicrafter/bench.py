@@ -1,7 +1,7 @@
 """Benchmark: seconds per guided step and per video, peak memory and achieved TFLOP/s.
 
-``python -m dynamicrafter.bench --resolution 256 --frames 16 --steps 50 --device cuda --dtype bfloat16
---random-weights --json``
+``python -m dynamicrafter.bench 256 --video_length 16 --num_inference_steps 50 --device cuda --dtype bfloat16
+--random-weights --json`` (``--frames``/``--steps``/``--resolution`` are accepted too)
 
 ``--random-weights`` builds the full-size model with random weights (the same arithmetic as the
 released one, no download). The UNet's FLOP count comes from PyTorch's flop counter run on the
@@ -25,7 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .configs import ModelConfig, get_config, load_config
 from .models.dynamicrafter import DynamiCrafter
-from .offload import OFFLOAD_MODES, offload_mode
+from .cli import EXIT_USAGE, CliError, _Parser, _resolution
+from .offload import offload_mode
+from .options import add_arguments, add_model_arguments
 from .pipeline import DynamiCrafterImg2VideoPipeline
 from .runtime import resolve_device, resolve_dtype
 
@@ -95,16 +97,18 @@ def peak_memory(device: torch.device) -> int:
 def run(args: argparse.Namespace) -> dict:
     config = load_config(args.config) if args.config else get_config(args.resolution)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
     options = dict(offload=args.offload, compile=args.compile, sequential_guidance=args.sequential_guidance)
     if args.checkpoint:
-        pipe = DynamiCrafterImg2VideoPipeline(args.resolution, device, args.checkpoint, dtype=dtype, **options)
+        pipe = DynamiCrafterImg2VideoPipeline(args.resolution, device, args.checkpoint, config=config, dtype=dtype,
+                                              **options)
     else:
         model = random_model(config, device if offload_mode(args.offload, device) == "none" else torch.device("cpu"),
                              dtype)
         pipe = DynamiCrafterImg2VideoPipeline.from_model(model, device, dtype, **options)
     image = np.random.default_rng(0).integers(0, 255, (config.height, config.width, 3), dtype=np.uint8)
-    call = dict(num_frames=args.frames, guidance_scale=args.guidance_scale,
+    config = pipe.config  # what is timed is what is counted
+    call = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale,
                 generator=torch.Generator(device).manual_seed(0))
 
     pipe(image, "a benchmark", num_inference_steps=1, **call)  # warm-up: kernels, allocator, compile
@@ -121,18 +125,19 @@ def run(args: argparse.Namespace) -> dict:
 
     _sync(device)
     start = last[0] = time.perf_counter()
-    pipe(image, "a benchmark", num_inference_steps=args.steps, callback=on_step, **call)
+    pipe(image, "a benchmark", num_inference_steps=args.num_inference_steps, callback=on_step, **call)
     _sync(device)
     s_per_video = time.perf_counter() - start
     # The first step also carries the conditioning (encoders, VAE encode): leave it out when we can.
     steady = step_times[1:] or step_times
     s_per_step = float(np.median(steady))
-    flops = unet_flops(config, args.frames, batch=1 if args.guidance_scale == 1 else 2)
+    flops = unet_flops(config, args.num_frames, batch=1 if args.guidance_scale == 1 else 2)
     tflops = flops / s_per_step / 1e12
     reference = matmul_tflops(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
-        "resolution": config.name, "frames": args.frames, "steps": args.steps, "dtype": str(dtype).split(".")[-1],
+        "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
+        "dtype": str(dtype).split(".")[-1],
         "offload": pipe.offload, "compile": args.compile, "device_name": name,
         "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
@@ -150,31 +155,36 @@ def _cpu_name() -> str:
     return "CPU"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynamicrafter.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", default="256", choices=["256", "512", "1024", "512_interp"])
-    parser.add_argument("--config", help="a model config in the original YAML format instead of a preset")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: chosen per device)")
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags: the command line's names for the shared options."""
+    parser = _Parser(prog="python -m dynamicrafter.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("resolution", nargs="?", type=_resolution, help="model: 256, 512, 1024, 512_interp (default 256)")
+    parser.add_argument("--res", "--resolution", dest="res", type=_resolution, help="the model, as a flag")
+    add_arguments(parser, ("num_inference_steps", "num_frames", "guidance_scale"))
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
-    source.add_argument("--checkpoint", help="a released checkpoint instead of random weights")
-    parser.add_argument("--offload", choices=OFFLOAD_MODES, default=None,
-                        help="what stays in host memory (default: the pipeline's, 'encoders' on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    if args.steps < 2 or args.frames < 1:
-        parser.error("--steps must be at least 2 and --frames at least 1.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status (2 with one line for bad arguments)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        args = build_parser().parse_args(argv)
+        args.resolution = args.res or args.resolution or "256"
+        if args.checkpoint and args.random_weights:
+            raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)
+        if args.num_inference_steps < 2:
+            raise CliError("--num_inference_steps must be at least 2 (the first step is the warm-up).", EXIT_USAGE)
         result = run(args)
+    except CliError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return exc.code
     except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"ERROR: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result))

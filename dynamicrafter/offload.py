@@ -1,7 +1,7 @@
 """Keeping model components in host memory and lending them to the GPU while they run.
 
 A lent component is copied to the device (from pinned memory, asynchronously) and, when it is
-done, its parameters simply point at the host copies again: nothing is copied back.
+done, its host tensors are simply put back: nothing is copied back.
 """
 
 from __future__ import annotations
@@ -55,16 +55,22 @@ class Offloader:
 
     @contextmanager
     def on_device(self, *modules: nn.Module) -> Iterator[None]:
-        """Run the block with ``modules`` on the device; host-kept ones return to the host after."""
+        """Run the block with ``modules`` on the device; host-kept ones return to the host after.
+
+        A lent module's parameters and buffers are swapped for device copies and the host
+        tensors are put back afterwards: nothing is copied back, and the host copies (pinned on
+        CUDA) are reused for the next lend.
+        """
         lent = [m for m in modules if any(m is h for h in self.on_host)]
         saved = []
         for module in lent:
-            for store, name in _tensors(module):
-                host = store[name].data
+            for store, name in list(_tensors(module)):
+                host = store[name]
                 saved.append((store, name, host))
-                store[name].data = host.to(self.device, non_blocking=True)
+                moved = host.detach().to(self.device, non_blocking=True)
+                store[name] = nn.Parameter(moved, host.requires_grad) if isinstance(host, nn.Parameter) else moved
         try:
             yield
         finally:
             for store, name, host in saved:
-                store[name].data = host
+                store[name] = host

@@ -121,11 +121,13 @@ class DynamiCrafterImg2VideoPipeline:
             from .hub import ensure_checkpoint  # the download stack is only needed here
 
             checkpoint = ensure_checkpoint(name)
+        elif Path(checkpoint).is_dir():
+            raise ValueError(f"Checkpoint {checkpoint} is a folder; give the .ckpt or .safetensors file inside it.")
         elif not Path(checkpoint).is_file():
             raise ValueError(f"Checkpoint {checkpoint} does not exist.")
         self.checkpoint: Path | None = Path(checkpoint)
         home = device if offload_mode(offload, device) == "none" else torch.device("cpu")
-        model = load_model(config, checkpoint, dtype=dtype, device=home, vae_dtype=vae_dtype_for(dtype))
+        model = load_model(config, checkpoint, dtype=dtype, device=home, vae_dtype=vae_dtype_for(dtype, device))
         self._setup(model, device, dtype, offload, compile, sequential_guidance, decode_chunk_size)
 
     @classmethod
@@ -138,7 +140,7 @@ class DynamiCrafterImg2VideoPipeline:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model.to(dtype=dtype)
-        model.vae.to(dtype=vae_dtype_for(dtype))
+        model.vae.to(dtype=vae_dtype_for(dtype, device))
         pipe = cls.__new__(cls)
         pipe.checkpoint = None
         pipe._setup(model.eval().requires_grad_(False), device, dtype, **options)

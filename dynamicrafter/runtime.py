@@ -14,27 +14,40 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def mps_available() -> bool:
+    """Whether Apple's Metal (MPS) backend is usable here."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def default_device() -> torch.device:
-    """``cuda:0`` when a GPU is usable, else the CPU (with a warning: it is slow)."""
+    """``cuda:0`` when a GPU is usable, else Apple's ``mps``, else the CPU (with a warning: it is slow)."""
     if torch.cuda.is_available():
         return torch.device("cuda:0")
+    if mps_available():
+        logger.info("Using Apple's Metal backend (mps).")
+        return torch.device("mps")
     logger.warning("CUDA is not available; running on the CPU, which is slow.")
     return torch.device("cpu")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A usable ``torch.device`` from a user's choice (None = :func:`default_device`)."""
+    """A usable ``torch.device`` from a user's choice (None or ``auto`` = :func:`default_device`)."""
     if device is None or str(device) == "auto":
         return default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"{device!r} is not a torch device; use for example cuda:0 or cpu.") from None
+        raise ValueError(f"{device!r} is not a torch device; use for example cuda:0, mps or cpu.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"Device {device} needs CUDA, which is not available here; use cpu.")
         if (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"Device {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type == "mps" and not mps_available():
+        raise ValueError(f"Device {device} needs Apple's Metal backend, which is not available here; use cpu.")
+    elif dev.type not in ("cpu", "mps", "cuda"):
+        raise ValueError(f"Device type {dev.type!r} is not supported; use cuda, mps or cpu.")
     return dev
 
 
@@ -60,14 +73,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return DTYPES[str(dtype).lower()]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.bfloat16 if mps_has_bf16() else torch.float16
     if device.type == "cpu" and cpu_has_bf16_units():
         return torch.bfloat16
     return torch.float32
 
 
-def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The VAE never runs in float16 (it overflows into NaN, the original's black videos)."""
-    return torch.float32 if dtype == torch.float16 else dtype
+@functools.cache
+def mps_has_bf16() -> bool:
+    """Whether the MPS backend can hold bfloat16 tensors (macOS 14 and newer)."""
+    try:
+        torch.ones(1, dtype=torch.bfloat16, device="mps")
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def vae_dtype_for(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """The VAE never runs in float16 (it overflows into NaN, the original's black videos), nor in half on MPS."""
+    if dtype == torch.float16 or (device is not None and device.type == "mps"):
+        return torch.float32
+    return dtype
 
 
 def configure_logging(fmt: str = "%(levelname)s: %(message)s") -> None:

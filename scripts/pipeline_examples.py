@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from dynamicrafter.cli import is_user_error  # noqa: E402
+from dynamicrafter.images import load_image  # noqa: E402
 from scripts.gradio.dynamicrafter_pipeline import DynamiCrafterImg2VideoPipeline  # noqa: E402
 
 logger = logging.getLogger("pipeline_examples")
@@ -128,7 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="model checkpoint (default: downloaded to checkpoints/)")
     parser.add_argument("--config", type=Path, help="model config YAML in the original layout (default: the preset)")
     parser.add_argument("--device", help="torch device (default: cuda:0, or cpu without CUDA)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of every example (default: 50)")
+    parser.add_argument("--num_inference_steps", "--steps", dest="steps", type=int, default=50,
+                        help="sampling steps of every example (default: 50)")
     parser.add_argument("--height", type=int, help="video height, a multiple of 64 (default: the model's)")
     parser.add_argument("--width", type=int, help="video width, a multiple of 64 (default: the model's)")
     parser.add_argument("--seed", type=int, default=123, help="random seed (default: 123)")
@@ -138,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the videos go (default: results/pipeline_examples)")
     args = parser.parse_args(argv)
     if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+        parser.error(f"--num_inference_steps must be at least 1, got {args.steps}")
     return args
 
 
@@ -147,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = parse_args(argv)
     try:
-        with Image.open(args.image) as image:
-            picture = image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as exc:
-        logger.error("Cannot read image %s (%s).", args.image, exc)
+        picture = load_image(args.image)  # the project's one loader: EXIF orientation, bit depths, alpha
+    except ValueError as exc:
+        logger.error("%s", exc)
         return 1
     try:
         pipe = DynamiCrafterImg2VideoPipeline(resolution=args.resolution, device=args.device,

@@ -47,7 +47,26 @@ def test_random_model_has_the_real_shapes_and_runs_finite():
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
-    with pytest.raises(SystemExit) as info:
-        bench.main(["--steps", "1"])
-    assert info.value.code == 2
-    assert "--steps must be at least 2" in capsys.readouterr().err
+    assert bench.main(["--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ERROR: --num_inference_steps must be at least 2 (the first step is the warm-up).")
+    assert bench.main(["999"]) == 2
+    assert "unknown resolution '999'" in capsys.readouterr().err
+
+
+def test_flags_share_the_command_lines_names():
+    args = bench.build_parser().parse_args(["512", "--num_inference_steps", "7", "--video_length", "3", "--offload",
+                                            "model", "--compile"])
+    assert (args.resolution, args.num_inference_steps, args.num_frames, args.offload, args.compile) == (
+        "512", 7, 3, "model", True)
+    old = bench.build_parser().parse_args(["--resolution", "320_512", "--steps", "7", "--frames", "3"])
+    assert (old.res, old.num_inference_steps, old.num_frames) == ("512", 7, 3)
+
+
+def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):
+    code = bench.main(["256", "--config", str(DATA / "tiny256.yaml"), "--checkpoint", str(DATA / "tiny256.ckpt"),
+                       "--frames", "2", "--steps", "2", "--device", "cpu", "--dtype", "float32", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    tiny = bench.unet_flops(bench.load_config(DATA / "tiny256.yaml"), frames=2, batch=2)
+    assert report["unet_tflop_per_step"] == pytest.approx(tiny / 1e12)

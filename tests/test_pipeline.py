@@ -279,3 +279,33 @@ def test_compiled_unet_gives_the_same_latents(pipes):
     ref = pipes["tiny256"](image, "x", **args)["videos"]
     assert pipe._unet_forward is not pipe.model.unet
     assert relative_error(ours, ref) < 1e-4
+
+
+def test_offloader_lends_and_returns_weights():
+    """Host-kept modules are on the device only inside ``on_device``; their host copies are kept, not copied back."""
+    from dynamicrafter.offload import Offloader
+
+    resident, kept = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    host_pointers = [p.data_ptr() for p in kept.parameters()]
+    lender = Offloader(torch.device("meta"), [resident], [kept])  # "meta" stands in for a GPU
+    assert all(p.is_meta for p in resident.parameters())
+    assert not any(p.is_meta for p in kept.parameters())
+    with lender.on_device(kept, resident):
+        assert all(p.is_meta for p in kept.parameters())
+    assert [p.data_ptr() for p in kept.parameters()] == host_pointers
+    assert all(p.device.type == "cpu" for p in kept.parameters())
+
+
+def test_pipeline_offload_modes_lend_what_they_say(monkeypatch):
+    """encoders: only the CLIP towers and resampler stay on the host; model: every component does."""
+    for mode, kept in (("encoders", 3), ("model", 5)):
+        pipe = make_pipeline("tiny256", dtype="float32")
+        m = pipe.model
+        monkeypatch.setattr(pipe, "device", torch.device("meta"))  # a stand-in for a GPU
+        pipe._place(mode)
+        assert len(pipe._offloader.on_host) == kept
+        assert all(not next(c.parameters()).is_meta for c in pipe._offloader.on_host)
+        assert next(m.unet.parameters()).is_meta == (mode == "encoders")
+        with pipe._on_device(m.embedder):
+            assert next(m.embedder.parameters()).is_meta
+        assert not next(m.embedder.parameters()).is_meta
