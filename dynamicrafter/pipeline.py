@@ -262,6 +262,8 @@ class DynamiCrafterImg2VideoPipeline:
                 concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
                 concat[:, :, 0] = first
                 concat[:, :, -1] = last
+        if reference is not None and self.offload == "model":  # not needed on the GPU until decoding
+            reference = [r.cpu() for r in reference]
         fs_tensor = torch.full((batch,), fs, dtype=torch.long, device=self.device)
         return _Conditioning(context, uncond, concat, fs_tensor, reference)
 
