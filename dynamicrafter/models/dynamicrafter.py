@@ -79,7 +79,8 @@ class DynamiCrafter(nn.Module):
         """``[N, 4, h, w]`` scaled latents -> ``[N, 3, H, W]`` images in about [-1, 1]."""
         return self.vae.decode((latents / self.config.diffusion.scale_factor).to(_dtype(self.vae))).float()
 
-    def encode_key_frames(self, start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def encode_key_frames(self, start: torch.Tensor,
+                          end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """ToonCrafter: ``[B, 3, H, W]`` start and end images in [-1, 1] -> their latents
         ``[B, 4, H/8, W/8]`` (posterior means, scaled) and the decoder's reference features
         (per VAE level, then ``conv_in``: ``[B, C_i, 2, H_i, W_i]``, start at index 0)."""
