@@ -42,20 +42,22 @@ class CheckpointError(RuntimeError):
 
 
 def default_checkpoint_path(name: str, root: str | Path = "checkpoints") -> Path:
-    """Where the original DynamiCrafter code keeps a model: ``root/dynamicrafter_{name}_v1/model.ckpt``.
+    """Where the original code keeps a model: ``root/dynamicrafter_{name}_v1/model.ckpt``
+    (``root/tooncrafter_512_interp_v1/model.ckpt`` for ToonCrafter).
 
     Args:
-        name: '256', '512', '1024', '512_interp' or an alias such as '320_512'.
+        name: '256', '512', '1024', '512_interp', 'tooncrafter' or an alias such as '320_512'.
         root: the checkpoints folder.
     """
-    return Path(root) / f"dynamicrafter_{resolve_resolution(name)}_v1" / FILENAME
+    name = resolve_resolution(name)
+    return Path(root) / (PRESETS[name].checkpoint_dir or f"dynamicrafter_{name}_v1") / FILENAME
 
 
 def ensure_checkpoint(name: str, path: str | Path | None = None) -> Path:
     """Return the checkpoint of model `name`, downloading it from the Hub if the file is missing.
 
     Args:
-        name: '256', '512', '1024', '512_interp' or an alias such as '320_512'.
+        name: '256', '512', '1024', '512_interp', 'tooncrafter' or an alias such as '320_512'.
         path: where the checkpoint lives or is downloaded to; default
             :func:`default_checkpoint_path`. Nothing is written there until the download is complete.
     Raises:

@@ -42,6 +42,7 @@ class _Conditioning:
     uncond_context: torch.Tensor | None  # None without guidance
     concat: torch.Tensor  # [B, 4, T, h, w] image latents concatenated to the noisy latent
     fs: torch.Tensor  # [B] frame stride / frame rate
+    reference: list[torch.Tensor] | None = None  # ToonCrafter: the key frames' encoder features, for decoding
 
 
 @dataclass
@@ -209,7 +210,7 @@ class DynamiCrafterImg2VideoPipeline:
         negative = None if negative_prompt is None else [
             self._text(n, "negative_prompt") for n in self._broadcast(negative_prompt, len(images), "negative_prompt")]
         if end_image is not None and not cfg.interp:
-            raise ValueError(f"end_image needs an interpolation model (512_interp), not {cfg.name}.")
+            raise ValueError(f"end_image needs an interpolation model (512_interp or tooncrafter), not {cfg.name}.")
         end_images = None if end_image is None else self._broadcast(end_image, len(images), "end_image")
 
         steps = OPTIONS["num_inference_steps"].check(num_inference_steps)
@@ -218,6 +219,8 @@ class DynamiCrafterImg2VideoPipeline:
         frames = OPTIONS["num_frames"].check(num_frames)
         if end_images is not None and frames < 2:
             raise ValueError("num_frames must be at least 2 for interpolation (a start and an end frame).")
+        if self.model.dual_reference and frames < 4 and output_type != "latent":
+            raise ValueError(f"ToonCrafter's decoding needs at least 4 frames, got num_frames={frames}.")
         height = cfg.height if height is None else OPTIONS["height"].check(height)
         width = cfg.width if width is None else OPTIONS["width"].check(width)
         for label, value in (("height", height), ("width", width)):
@@ -335,20 +338,28 @@ class DynamiCrafterImg2VideoPipeline:
             if use_guidance:
                 text = torch.cat([self._uncond_text_tokens(n) for n in (negative or [""] * batch)])
                 uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
+        reference = None
         with self._on_device(model.vae):
-            first = model.encode_latents(pixels)  # one encode per image, not one per frame
+            if model.dual_reference:  # ToonCrafter's decoder also reads both key frames' encoder features
+                first, last, reference = model.encode_key_frames(pixels, pixels if end_pixels is None else end_pixels)
+            else:
+                first = model.encode_latents(pixels)  # one encode per image, not one per frame
+                last = None if end_pixels is None else model.encode_latents(end_pixels)
             if end_pixels is None:
                 concat = first[:, :, None].expand(-1, -1, frames, -1, -1)
             else:
                 concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
                 concat[:, :, 0] = first
-                concat[:, :, -1] = model.encode_latents(end_pixels)
+                concat[:, :, -1] = last
+        if reference is not None and self.offload == "model":  # not needed on the GPU until decoding
+            reference = [r.cpu() for r in reference]
         fs_tensor = torch.full((batch * per_prompt,), fs, dtype=torch.long, device=self.device)
 
         def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
             return t if t is None or per_prompt == 1 else t.repeat_interleave(per_prompt, dim=0)
 
-        return _Conditioning(repeat(context), repeat(uncond), repeat(concat), fs_tensor)
+        references = None if reference is None else [repeat(r) for r in reference]
+        return _Conditioning(repeat(context), repeat(uncond), repeat(concat), fs_tensor, references)
 
     def _denoiser(self, cond: _Conditioning, scale: float, rescale: float) -> Callable:
         unet = self._unet_forward
@@ -450,7 +461,7 @@ class DynamiCrafterImg2VideoPipeline:
         if request.output_type == "latent":
             result: Any = samples
         else:
-            frames = self.decode(samples)  # [B, T, 3, H, W] in [0, 1]
+            frames = self.decode(samples, cond.reference)  # [B, T, 3, H, W] in [0, 1]
             result = frames if request.output_type == "pt" else frames.permute(0, 1, 3, 4, 2).cpu().numpy()
         return {"videos": result} if return_dict else result
 
@@ -505,12 +516,17 @@ class DynamiCrafterImg2VideoPipeline:
         return samples
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, reference: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``[B, 4, T, h, w]`` latents -> ``[B, T, 3, H, W]`` frames in [0, 1].
 
         Frames are decoded ``decode_chunk_size`` at a time; a chunk that comes out non-finite in
-        half precision is decoded again in float32.
+        half precision is decoded again in float32. ToonCrafter's decoder needs ``reference``, the
+        key frames' encoder features (``model.encode_key_frames``), and decodes exactly as its
+        inference code: each video in windows of ``temporal_length`` (16) frames, plus a second
+        pass for the two middle frames; ``decode_chunk_size`` does not apply to it.
         """
+        if self.model.dual_reference:
+            return self._decode_dual_reference(latents, reference)
         b, c, t, h, w = latents.shape
         flat = latents.transpose(1, 2).reshape(b * t, c, h, w)
         vae = self.model.vae
@@ -528,6 +544,24 @@ class DynamiCrafterImg2VideoPipeline:
                 chunks.append(images)
         images = torch.cat(chunks)
         return ((images.view(b, t, *images.shape[1:]) + 1) / 2).clamp(0, 1)
+
+    def _decode_dual_reference(self, latents: torch.Tensor, reference: list[torch.Tensor] | None) -> torch.Tensor:
+        if reference is None:
+            raise ValueError("ToonCrafter's decoder needs the key frames' encoder features (reference=); "
+                             "get them from pipeline.model.encode_key_frames(start, end).")
+        if latents.shape[2] < 4:
+            raise ValueError(f"ToonCrafter's decoding needs at least 4 frames, got {latents.shape[2]}.")
+        vae = self.model.vae
+        with self._on_device(vae):
+            reference = [r.to(self.device) for r in reference]
+            videos = self.model.decode_video(latents.to(self.device), reference)  # [B, 3, T, H, W]
+            if not torch.isfinite(videos).all() and next(vae.parameters()).dtype != torch.float32:
+                logger.warning("The VAE gave non-finite values in half precision; decoding again in float32.")
+                with self._in_float32(vae):
+                    videos = self.model.decode_video(latents.to(self.device), reference)
+        if not torch.isfinite(videos).all():
+            raise GenerationError("The VAE produced NaN or infinite values even in float32; check the checkpoint.")
+        return ((videos.transpose(1, 2) + 1) / 2).clamp(0, 1)
 
     @staticmethod
     def save_video(videos: torch.Tensor | np.ndarray, path: str | Path, fps: int = 8) -> Path:

@@ -116,7 +116,8 @@ def hub(hf_env, monkeypatch) -> Iterator[FakeHub]:
 
 def test_repos_and_default_path():
     assert REPOS == {"256": "Doubiiu/DynamiCrafter", "512": "Doubiiu/DynamiCrafter_512",
-                     "1024": "Doubiiu/DynamiCrafter_1024", "512_interp": "Doubiiu/DynamiCrafter_512_Interp"}
+                     "1024": "Doubiiu/DynamiCrafter_1024", "512_interp": "Doubiiu/DynamiCrafter_512_Interp",
+                     "tooncrafter": "Doubiiu/ToonCrafter"}
     assert default_checkpoint_path("256") == Path("checkpoints/dynamicrafter_256_v1/model.ckpt")
     assert default_checkpoint_path("512_interp", "/w") == Path("/w/dynamicrafter_512_interp_v1/model.ckpt")
 

@@ -11,6 +11,7 @@ from .encoders import CLIPImageEncoder, CLIPTextEncoder
 from .resampler import Resampler
 from .unet import UNet3D
 from .vae import AutoencoderKL
+from .vae_dualref import AutoencoderKLDualRef
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -29,7 +30,8 @@ class DynamiCrafter(nn.Module):
     """Image + text conditioned latent video diffusion model.
 
     Components (checkpoint prefixes): ``model.diffusion_model`` (:class:`UNet3D`),
-    ``first_stage_model`` (:class:`AutoencoderKL`), ``cond_stage_model``
+    ``first_stage_model`` (:class:`AutoencoderKL`, or ToonCrafter's
+    :class:`~.vae_dualref.AutoencoderKLDualRef` when ``config.vae.dual_reference``), ``cond_stage_model``
     (:class:`CLIPTextEncoder`), ``embedder`` (:class:`CLIPImageEncoder`) and
     ``image_proj_model`` (:class:`Resampler`). The noise schedule is not a module state:
     it is recomputed from the config (``self.schedule``).
@@ -39,7 +41,8 @@ class DynamiCrafter(nn.Module):
         super().__init__()
         self.config = config
         self.model = DiffusionWrapper(UNet3D(config.unet))
-        self.first_stage_model = AutoencoderKL(config.vae)
+        vae_class = AutoencoderKLDualRef if config.vae.dual_reference else AutoencoderKL
+        self.first_stage_model = vae_class(config.vae)
         self.cond_stage_model = CLIPTextEncoder(config.clip)
         self.embedder = CLIPImageEncoder(config.clip)
         self.image_proj_model = Resampler(config.resampler)
@@ -52,6 +55,11 @@ class DynamiCrafter(nn.Module):
     @property
     def vae(self) -> AutoencoderKL:
         return self.first_stage_model
+
+    @property
+    def dual_reference(self) -> bool:
+        """Whether the decoder reads the key frames' encoder features (ToonCrafter)."""
+        return isinstance(self.first_stage_model, AutoencoderKLDualRef)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """``[B, 77, D]`` text tokens."""
@@ -70,3 +78,24 @@ class DynamiCrafter(nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, 4, h, w]`` scaled latents -> ``[N, 3, H, W]`` images in about [-1, 1]."""
         return self.vae.decode((latents / self.config.diffusion.scale_factor).to(_dtype(self.vae))).float()
+
+    def encode_key_frames(self, start: torch.Tensor,
+                          end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """ToonCrafter: ``[B, 3, H, W]`` start and end images in [-1, 1] -> their latents
+        ``[B, 4, H/8, W/8]`` (posterior means, scaled) and the decoder's reference features
+        (per VAE level, then ``conv_in``: ``[B, C_i, 2, H_i, W_i]``, start at index 0)."""
+        dtype = _dtype(self.vae)
+        first, last, reference = self.vae.key_frame_states(start.to(dtype), end.to(dtype))
+        scale = self.config.diffusion.scale_factor
+        return first.float() * scale, last.float() * scale, reference
+
+    def decode_video(self, latents: torch.Tensor, reference: list[torch.Tensor]) -> torch.Tensor:
+        """ToonCrafter: ``[B, 4, T, h, w]`` scaled latents -> ``[B, 3, T, H, W]`` frames in about [-1, 1].
+
+        Decoded as its inference code does (:meth:`AutoencoderKLDualRef.decode_video`), in windows
+        of the UNet's ``temporal_length`` frames.
+        """
+        dtype = _dtype(self.vae)
+        z = (latents / self.config.diffusion.scale_factor).to(dtype)
+        window = self.config.unet.temporal_length  # the original's perframe_ae decoding window
+        return self.vae.decode_video(z, [r.to(dtype) for r in reference], window).float()

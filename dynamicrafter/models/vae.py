@@ -130,12 +130,18 @@ class Encoder(nn.Module):
         self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+    def forward(self, x: Tensor, return_hidden_states: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """With ``return_hidden_states``, also the features ToonCrafter's decoder reads: the output of
+        each level before its downsampling (``[B, ch*ch_mult[i], H/2^i, W/2^i]``), then ``conv_in``'s."""
+        first = h = self.conv_in(x)
+        states = []
         for level in self.down:
-            h = level.downsample(level(h))
+            h = level(h)
+            states.append(h)
+            h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return (h, states + [first]) if return_hidden_states else h
 
 
 class Decoder(nn.Module):
@@ -177,19 +183,29 @@ class AutoencoderKL(nn.Module):
     ``scale_factor`` (0.18215), which the caller applies.
     """
 
+    decoder_class: type[nn.Module] = Decoder
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         if not config.double_z:
             raise ValueError("AutoencoderKL needs double_z=True: the encoder must output a mean and a log-variance.")
         self.config = config
         self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.decoder = self.decoder_class(config)
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior mean and log-variance (clamped to [-30, 20]) of images [B, 3, H, W]."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+    def encode(self, x: Tensor, return_hidden_states: bool = False) -> tuple[Tensor, ...]:
+        """Posterior mean and log-variance (clamped to [-30, 20]) of images [B, 3, H, W].
+
+        With ``return_hidden_states`` a third item: the encoder's per-level features
+        (:meth:`Encoder.forward`), which ToonCrafter's decoder reads.
+        """
+        h = self.encoder(x, return_hidden_states)
+        h, states = h if return_hidden_states else (h, None)
+        mean, logvar = self.quant_conv(h).chunk(2, dim=1)
+        if return_hidden_states:
+            return mean, logvar.clamp(-30.0, 20.0), states
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: Tensor) -> Tensor:
