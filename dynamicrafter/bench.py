@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cli import EXIT_USAGE, CliError, _Parser, _resolution
 from .configs import ModelConfig, get_config, load_config
 from .models.dynamicrafter import DynamiCrafter
-from .cli import EXIT_USAGE, CliError, _Parser, _resolution
 from .offload import offload_mode
 from .options import add_arguments, add_model_arguments
 from .pipeline import DynamiCrafterImg2VideoPipeline

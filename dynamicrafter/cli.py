@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
-from .configs import ModelConfig, PRESETS, get_config, load_config, resolve_resolution
+from .configs import PRESETS, ModelConfig, get_config, load_config, resolve_resolution
 from .hub import CheckpointError
 from .images import load_image
 from .jobs import Job, find_images, make_jobs

@@ -118,3 +118,18 @@ def gradient_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inputs") / "gradient.png"
     Image.fromarray(pixels).save(path)
     return path
+
+
+def on_ci() -> bool:
+    """Whether the tests run under CI (``CI=true``, as ``.ci/run`` and most CI services set)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_system_program(path: Path, package: str) -> Path:
+    """``path`` if it exists; else skip the test naming the Debian package to install (fail under CI)."""
+    if path.exists():
+        return path
+    message = f"needs {path} from Debian's {package!r} package (apt-get install -y {package}); .ci/run installs it"
+    if on_ci():
+        pytest.fail(message)
+    pytest.skip(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -172,3 +173,25 @@ def test_missing_checkpoint_is_one_error_line(tmp_path, monkeypatch, caplog):
     assert main(["--res", "256", "--device", "cpu"]) == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert "HF_HUB_OFFLINE is set" in error and "\n" not in error
+
+
+def test_url_only_payload_is_one_sentence(client):
+    """A file payload with only a URL (nothing uploaded) used to crash the handler."""
+    payload = {"path": None, "url": "http://127.0.0.1:9/cat.png", "meta": {"_type": "gradio.FileData"}}
+    with pytest.raises(Exception) as info:
+        client.predict(image=payload, prompt="", api_name="/generate", **FAST)
+    assert str(info.value) == "Please upload the input image as a file."
+
+
+def test_each_video_is_kept_once_and_aged_out(pipeline, gradient_png, tmp_path, monkeypatch):
+    """Written straight into Gradio's cache (not a private folder plus Gradio's copy), and deleted after an hour."""
+    cache = tmp_path / "server-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    demo = build_demo(pipeline)
+    with serve(demo) as client:
+        downloaded, _, _ = client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                                          **{**FAST, "num_frames": 2})
+        on_server = [p for p in cache.rglob("*.mp4") if p != Path(downloaded)]  # the client saves its own copy
+        assert len(on_server) == 1 and on_server[0].read_bytes() == Path(downloaded).read_bytes()
+    assert not [p for p in Path(tempfile.gettempdir()).glob("dynamicrafter-app-*")]
+    assert demo.delete_cache == (600, 3600)

@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .conftest import DATA, MODULE_TOL, load_tiny, relative_error
 from dynamicrafter.checkpoints import CheckpointMismatchError, load_model, read_state_dict
 from dynamicrafter.configs import load_config
 from dynamicrafter.diffusion.schedule import checkpoint_buffers
+
+from .conftest import DATA, MODULE_TOL, load_tiny, relative_error
 
 CKPT256 = DATA / "tiny256.ckpt"
 CKPT512 = DATA / "tiny512.ckpt"

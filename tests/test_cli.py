@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import av
@@ -51,6 +52,7 @@ class FakePipeline:
         self.dtype = torch.float32
         self.calls: list[dict] = []
         self.saved: list[tuple[Path, int]] = []
+        self.frames_saved: list[int] = []
         self.created.append(self)
 
     def __call__(self, image, prompt="", **kwargs):
@@ -62,6 +64,7 @@ class FakePipeline:
     def save_video(self, videos, path, fps=8) -> None:
         assert videos.shape[0] == 1
         self.saved.append((Path(path), fps))
+        self.frames_saved.append(videos.shape[1])
         Path(path).write_bytes(b"video")
 
 
@@ -260,6 +263,124 @@ def test_bad_images_are_skipped_and_counted(fake, tmp_path, caplog, batch_size):
     assert any("refused.png" in message and "too small" in message for message in warnings(caplog))
 
 
+# ----------------------------------------------------------------------------- interpolation, loops, samples, resuming
+
+
+def interp_folder(root: Path, names: tuple[str, ...] = ("a_01", "a_02", "b_01", "b_02")) -> Path:
+    folder = root / "pairs"
+    for name in names:
+        make_image(folder / f"{name}.png")
+    (folder / "test_prompts.txt").write_text("first pair\nsecond pair\nthird pair\n")
+    return folder
+
+
+def test_interp_makes_one_video_per_pair(fake, tmp_path):
+    folder = interp_folder(tmp_path)
+    (folder / "b_01.txt").write_text("own prompt of b")
+    out = tmp_path / "out"
+    assert cli.main(["512_interp", "--interp", "--prompt_dir", str(folder), "--output_dir", str(out),
+                     "--device", "cpu"]) == 0
+    calls = fake[0].calls
+    assert [call["prompt"] for call in calls] == [["first pair"], ["own prompt of b"]]
+    assert all(len(call["end_image"]) == 1 for call in calls)
+    assert [[g.initial_seed() for g in call["generator"]] for call in calls] == [[12306], [12306]]
+    assert [path.name for path, _ in fake[0].saved] == ["a_01.mp4", "b_01.mp4"]
+    assert fake[0].frames_saved == [16, 16]
+
+
+def test_odd_image_out_fails_alone(fake, tmp_path, caplog):
+    folder = interp_folder(tmp_path, ("a_01", "a_02", "c_01"))
+    out = tmp_path / "out"
+    assert cli.main(["512_interp", "--interp", "--prompt_dir", str(folder), "--output_dir", str(out),
+                     "--device", "cpu"]) == 1
+    assert [path.name for path, _ in fake[0].saved] == ["a_01.mp4"]
+    assert any("c_01.png has no partner image" in m for m in warnings(caplog))
+    assert "1 done, 1 failed, 0 skipped" in caplog.text
+
+
+def test_loop_drops_the_repeated_last_frame(fake, tmp_path):
+    folder = tmp_path / "loops"
+    make_image(folder / "waves.png")
+    out = tmp_path / "out"
+    assert cli.main(["512_interp", "--loop", "--prompt_dir", str(folder), "--output_dir", str(out), "--device",
+                     "cpu", "--video_length", "8"]) == 0
+    (call,) = fake[0].calls
+    assert call["end_image"][0] is not None and call["num_frames"] == 8
+    assert [g.initial_seed() for g in call["generator"]] == [234]
+    assert fake[0].frames_saved == [7]
+
+
+@pytest.mark.parametrize("flag", ["--interp", "--loop"])
+def test_interp_and_loop_need_an_interpolation_model(fake, tmp_path, caplog, flag):
+    assert cli.main(["512", flag, "--image_path", str(make_image(tmp_path / "a.png"))]) == 2
+    assert errors(caplog) == [f"{flag} needs an interpolation model such as 512_interp, not 512."]
+    assert not fake
+
+
+def test_application_defaults_follow_the_original(fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    interp_folder(tmp_path / "prompts").rename(tmp_path / "prompts" / "512_interp")
+    assert cli.main(["512_interp", "--interp", "--device", "cpu"]) == 0
+    assert fake[0].saved[0][0] == Path("results/dynamicrafter_pipeline_512_interp_seed12306/a_01.mp4")
+
+
+def test_samples_per_image_get_their_own_seeds_and_names(fake, tmp_path):
+    folder = tmp_path / "in"
+    for name in ("x", "y"):
+        make_image(folder / f"{name}.png")
+    out = tmp_path / "out"
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--n_samples", "2",
+                     "--batch_size", "3", "--seed", "10", "--device", "cpu"]) == 0
+    calls = fake[0].calls
+    assert [[g.initial_seed() for g in call["generator"]] for call in calls] == [[10, 11, 10], [11]]
+    assert [path.name for path, _ in fake[0].saved] == ["x_sample0.mp4", "x_sample1.mp4", "y_sample0.mp4",
+                                                        "y_sample1.mp4"]
+
+
+def test_manifest_and_resume(fake, tmp_path, caplog):
+    from dynamicrafter.manifest import read_records
+
+    folder = tmp_path / "in"
+    for name in ("p", "q", "r"):
+        make_image(folder / f"{name}.png")
+    out = tmp_path / "out"
+    argv = ["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--prompt_text", "go", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    records = read_records(out / "manifest.jsonl")
+    assert [r["video"] for r in records] == ["p.mp4", "q.mp4", "r.mp4"]
+    first = records[0]
+    assert (first["prompt"], first["seed"], first["model"], first["rank"]) == ("go", 123, "256", 0)
+    assert first["settings"]["num_inference_steps"] == 50 and first["image"].endswith("p.png")
+    (out / "q.mp4").unlink()  # as if the run had been interrupted before q
+    caplog.clear()
+    assert cli.main(argv) == 0
+    assert [path.name for path, _ in fake[1].saved] == ["q.mp4"]
+    assert "1 done, 0 failed, 2 skipped" in caplog.text
+    caplog.clear()
+    assert cli.main(argv) == 0
+    assert len(fake) == 2  # nothing left to do: the model is not even loaded
+    assert "0 done, 0 failed, 3 skipped" in caplog.text
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert len(fake[2].saved) == 3 and len(read_records(out / "manifest.jsonl")) == 7
+
+
+def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
+    """Under torchrun each rank takes every WORLD_SIZE-th job, with the seed that job always has."""
+    folder = tmp_path / "in"
+    for name in ("a", "b", "c"):
+        make_image(folder / f"{name}.png")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(cli.distributed, "init", lambda ranks: None)
+    monkeypatch.setattr(cli.distributed, "sum_counts", lambda counts, ranks: list(counts))
+    monkeypatch.setattr(cli.distributed, "shutdown", lambda ranks: None)
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(tmp_path / "o"), "--device", "cpu",
+                     "--n_samples", "2"]) == 0
+    assert [path.name for path, _ in fake[0].saved] == ["a_sample1.mp4", "b_sample1.mp4", "c_sample1.mp4"]
+    assert all([g.initial_seed() for g in call["generator"]] == [124] for call in fake[0].calls)
+
+
 # ----------------------------------------------------------------------------- user errors
 
 
@@ -295,6 +416,55 @@ def test_user_errors_are_one_sentence(fake, tmp_path, caplog, argv, code, fragme
     assert fragment in message
     assert "\n" not in message and message.endswith(".")
     assert not fake
+
+
+def test_unwritable_output_folder_fails_before_the_model_loads(fake, tmp_path, caplog):
+    """Checked up front: before, the model loaded, every video was made, then each write failed."""
+    target = Path("/sys")  # exists, and not even root may create files there
+    try:
+        tempfile.NamedTemporaryFile(dir=target).close()
+    except OSError:
+        pass
+    else:
+        pytest.skip("no folder that cannot be written on this machine")
+    code = cli.main(["256", "--image_path", str(make_image(tmp_path / "a.png")), "--output_dir", str(target),
+                     "--device", "cpu"])
+    assert code == 1
+    (message,) = errors(caplog)
+    assert message.startswith("Cannot write to output folder /sys (") and "\n" not in message
+    assert not fake
+
+
+def test_folder_given_as_image_path(fake, tmp_path, caplog):
+    assert cli.main(["256", "--image_path", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 1
+    assert errors(caplog) == [f"Image {tmp_path} is a folder; pass it as --prompt_dir."]
+
+
+def test_looping_link_in_a_prompt_folder_is_reported(fake, tmp_path, caplog):
+    folder = tmp_path / "in"
+    make_image(folder / "good.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    out = tmp_path / "out"
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--device", "cpu"]) == 1
+    assert any("loop.png" in m and "cannot be read" in m for m in warnings(caplog))
+    assert "1 done, 1 failed, 0 skipped" in caplog.text
+
+
+def test_webp_and_tiff_are_found_in_folders(fake, tmp_path):
+    folder = tmp_path / "in"
+    for name in ("a.webp", "b.tif", "c.tiff", "d.gif"):
+        make_image(folder / name)
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert [path.name for path, _ in fake[0].saved] == ["a.mp4", "b.mp4", "c.mp4"]
+
+
+def test_exif_rotated_photo_reaches_the_pipeline_upright(fake, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (80, 40)).save(path, exif=exif)
+    assert cli.main(["256", "--image_path", str(path), "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert fake[0].calls[0]["image"][0].size == (40, 80)
 
 
 def test_cuda_device_without_cuda_is_a_user_error(fake, tmp_path, monkeypatch, caplog):
@@ -354,6 +524,37 @@ def test_shell_script_prints_usage_for_bad_arguments(args):
 def test_shell_script_help():
     result = run_script(str(RUN_SHELL), "--help")
     assert result.returncode == 0 and result.stdout.startswith("Usage:")
+
+
+def test_shell_script_launches_torchrun_for_several_gpus(tmp_path):
+    recorder = tmp_path / "python"
+    recorder.write_text('#!/bin/sh\necho "$@"\n')
+    recorder.chmod(0o755)
+    result = run_script(str(RUN_SHELL), "512", "7", "--gpus", "4", "--fps", "4", cwd=tmp_path, PYTHON=str(recorder))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("-m torch.distributed.run --standalone --nproc_per_node=4 "
+                                     "scripts/run_pipeline.py 512 --seed 7 --fps 4")
+    bad = run_script(str(RUN_SHELL), "512", "--gpus", "zero", cwd=tmp_path, PYTHON=str(recorder))
+    assert bad.returncode == 1 and "--gpus needs a positive whole number." in bad.stderr
+
+
+@pytest.mark.parametrize("args, forwarded", [
+    (["interp"], "512_interp --seed 12306 --interp --prompt_dir prompts/512_interp/ --output_dir "
+                 "results/dynamicrafter_512_interp_seed12306"),
+    (["loop", "5", "cuda:1", "--fps", "4"], "512_interp --seed 5 --device cuda:1 --loop --prompt_dir "
+                                            "prompts/512_loop/ --output_dir results/dynamicrafter_512_loop_seed5"),
+])
+def test_application_script_uses_the_originals_settings(tmp_path, args, forwarded):
+    recorder = tmp_path / "python"
+    recorder.write_text('#!/bin/sh\necho "$@"\n')
+    recorder.chmod(0o755)
+    result = run_script(str(ROOT / "scripts" / "run_application.sh"), *args, cwd=tmp_path, PYTHON=str(recorder))
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith(f"scripts/run_pipeline.py {forwarded} ")
+    assert ("--height 320 --width 512 --video_length 16 --frame_stride 5 --num_inference_steps 50 "
+            "--guidance_scale 7.5 --eta 1.0 --timestep_spacing uniform_trailing --guidance_rescale 0.7") in line
+    assert line.endswith("--fps 4") == ("--fps" in args)
 
 
 @pytest.mark.parametrize("args, forwarded", [
@@ -447,3 +648,30 @@ def test_real_guide_single_image_command(tmp_path):
                         *tiny_args("tiny256"))
     assert result.returncode == 0, result.stderr
     assert read_video(out / "pour_bear.mp4") == ("h264", 4, model_size("tiny256"), 8.0)
+
+
+def test_real_torchrun_gives_the_single_process_videos(tmp_path):
+    """Two CPU ranks (gloo) make byte-identical videos to one process, one manifest line each; a re-run skips all."""
+    folder = tmp_path / "in"
+    for index, name in enumerate(("a", "b", "c")):
+        make_image(folder / f"{name}.png", (64 + 16 * index, 64))
+    common = [*tiny_args("tiny256"), "--device", "cpu", "--dtype", "float32", "--prompt_dir", str(folder),
+              "--prompt_text", "x", "--height", "64", "--width", "64"]
+    single = run_script(str(RUN_PIPELINE), "256", *common, "--output_dir", str(tmp_path / "one"), OMP_NUM_THREADS="1")
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    multi = subprocess.run([*launcher, str(RUN_PIPELINE), "256", *common, "--output_dir", str(tmp_path / "two")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert multi.returncode == 0, multi.stderr
+    assert "3 done, 0 failed, 0 skipped" in multi.stderr
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    from dynamicrafter.manifest import read_records
+
+    records = read_records(tmp_path / "two" / "manifest.jsonl")
+    assert sorted((r["video"], r["rank"]) for r in records) == [("a.mp4", 0), ("b.mp4", 1), ("c.mp4", 0)]
+    again = subprocess.run([*launcher, str(RUN_PIPELINE), "256", *common, "--output_dir", str(tmp_path / "two")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "0 done, 0 failed, 3 skipped" in again.stderr

@@ -15,7 +15,13 @@ import pytest
 import yaml
 
 from dynamicrafter.configs import (
-    PRESETS, DiffusionConfig, ModelConfig, ResamplerConfig, UNetConfig, VAEConfig, load_config,
+    PRESETS,
+    DiffusionConfig,
+    ModelConfig,
+    ResamplerConfig,
+    UNetConfig,
+    VAEConfig,
+    load_config,
 )
 
 

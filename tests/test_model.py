@@ -15,12 +15,13 @@ from typing import Callable
 import pytest
 import torch
 
-from .conftest import CHAIN_TOL, DATA, MODULE_TOL, TINY_NAMES, TinyModel, load_tiny, relative_error
 from dynamicrafter.checkpoints import RENAMES, load_model
 from dynamicrafter.configs import PRESETS, get_config
 from dynamicrafter.diffusion.ddim import DDIMSampler, guided
 from dynamicrafter.diffusion.schedule import checkpoint_buffers
 from dynamicrafter.models.dynamicrafter import DynamiCrafter
+
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, TINY_NAMES, TinyModel, load_tiny, relative_error
 
 # --------------------------------------------------------------------------------------------
 # Single module calls

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import DATA
 from dynamicrafter.configs import get_config
 from dynamicrafter.diffusion.ddim import DDIMSampler
 from dynamicrafter.diffusion.schedule import SPACINGS, NoiseSchedule, ddim_timesteps
+
+from .conftest import DATA
 
 TOL = 1e-6
 RESOLUTIONS = ["256", "512", "1024"]

@@ -1,0 +1,64 @@
+"""The test suite's own promises: a missing system program skips (fails under CI); dependencies are what is imported."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_system_program
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Declared without being imported, each for a reason given in pyproject.toml.
+NOT_IMPORTED_ON_PURPOSE = {"torchvision"}
+
+
+def test_missing_system_program_skips_with_the_package_name(monkeypatch, tmp_path):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"Debian's 'chromium' package \(apt-get install -y chromium\)"):
+        require_system_program(tmp_path / "chromium", "chromium")
+
+
+def test_missing_system_program_fails_under_ci(monkeypatch, tmp_path):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium"):
+        require_system_program(tmp_path / "chromium", "chromium")
+    assert require_system_program(Path(sys.executable), "python3") == Path(sys.executable)
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def _imported_top_level(folder: Path) -> set[str]:
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_declared_dependencies_are_exactly_those_imported():
+    """Every third-party module the package imports is declared, and every declared package is imported."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"])
+    extras = {name: _requirement_names(reqs) for name, reqs in project["optional-dependencies"].items()}
+    optional = set().union(*extras.values())
+    distributions = metadata.packages_distributions()
+    imported = set()
+    for module in _imported_top_level(ROOT / "dynamicrafter") - set(sys.stdlib_module_names) - {"dynamicrafter"}:
+        owners = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+        imported |= owners
+    missing = {name for name in imported if name not in declared and name not in optional}
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
+    unused = {name for name in declared if name not in imported} - NOT_IMPORTED_ON_PURPOSE
+    assert not unused, f"declared but never imported: {sorted(unused)}"
