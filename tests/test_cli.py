@@ -675,3 +675,22 @@ def test_real_torchrun_gives_the_single_process_videos(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0 and "0 done, 0 failed, 3 skipped" in again.stderr
+
+
+def test_every_flag_is_documented():
+    documented = (ROOT / "docs" / "cli.md").read_text()
+    flags = [flag for action in cli.build_parser()._actions for flag in action.option_strings if flag != "-h"]
+    missing = [flag for flag in flags if f"`{flag}" not in documented]
+    assert not missing, f"flags missing from docs/cli.md: {missing}"
+
+
+def test_front_ends_share_the_model_flags():
+    from dynamicrafter import app, bench
+
+    def flags(parser):
+        return {flag for action in parser._actions for flag in action.option_strings}
+
+    model = {"--device", "--dtype", "--offload", "--checkpoint", "--config", "--compile"}
+    assert model <= flags(cli.build_parser()) and model <= flags(app._parser()) and model <= flags(bench.build_parser())
+    shared = {"--num_inference_steps", "--steps", "--video_length", "--frames", "--guidance_scale"}
+    assert shared <= flags(cli.build_parser()) and shared <= flags(bench.build_parser())
