@@ -2,8 +2,12 @@
 
 Downloads go through :func:`huggingface_hub.hf_hub_download` (its progress bar, retries and
 resumption of a dropped transfer). ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME`` / ``HF_HUB_CACHE``
-and ``HF_HUB_OFFLINE`` are read when :func:`ensure_checkpoint` runs, not when huggingface_hub
-was imported.
+and ``HF_HUB_OFFLINE`` are read when :func:`ensure_checkpoint` or :func:`ensure_clip_weights`
+runs, not when huggingface_hub was imported.
+
+A model checkpoint lands where the original code keeps it (``checkpoints/..../model.ckpt``). The
+OpenCLIP weights that complete a checkpoint without CLIP towers stay in the Hugging Face cache,
+downloaded once and shared with every other program that uses that cache.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     FileMetadataError,
     HfHubHTTPError,
@@ -35,6 +39,15 @@ FILENAME = "model.ckpt"
 # Every release stores the same 2.6e9 float32 parameters (UNet, VAE, OpenCLIP text and image towers).
 CHECKPOINT_GB = 10.4
 DEFAULT_ENDPOINT = "https://huggingface.co"
+
+#: The OpenCLIP weights the released models' CLIP towers come from, per architecture:
+#: (open_clip pretrained tag, Hub repository), as in open_clip's pretrained table.
+CLIP_WEIGHTS: dict[str, tuple[str, str]] = {
+    "ViT-H-14": ("laion2b_s32b_b79k", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+}
+#: open_clip's file names in such a repository, the safetensors one preferred (as open_clip does).
+CLIP_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+CLIP_GB = {"ViT-H-14": 3.9}  # 986e6 float32 parameters
 
 
 class CheckpointError(RuntimeError):
@@ -88,10 +101,48 @@ def ensure_checkpoint(name: str, path: str | Path | None = None) -> Path:
         )
         os.replace(downloaded, target)
     except (OSError, httpx2.HTTPError) as error:
-        raise CheckpointError(_explain(error, repo_id, endpoint, target)) from error
+        raise CheckpointError(_explain(error, repo_id, endpoint, FILENAME, target)) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_clip_weights(arch: str = "ViT-H-14") -> Path:
+    """The OpenCLIP weights of ``arch`` the released models were trained with, from the Hub cache.
+
+    They complete a checkpoint that leaves out the CLIP towers. The file is downloaded once into
+    the Hugging Face cache; later calls find it there without any request (also offline).
+
+    Raises:
+        CheckpointError: no weights are known for ``arch``, or they are not cached and cannot
+            be downloaded (offline mode, network or access error).
+    """
+    if arch not in CLIP_WEIGHTS:
+        raise CheckpointError(f"No OpenCLIP weights are known for the CLIP architecture {arch}; "
+                              "pass --clip_checkpoint with them.")
+    tag, repo_id = CLIP_WEIGHTS[arch]
+    cache_dir = _hub_cache_dir()
+    for filename in CLIP_FILENAMES:
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        if isinstance(cached, str):
+            return Path(cached)
+    what = f"The OpenCLIP {arch} {tag} weights"
+    if _env_flag("HF_HUB_OFFLINE"):
+        raise CheckpointError(f"{what} ({repo_id}) are not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                              "download them or pass --clip_checkpoint.")
+    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+    logger.info("Downloading the OpenCLIP %s %s weights from %s into the Hugging Face cache (about %.1f GB, once)",
+                arch, tag, repo_id, CLIP_GB.get(arch, 0.0))
+    for filename in CLIP_FILENAMES:
+        try:
+            return Path(hf_hub_download(repo_id, filename, endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None,
+                                        cache_dir=cache_dir))
+        except (OSError, httpx2.HTTPError) as error:
+            if filename != CLIP_FILENAMES[-1] and any(isinstance(c, RemoteEntryNotFoundError) for c in _chain(error)):
+                continue  # try the next name
+            message = _explain(error, repo_id, endpoint, filename, None, flag="--clip_checkpoint")
+            raise CheckpointError(message) from error
+    raise AssertionError("unreachable")
 
 
 def _env_flag(variable: str) -> bool:
@@ -107,8 +158,9 @@ def _hub_cache_dir() -> str | None:
     return None
 
 
-def _offline_message(target: Path) -> str:
-    return f"Checkpoint {target} is missing and HF_HUB_OFFLINE is set; download it or pass --checkpoint."
+def _offline_message(target: Path | None, filename: str = FILENAME, flag: str = "--checkpoint") -> str:
+    what = f"Checkpoint {target}" if target is not None else filename
+    return f"{what} is missing and HF_HUB_OFFLINE is set; download it or pass {flag}."
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -121,26 +173,28 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _explain(error: BaseException, repo_id: str, endpoint: str, target: Path) -> str:
-    """One sentence telling the user why `target` could not be downloaded and what to do."""
+def _explain(error: BaseException, repo_id: str, endpoint: str, filename: str, target: Path | None,
+             flag: str = "--checkpoint") -> str:
+    """One sentence telling the user why `filename` could not be downloaded (to `target`) and what to do."""
     for cause in _chain(error):
         if isinstance(cause, OfflineModeIsEnabled):
-            return _offline_message(target)
+            return _offline_message(target, filename, flag)
         if isinstance(cause, RepositoryNotFoundError):
             return (f"Repository {repo_id} was not found on {endpoint}; check HF_ENDPOINT, or set HF_TOKEN "
                     "if the repository is private or gated.")
         if isinstance(cause, (RemoteEntryNotFoundError, RevisionNotFoundError)):
-            return f"{FILENAME} was not found in {repo_id} on {endpoint}; check HF_ENDPOINT."
+            return f"{filename} was not found in {repo_id} on {endpoint}; check HF_ENDPOINT."
         if isinstance(cause, HfHubHTTPError) and cause.response is not None:
             status = cause.response.status_code
             if status in (401, 403):
                 return (f"{endpoint} refused access to {repo_id} (HTTP {status}); set HF_TOKEN to a token "
                         "that can read it.")
-            return f"Downloading {FILENAME} from {repo_id} failed with HTTP {status} from {endpoint}; try again later."
+            return f"Downloading {filename} from {repo_id} failed with HTTP {status} from {endpoint}; try again later."
         if isinstance(cause, httpx2.HTTPError):
-            return (f"Could not reach {endpoint} to download {FILENAME} from {repo_id} ({type(cause).__name__}); "
-                    "check your connection or HF_ENDPOINT, or download it yourself and pass --checkpoint.")
+            return (f"Could not reach {endpoint} to download {filename} from {repo_id} ({type(cause).__name__}); "
+                    f"check your connection or HF_ENDPOINT, or download it yourself and pass {flag}.")
         if isinstance(cause, FileMetadataError):
             return f"{endpoint} does not answer like a Hugging Face Hub; check HF_ENDPOINT."
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f"Could not download {FILENAME} from {repo_id} to {target}: {reason.rstrip('.')}."
+    where = f" to {target}" if target is not None else ""
+    return f"Could not download {filename} from {repo_id}{where}: {reason.rstrip('.')}."

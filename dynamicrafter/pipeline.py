@@ -94,6 +94,9 @@ class DynamiCrafterImg2VideoPipeline:
         device: where to run; default ``cuda:0`` when available, else the CPU (with a warning).
         checkpoint: a ``.ckpt`` or ``.safetensors`` file; default
             ``checkpoints/dynamicrafter_{name}_v1/model.ckpt``, downloaded when missing.
+        clip_checkpoint: an OpenCLIP state dict file for a checkpoint without the CLIP towers
+            (the "pruned" files); default the OpenCLIP ViT-H-14 ``laion2b_s32b_b79k`` weights,
+            downloaded once into the Hugging Face cache when such a checkpoint is loaded.
         config: a :class:`ModelConfig` or the path of a model config in the original YAML
             format; default the preset of ``resolution``.
         dtype: ``torch.float32``/``float16``/``bfloat16`` or their names; default bf16 where the
@@ -109,7 +112,8 @@ class DynamiCrafterImg2VideoPipeline:
 
     def __init__(self, resolution: str = "256", device: str | torch.device | None = None,
                  checkpoint: str | Path | None = None, config: ModelConfig | str | Path | None = None,
-                 dtype: str | torch.dtype | None = None, *, offload: bool | str | None = None, compile: bool = False,
+                 dtype: str | torch.dtype | None = None, *, clip_checkpoint: str | Path | None = None,
+                 offload: bool | str | None = None, compile: bool = False,
                  sequential_guidance: bool = False, decode_chunk_size: int | None = None) -> None:
         name = resolve_resolution(resolution)
         if config is None:
@@ -122,13 +126,11 @@ class DynamiCrafterImg2VideoPipeline:
             from .hub import ensure_checkpoint  # the download stack is only needed here
 
             checkpoint = ensure_checkpoint(name)
-        elif Path(checkpoint).is_dir():
-            raise ValueError(f"Checkpoint {checkpoint} is a folder; give the .ckpt or .safetensors file inside it.")
-        elif not Path(checkpoint).is_file():
-            raise ValueError(f"Checkpoint {checkpoint} does not exist.")
         self.checkpoint: Path | None = Path(checkpoint)
         home = device if offload_mode(offload, device) == "none" else torch.device("cpu")
-        model = load_model(config, checkpoint, dtype=dtype, device=home, vae_dtype=vae_dtype_for(dtype, device))
+        # load_model says in one sentence what is wrong with a missing, folder or malformed file.
+        model = load_model(config, checkpoint, dtype=dtype, device=home, vae_dtype=vae_dtype_for(dtype, device),
+                           clip_checkpoint=clip_checkpoint)
         self._setup(model, device, dtype, offload, compile, sequential_guidance, decode_chunk_size)
 
     @classmethod

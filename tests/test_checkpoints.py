@@ -237,10 +237,24 @@ def test_wrong_config_same_schedule(config256, tmp_path) -> None:
 
 
 def test_nonexistent_path(config256, tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt") as info:
         load_model(config256, tmp_path / "nope.ckpt")
-    with pytest.raises(FileNotFoundError):
-        read_state_dict(tmp_path)  # a directory
+    assert isinstance(info.value, ValueError)  # a user error like every other checkpoint error
+    assert str(info.value) == f"Checkpoint {tmp_path / 'nope.ckpt'} does not exist."
+
+
+@pytest.mark.parametrize("inside", [[], ["model.ckpt", "notes.txt"]], ids=["empty", "with-model.ckpt"])
+def test_directory_is_called_a_folder(inside, config256, tmp_path) -> None:
+    folder = tmp_path / "dynamicrafter_256_v1"
+    folder.mkdir()
+    for name in inside:
+        (folder / name).write_bytes(b"x")
+    hint = "give the file inside it (model.ckpt)" if inside else "it holds no checkpoint file"
+    expected = f"Checkpoint {folder} is a folder, not a file; {hint}."
+    for load in (lambda: load_model(config256, folder), lambda: read_state_dict(folder)):
+        with pytest.raises(CheckpointMismatchError) as info:
+            load()
+        assert str(info.value) == expected
 
 
 def _garbage(kind: str, tmp_path: Path) -> Path:
@@ -271,7 +285,136 @@ def test_garbage_file(kind, config256, tmp_path) -> None:
     path = _garbage(kind, tmp_path)
     with pytest.raises(CheckpointMismatchError, match="not a readable checkpoint") as info:
         load_model(config256, path)
-    assert str(path) in str(info.value)
+    assert str(info.value).startswith(f"{path} is not a readable checkpoint (") and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong dtypes and wrong kinds of file: one sentence saying what the file is and what to do
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+@pytest.mark.parametrize("key", [UNET_PREFIX + "out.2.weight", "cond_stage_model.model.ln_final.weight"])
+def test_integer_tensor_where_a_float_is_expected(fmt, key, release_state, config256, tmp_path) -> None:
+    state = dict(release_state, **{key: release_state[key].to(torch.int64)})
+    path = tmp_path / f"int.{fmt}"
+    if fmt == "ckpt":
+        _save_release(state, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model(config256, path)
+    assert str(info.value) == (f"{path} stores {key} as torch.int64 where the tiny256 model needs floating-point "
+                               "weights; the file is damaged or not a model checkpoint.")
+
+
+def test_integer_schedule_buffer(release_state, config256, tmp_path) -> None:
+    path = _save_release(dict(release_state, betas=release_state["betas"].to(torch.int32)), tmp_path / "b.ckpt")
+    assert _mismatch(config256, path) == f"{path} stores the schedule buffer betas as torch.int32; the file is damaged."
+
+
+def _lora_state(style: str) -> dict[str, torch.Tensor]:
+    a, b = torch.zeros(4, 32), torch.zeros(32, 4)
+    if style == "peft":
+        base = "base_model.model.model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+        return {f"{base}.lora_A.weight": a, f"{base}.lora_B.weight": b}
+    if style == "kohya":
+        base = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+        return {f"{base}.lora_down.weight": a, f"{base}.lora_up.weight": b, f"{base}.alpha": torch.tensor(4.0)}
+    base = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"  # diffusers attention processors
+    return {f"{base}.to_q_lora.down.weight": a, f"{base}.to_q_lora.up.weight": b}
+
+
+@pytest.mark.parametrize("style", ["peft", "kohya", "diffusers"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_lora_adapter(style, fmt, config256, tmp_path) -> None:
+    state = _lora_state(style)
+    path = tmp_path / f"adapter_model.{fmt}"
+    save_file(state, str(path)) if fmt == "safetensors" else torch.save(state, path)
+    message = _mismatch(config256, path)
+    assert message == (f"{path} is a LoRA adapter ({len(state)} tensors such as {sorted(state)[0]}), not a model "
+                       "checkpoint; give the full model's checkpoint instead.")
+
+
+def test_model_with_unmerged_peft_layers(release_state, config256, tmp_path) -> None:
+    key = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    state = {k: v for k, v in release_state.items() if not k.startswith(key + ".")}
+    state.update({f"{key}.base_layer.weight": release_state[key + ".weight"],
+                  f"{key}.lora_A.default.weight": torch.zeros(4, 32), f"{key}.lora_B.default.weight": torch.zeros(32, 4)})
+    path = _save_release(state, tmp_path / "peft_model.ckpt")
+    assert _mismatch(config256, path) == (
+        f"{path} holds a model with unmerged LoRA layers (peft keys such as {key}.lora_A.default.weight); merge them "
+        "(peft's merge_and_unload) and save the merged model's state dict.")
+
+
+def _optimizer_state() -> dict:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = torch.optim.AdamW(params)
+    params[0].grad = torch.ones(3)
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_optimizer_state(config256, tmp_path) -> None:
+    path = tmp_path / "optimizer.pt"
+    torch.save(_optimizer_state(), path)
+    assert _mismatch(config256, path) == (f"{path} is an optimizer state (state, param_groups) saved during training, "
+                                          "not model weights; give the model's checkpoint instead.")
+
+
+def test_training_state_without_model(config256, tmp_path) -> None:
+    path = tmp_path / "trainer_state.pt"
+    torch.save({"optimizer": _optimizer_state(), "step": 1000, "lr_scheduler": {"last_epoch": 3}}, path)
+    assert _mismatch(config256, path) == (f"{path} is a training state (lr_scheduler, optimizer, step) without a "
+                                          "model state dict under 'state_dict'; give the model's checkpoint instead.")
+
+
+def test_lightning_checkpoint_with_optimizer_states_loads(release_state, config256, tmp_path, ours_f32) -> None:
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": release_state, "optimizer_states": [_optimizer_state()], "global_step": 7}, path)
+    assert relative_error(unet_out(load_model(config256, path)), ours_f32) == 0.0
+
+
+def test_deepspeed_layout_loads(release_state, config256, tmp_path, ours_f32) -> None:
+    """The original trainer's DeepSpeed files: {"module": {"_forward_module.<key>": ...}}."""
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {f"_forward_module.{k}": v for k, v in release_state.items()}}, path)
+    assert relative_error(unet_out(load_model(config256, path)), ours_f32) == 0.0
+
+
+def test_tooncrafter_checkpoint_for_a_dynamicrafter_model(tmp_path) -> None:
+    """ToonCrafter's VAE decoder (AutoencoderKL_Dualref) has reference attention blocks the others lack."""
+    config512 = load_config(DATA / "tiny512.yaml")
+    state = torch.load(CKPT512, map_location="cpu", weights_only=True)["state_dict"]
+    toon = "first_stage_model.decoder.attn_refinement.0."
+    state.update({toon + "norm.weight": torch.ones(32), toon + "to_q.weight": torch.zeros(32, 32),
+                  "first_stage_model.decoder.up.0.block.0.time_stack.in_layers.0.weight": torch.ones(32)})
+    path = _save_release(state, tmp_path / "tooncrafter_512_interp.ckpt")
+    assert _mismatch(config512, path) == (f"{path} is a ToonCrafter checkpoint (its VAE decoder is ToonCrafter's), not "
+                                          "one for the tiny512 model; load it with the tooncrafter model.")
+
+
+def test_open_clip_model_given_as_checkpoint(release_state, config256, tmp_path) -> None:
+    state = {k[len("cond_stage_model.model."):]: v for k, v in release_state.items()
+             if k.startswith("cond_stage_model.model.")}
+    state.update({k[len("embedder.model."):]: v for k, v in release_state.items() if k.startswith("embedder.model.visual.")})
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert _mismatch(config256, path) == (f"{path} is an OpenCLIP model (the CLIP towers only), not a DynamiCrafter "
+                                          "checkpoint; pass it as clip_checkpoint (--clip_checkpoint) and give the "
+                                          "model's checkpoint.")
+
+
+def test_vae_only_file(config256, tmp_path) -> None:
+    path = tmp_path / "vae.safetensors"
+    save_file({"decoder.conv_in.weight": torch.zeros(4, 4), "encoder.conv_in.weight": torch.zeros(4, 4)}, str(path))
+    assert _mismatch(config256, path) == (f"{path} is not a DynamiCrafter checkpoint: it has no UNet weights "
+                                          "(model.diffusion_model.*) among its 2 tensors, such as decoder.conv_in.weight.")
+
+
+def test_schedule_buffers_may_be_left_out(release_state, schedule_keys, config256, tmp_path, ours_f32) -> None:
+    path = _save_release({k: v for k, v in release_state.items() if k not in schedule_keys}, tmp_path / "nosched.ckpt")
+    assert relative_error(unet_out(load_model(config256, path)), ours_f32) == 0.0
 
 
 @pytest.mark.parametrize("content", [{"state_dict": {"a": 1}}, [torch.zeros(2)], torch.zeros(2), {"a": "b"}],
@@ -309,13 +452,16 @@ def test_pickle_that_runs_code_is_refused(legacy, release_state, config256, tmp_
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_pickle_that_runs_code_gives_package_error(legacy, release_state, config256, tmp_path) -> None:
-    """Stricter: a refused pickle surfaces as CheckpointMismatchError, like any unreadable checkpoint."""
+    """Stricter: a refused pickle is one sentence naming the call it would make, without PyTorch's advice."""
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"payload": _RunsCode(marker)}, path, _use_new_zipfile_serialization=not legacy)
-    with pytest.raises(CheckpointMismatchError):
+    with pytest.raises(CheckpointMismatchError) as info:
         load_model(config256, path)
     assert not marker.exists()
+    assert str(info.value) == (f"{path} was refused: loading it would call {os.system.__module__}.system, and "
+                               "checkpoints are only read without running code; use a .safetensors copy, or re-save "
+                               "its state dict from a copy you trust.")
 
 
 # --------------------------------------------------------------------------------------------

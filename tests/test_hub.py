@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from dynamicrafter.hub import REPOS, CheckpointError, default_checkpoint_path, ensure_checkpoint
+from dynamicrafter.hub import (CLIP_WEIGHTS, REPOS, CheckpointError, default_checkpoint_path, ensure_checkpoint,
+                               ensure_clip_weights)
 
 REPO = "Doubiiu/DynamiCrafter"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -211,4 +212,61 @@ def test_existing_file_is_returned_without_any_request(hub, hf_env):
     target.write_bytes(b"already here")
     assert ensure_checkpoint("1024", target) == target
     assert target.read_bytes() == b"already here"
+    assert hub.requests == []
+
+
+# ----------------------------------------------------------------------------- OpenCLIP weights (Hub cache)
+
+CLIP_REPO = CLIP_WEIGHTS["ViT-H-14"][1]
+
+
+@pytest.mark.parametrize("served", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_clip_weights_come_from_the_cache_once(hub, hf_env, served, caplog):
+    hub.files = {(CLIP_REPO, served): PAYLOAD}
+    with caplog.at_level(logging.INFO, logger="dynamicrafter.hub"):
+        path = ensure_clip_weights("ViT-H-14")
+    assert path.read_bytes() == PAYLOAD and path.name == served
+    assert path.is_relative_to(hf_env.parent / "hf_home" / "hub" / "models--laion--CLIP-ViT-H-14-laion2B-s32B-b79K")
+    gets = [r["path"] for r in hub.requests if r["method"] == "GET"]
+    assert gets == [f"/{CLIP_REPO}/resolve/main/{served}"]  # the safetensors name first, the .bin only without it
+    assert caplog.messages == [f"Downloading the OpenCLIP ViT-H-14 laion2b_s32b_b79k weights from {CLIP_REPO} into "
+                               "the Hugging Face cache (about 3.9 GB, once)"]
+    hub.requests.clear()
+    assert ensure_clip_weights("ViT-H-14") == path
+    assert hub.requests == []
+    assert not hf_env.exists()  # nothing under the checkpoints folder
+
+
+def test_clip_weights_not_found(hub, hf_env):
+    hub.files = {(CLIP_REPO, "README.md"): b"x"}
+    with pytest.raises(CheckpointError) as info:
+        ensure_clip_weights("ViT-H-14")
+    assert str(info.value) == f"open_clip_pytorch_model.bin was not found in {CLIP_REPO} on {hub.url}; check HF_ENDPOINT."
+
+
+def test_clip_weights_unreachable(hf_env, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    with pytest.raises(CheckpointError) as info:
+        ensure_clip_weights("ViT-H-14")
+    message = str(info.value)
+    assert message.startswith(f"Could not reach {url} to download open_clip_model.safetensors from {CLIP_REPO} (")
+    assert message.endswith("download it yourself and pass --clip_checkpoint.") and "\n" not in message
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_clip_weights_refused(hub, hf_env, status):
+    hub.forced_status = status
+    with pytest.raises(CheckpointError, match=rf"refused access to {CLIP_REPO} \(HTTP {status}\); set HF_TOKEN"):
+        ensure_clip_weights("ViT-H-14")
+
+
+def test_clip_weights_offline(hub, hf_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as info:
+        ensure_clip_weights("ViT-H-14")
+    assert str(info.value) == (f"The OpenCLIP ViT-H-14 laion2b_s32b_b79k weights ({CLIP_REPO}) are not in the Hugging "
+                               "Face cache and HF_HUB_OFFLINE is set; download them or pass --clip_checkpoint.")
     assert hub.requests == []

@@ -2,12 +2,14 @@
 
 The released checkpoints already hold both CLIP towers (``cond_stage_model.model`` for text,
 ``embedder.model`` for images), so the towers are built empty from their architecture and
-filled by the checkpoint loader.
+filled by the checkpoint loader. Files without them are completed from an OpenCLIP state dict
+(``state_from_open_clip``), cut the way the released checkpoints cut it: the text encoder keeps
+everything but the vision tower, the image encoder everything but the text transformer.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import kornia
 import open_clip
@@ -62,6 +64,15 @@ class CLIPTextEncoder(nn.Module):
         self.model = model
         self.skip_last = 1 if config.text_layer == "penultimate" else 0
 
+    @staticmethod
+    def state_from_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This module's state dict from an ``open_clip.CLIP`` state dict: all but ``visual.*``.
+
+        The last block stays although only the penultimate layer's tokens are used, as in the
+        released checkpoints.
+        """
+        return {f"model.{k}": v for k, v in state.items() if not k.startswith("visual.")}
+
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
         m = self.model
         tokens = open_clip.tokenize(list(prompts)).to(m.token_embedding.weight.device)
@@ -86,6 +97,14 @@ class CLIPImageEncoder(nn.Module):
         del model.attn_mask
         self.model = model
         self.image_size = config.image_size
+
+    @staticmethod
+    def state_from_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This module's state dict from an ``open_clip.CLIP`` state dict: all but the text ``transformer.*``.
+
+        The token embedding, final norm and projections stay (unused, as in the released checkpoints).
+        """
+        return {f"model.{k}": v for k, v in state.items() if not k.startswith("transformer.")}
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         x = kornia.geometry.resize(images.float(), (self.image_size, self.image_size), interpolation="bicubic",

@@ -1,0 +1,205 @@
+"""``dynamicrafter convert IN OUT``: any DynamiCrafter-family checkpoint to a ``.safetensors`` file.
+
+The output keeps the release key names (the 256 model's ``framestride_embed`` included), so the
+original code's loaders and the community tools read it as well as this package does. Weights
+are cast to one dtype (float16 by default; the noise-schedule buffers stay float32, as in the
+released files), and ``--without-clip`` leaves out the two OpenCLIP towers (``cond_stage_model.*``,
+``embedder.*``), which :func:`dynamicrafter.checkpoints.load_model` then takes from the OpenCLIP
+weights: the layout of the community's "pruned" files.
+
+The file is streamed tensor by tensor: the input is memory-mapped and each tensor is cast,
+written and its pages released before the next, so the peak memory is about one tensor (the
+safetensors library's writer needs every output tensor in memory at once). It is written under
+a temporary name in the output's folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+import torch
+
+from .checkpoints import (CLIP_TOWERS, CheckpointMismatchError, read_release_state_dict, release_mapped_pages,
+                          wrong_file_message)
+from .configs import DiffusionConfig
+from .diffusion.schedule import checkpoint_buffers
+
+__all__ = ["DTYPES", "convert", "main", "write_safetensors"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: The schedule buffers the original stores at the top level of its checkpoints; kept in float32.
+SCHEDULE_KEYS = frozenset(checkpoint_buffers(DiffusionConfig(use_dynamic_rescale=True)))
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def write_safetensors(path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a ``.safetensors`` file one tensor at a time; returns its size in bytes.
+
+    ``layout`` lists ``(name, dtype, shape)`` in file order; ``tensor(name)`` is called once per
+    name, in that order, and must return a CPU tensor of that dtype and shape. The header (a
+    little-endian u64 length, then JSON with each tensor's dtype, shape and byte range, padded
+    to 8 bytes) is written first, then the tensors' bytes back to back, as the format specifies.
+    Writes to ``path`` directly: callers wanting atomicity pass a temporary name.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in layout:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: safetensors cannot store {dtype}.")
+        size = dtype.itemsize
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = dict(metadata or {"format": "pt"})
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name, dtype, shape in layout:
+            value = tensor(name)
+            if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: expected {dtype} {tuple(shape)}, got {value.dtype} {tuple(value.shape)}")
+            if value.numel():
+                out.write(memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del value  # before the next tensor is made
+        out.flush()
+        os.fsync(out.fileno())
+    return 8 + len(encoded) + offset
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _target_dtype(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` for weights; float32 for the schedule buffers; anything else (integers) unchanged."""
+    if key in SCHEDULE_KEYS:
+        return torch.float32
+    return dtype if value.is_floating_point() else value.dtype
+
+
+def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16, without_clip: bool = False,
+            overwrite: bool = False) -> Path:
+    """Write checkpoint ``source`` as the ``.safetensors`` file ``target``; returns ``target``.
+
+    Args:
+        source: any checkpoint :func:`dynamicrafter.checkpoints.load_model` reads (release
+            ``.ckpt``, bare state dict, ``.safetensors``, with or without the CLIP towers).
+        target: the ``.safetensors`` file to write; never left half-written.
+        dtype: the floating-point weights' dtype (schedule buffers stay float32).
+        without_clip: leave out ``cond_stage_model.*`` and ``embedder.*``.
+        overwrite: replace ``target`` if it exists.
+    Raises:
+        ValueError: one sentence: unreadable or wrong input, existing or unwritable target, or a
+            weight too large for float16.
+    """
+    source, target = Path(source), Path(target)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"Unsupported dtype {dtype}; choose one of: {', '.join(DTYPES)}.")
+    if target.suffix != ".safetensors":
+        raise ValueError(f"The output {target} must be a .safetensors file.")
+    if target.is_dir():
+        raise ValueError(f"The output {target} is a folder; give a file name ending in .safetensors.")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} already exists; pass --overwrite to replace it.")
+    started = time.perf_counter()
+    state, mapped = read_release_state_dict(source)
+    problem = wrong_file_message(state, source)
+    if problem:
+        raise CheckpointMismatchError(problem)
+    if without_clip:
+        state = {k: v for k, v in state.items() if not k.startswith(CLIP_TOWERS)}
+    layout = [(k, _target_dtype(k, v, dtype), tuple(v.shape)) for k, v in state.items()]
+
+    def cast(key: str) -> torch.Tensor:
+        value = state.pop(key)
+        out = value.to(_target_dtype(key, value, dtype))
+        if out.is_floating_point() and out.dtype != value.dtype and torch.isinf(out).any() and \
+                not torch.isinf(value).any():
+            raise ValueError(f"{key} has values beyond the range of {str(dtype).replace('torch.', '')} "
+                             f"(largest {value.abs().max().item():.3g}); convert with --dtype bfloat16 or float32.")
+        if mapped and out.data_ptr() != value.data_ptr():
+            release_mapped_pages(value)
+        return out
+
+    # A unique name beside the target (same file system, so the rename is atomic).
+    temp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = write_safetensors(temp, layout, cast, {"format": "pt"})
+        os.replace(temp, target)
+    except OSError as exc:
+        raise ValueError(f"Cannot write {target} ({exc.strerror or exc}).") from None
+    finally:
+        temp.unlink(missing_ok=True)
+    logger.info("Wrote %s: %d tensors, %s, %s%s, in %.1f s.", target, len(layout), _size(size),
+                str(dtype).replace("torch.", ""), ", without the CLIP towers" if without_clip else "",
+                time.perf_counter() - started)
+    return target
+
+
+class _UsageError(Exception):
+    """A command-line usage error: one sentence, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message[:1].upper()}{message[1:]}.")
+
+
+def build_parser(prog: str = "dynamicrafter convert") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Convert a DynamiCrafter-family checkpoint to a .safetensors file "
+                                            "with the release key names.")
+    parser.add_argument("input", type=Path, help="checkpoint to read (.ckpt, .pt, .pth, .bin or .safetensors)")
+    parser.add_argument("output", type=Path, help="the .safetensors file to write")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                        help="dtype of the weights (default float16; schedule buffers stay float32)")
+    parser.add_argument("--without-clip", "--without_clip", dest="without_clip", action="store_true",
+                        help="leave out the OpenCLIP text and image towers (cond_stage_model.*, embedder.*)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dynamicrafter convert`` with ``argv`` (default: the command line); returns the exit status."""
+    from .runtime import configure_logging
+
+    configure_logging()
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    try:
+        convert(args.input, args.output, DTYPES[args.dtype], args.without_clip, args.overwrite)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        logger.error("Interrupted; nothing was written.")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
