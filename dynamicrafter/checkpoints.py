@@ -47,6 +47,8 @@ CLIP_TOWERS = ("cond_stage_model.", "embedder.")
 UNET_PREFIX = "model.diffusion_model."
 #: Only ToonCrafter's VAE decoder (``AutoencoderKL_Dualref``) has these: its reference-frame attention.
 TOONCRAFTER_DECODER = "first_stage_model.decoder.attn_refinement."
+#: In every temporal convolution's name (the original's spelling): only video UNets have them.
+TEMPORAL_MARK = ".temopral_conv."
 _DEEPSPEED_PREFIX = "_forward_module."
 _SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
@@ -83,14 +85,19 @@ def _rename(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The informative line of an error message: PyTorch's weights-only advice around it is left out."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _check_path(path: Path) -> None:
     if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
+        except OSError:
+            inside = []
         hint = f"give the file inside it ({', '.join(inside[:3])})" if inside else "it holds no checkpoint file"
         raise CheckpointMismatchError(f"Checkpoint {path} is a folder, not a file; {hint}.")
     if not path.is_file():
@@ -118,7 +125,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:
-            raise CheckpointMismatchError(f"{path} is not a readable checkpoint ({_first_line(exc)}).") from None
+            raise CheckpointMismatchError(
+                f"{path} is not a readable checkpoint (UnpicklingError: {_first_line(exc)}).") from None
         raise CheckpointMismatchError(
             f"{path} was refused: loading it would call {found[1]}, and checkpoints are only read without running "
             "code; use a .safetensors copy, or re-save its state dict from a copy you trust.") from None
@@ -175,7 +183,15 @@ def wrong_file_message(state: Mapping[str, torch.Tensor], path: Path) -> str | N
 
 def _check_family(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: Path,
                   config: ModelConfig) -> None:
-    """ToonCrafter and DynamiCrafter checkpoints differ in their VAE decoder: say which one the file is."""
+    """Say which kind of model the file is when it is of a neighbouring family.
+
+    An image model (Stable Diffusion) shares the UNet's key names but has no temporal layers;
+    ToonCrafter and DynamiCrafter checkpoints differ in their VAE decoder.
+    """
+    if any(TEMPORAL_MARK in k for k in own) and not any(TEMPORAL_MARK in k for k in state):
+        raise CheckpointMismatchError(
+            f"{path} is an image diffusion (Stable Diffusion) checkpoint: its UNet has no temporal layers; "
+            "give a DynamiCrafter checkpoint.")
     file_toon = any(k.startswith(TOONCRAFTER_DECODER) for k in state)
     model_toon = any(k.startswith(TOONCRAFTER_DECODER) for k in own)
     if file_toon and not model_toon:

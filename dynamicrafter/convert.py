@@ -50,11 +50,13 @@ EXIT_USAGE = 2
 
 
 def write_safetensors(path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-                      tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+                      tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
+                      written: Callable[[str, torch.Tensor], None] | None = None) -> int:
     """Write a ``.safetensors`` file one tensor at a time; returns its size in bytes.
 
     ``layout`` lists ``(name, dtype, shape)`` in file order; ``tensor(name)`` is called once per
-    name, in that order, and must return a CPU tensor of that dtype and shape. The header (a
+    name, in that order, and must return a CPU tensor of that dtype and shape; ``written(name,
+    tensor)`` is called once its bytes are in the file. The header (a
     little-endian u64 length, then JSON with each tensor's dtype, shape and byte range, padded
     to 8 bytes) is written first, then the tensors' bytes back to back, as the format specifies.
     Writes to ``path`` directly: callers wanting atomicity pass a temporary name.
@@ -81,6 +83,8 @@ def write_safetensors(path: Path, layout: Sequence[tuple[str, torch.dtype, tuple
                 raise RuntimeError(f"{name}: expected {dtype} {tuple(shape)}, got {value.dtype} {tuple(value.shape)}")
             if value.numel():
                 out.write(memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            if written is not None:
+                written(name, value)
             del value  # before the next tensor is made
         out.flush()
         os.fsync(out.fileno())
@@ -130,6 +134,7 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
     if without_clip:
         state = {k: v for k, v in state.items() if not k.startswith(CLIP_TOWERS)}
     layout = [(k, _target_dtype(k, v, dtype), tuple(v.shape)) for k, v in state.items()]
+    source_dtypes = {k: v.dtype for k, v in state.items()}
 
     def cast(key: str) -> torch.Tensor:
         value = state.pop(key)
@@ -139,14 +144,18 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
             raise ValueError(f"{key} has values beyond the range of {str(dtype).replace('torch.', '')} "
                              f"(largest {value.abs().max().item():.3g}); convert with --dtype bfloat16 or float32.")
         if mapped and out.data_ptr() != value.data_ptr():
-            release_mapped_pages(value)
+            release_mapped_pages(value)  # converted: the file's pages are no longer needed
         return out
+
+    def written(key: str, value: torch.Tensor) -> None:
+        if mapped and value.dtype == source_dtypes[key]:  # written straight from the file's pages
+            release_mapped_pages(value)
 
     # A unique name beside the target (same file system, so the rename is atomic).
     temp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        size = write_safetensors(temp, layout, cast, {"format": "pt"})
+        size = write_safetensors(temp, layout, cast, {"format": "pt"}, written)
         os.replace(temp, target)
     except OSError as exc:
         raise ValueError(f"Cannot write {target} ({exc.strerror or exc}).") from None

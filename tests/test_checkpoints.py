@@ -412,6 +412,14 @@ def test_vae_only_file(config256, tmp_path) -> None:
                                           "(model.diffusion_model.*) among its 2 tensors, such as decoder.conv_in.weight.")
 
 
+def test_image_model_checkpoint(release_state, config256, tmp_path) -> None:
+    """A Stable Diffusion checkpoint shares the UNet's key names but has no temporal layers."""
+    state = {k: v for k, v in release_state.items() if ".temopral_conv." not in k and "temporal" not in k}
+    path = _save_release(state, tmp_path / "v2-1_512-ema-pruned.ckpt")
+    assert _mismatch(config256, path) == (f"{path} is an image diffusion (Stable Diffusion) checkpoint: its UNet has "
+                                          "no temporal layers; give a DynamiCrafter checkpoint.")
+
+
 def test_schedule_buffers_may_be_left_out(release_state, schedule_keys, config256, tmp_path, ours_f32) -> None:
     path = _save_release({k: v for k, v in release_state.items() if k not in schedule_keys}, tmp_path / "nosched.ckpt")
     assert relative_error(unet_out(load_model(config256, path)), ours_f32) == 0.0

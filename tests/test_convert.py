@@ -101,7 +101,7 @@ def test_a_failure_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
     target.write_bytes(b"previous")
     write = convert_module.write_safetensors
 
-    def write_until_the_disk_is_full(path, layout, tensor, metadata=None):
+    def write_until_the_disk_is_full(path, layout, tensor, metadata=None, written=None):
         done = []
 
         def third_fails(name):
@@ -110,7 +110,7 @@ def test_a_failure_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
                 raise OSError(28, "No space left on device")
             return tensor(name)
 
-        return write(path, layout, third_fails, metadata)
+        return write(path, layout, third_fails, metadata, written)
 
     monkeypatch.setattr(convert_module, "write_safetensors", write_until_the_disk_is_full)
     with pytest.raises(ValueError, match=r"^Cannot write .*out.safetensors \(No space left on device\)\.$"):
@@ -165,7 +165,10 @@ def peak_kb():
 main([sys.argv[3], sys.argv[2]])  # warm-up: the first conversion's one-off allocations
 before = peak_kb()
 code = main([sys.argv[1], sys.argv[2], "--dtype", "float16", "--overwrite"])
-print(json.dumps({"code": code, "growth_kb": peak_kb() - before}))
+after = peak_kb()
+# float16 to float16: written straight from the mapped file, whose pages are released as it goes.
+again = main([sys.argv[2], sys.argv[2] + ".again.safetensors"])
+print(json.dumps({"code": code, "growth_kb": after - before, "again": again, "growth_again_kb": peak_kb() - after}))
 """
 
 
@@ -183,10 +186,33 @@ def test_streams_tensor_by_tensor(tmp_path, record_property) -> None:
                              str(small)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
-    growth_mib = numbers["growth_kb"] / 1024
+    growth_mib, again_mib = numbers["growth_kb"] / 1024, numbers["growth_again_kb"] / 1024
     record_property("peak_rss_growth_mib", round(growth_mib, 1))
-    assert numbers["code"] == 0
+    record_property("peak_rss_growth_fp16_to_fp16_mib", round(again_mib, 1))
+    assert numbers["code"] == 0 and numbers["again"] == 0
     assert growth_mib < 32, f"peak RSS grew {growth_mib:.1f} MiB writing a 64 MiB file"
+    assert again_mib < 16, f"peak RSS grew {again_mib:.1f} MiB more copying a 64 MiB float16 file"
     stored = load_file(str(tmp_path / "out.safetensors"))
     assert len(stored) == 128 and all(v.dtype == torch.float16 for v in stored.values())
     assert torch.equal(stored["model.diffusion_model.w127"], torch.full((256, 1024), 127 / 3, dtype=torch.float16))
+
+
+def test_bench_load_random_files_load(config256, tmp_path) -> None:
+    """The loading benchmark's random checkpoint (release names) and OpenCLIP file load like the real ones."""
+    from dynamicrafter.bench_load import write_random_checkpoint, write_random_open_clip
+
+    full, pruned, clip = tmp_path / "full.safetensors", tmp_path / "pruned.safetensors", tmp_path / "clip.safetensors"
+    write_random_checkpoint(config256, full, torch.float16)
+    write_random_checkpoint(config256, pruned, torch.float16, without_clip=True)
+    write_random_open_clip(config256, clip)
+    assert set(_dtypes(full)) == set(torch.load(CKPT, map_location="cpu", weights_only=True)["state_dict"])
+    assert not any(k.startswith(TOWERS) for k in _dtypes(pruned))
+    assert {k for k in load_model(config256, full).state_dict()} == \
+        {k for k in load_model(config256, pruned, clip_checkpoint=clip).state_dict()}
+
+
+def test_script_entry_point(tmp_path) -> None:
+    result = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "convert.py"), str(CKPT),
+                             str(tmp_path / "out.ckpt")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"ERROR: The output {tmp_path / 'out.ckpt'} must be a .safetensors file."
