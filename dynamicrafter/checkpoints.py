@@ -279,17 +279,18 @@ def open_clip_to_towers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _complete_towers(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: Path,
-                     config: ModelConfig, clip_checkpoint: str | Path | None) -> tuple[Path | None, set[str], bool]:
+                     config: ModelConfig, clip_checkpoint: str | Path | None
+                     ) -> tuple[Path | None, tuple[str, ...], set[str], bool]:
     """Add the CLIP towers the checkpoint leaves out, from ``clip_checkpoint`` or the Hub cache.
 
-    Returns the file they came from (``None`` when the checkpoint has both), the keys added and
-    whether their tensors are memory-mapped.
+    Returns the file they came from (``None`` when the checkpoint has both), the prefixes of the
+    towers taken from it, the keys added and whether their tensors are memory-mapped.
     """
     absent = [p for p in CLIP_TOWERS if any(k.startswith(p) for k in own) and not any(k.startswith(p) for k in state)]
     if not absent:
         if clip_checkpoint is not None:
             logger.warning("%s has its own CLIP towers; clip_checkpoint %s is not used.", path, clip_checkpoint)
-        return None, set(), False
+        return None, (), set(), False
     names = ", ".join(p + "*" for p in absent)
     if clip_checkpoint is None:
         from .hub import CLIP_WEIGHTS, ensure_clip_weights  # the download stack is only needed here
@@ -304,14 +305,18 @@ def _complete_towers(state: dict[str, torch.Tensor], own: Mapping[str, torch.Ten
     towers, mapped = read_clip_towers(clip_path)
     added = {k for k in towers if k.startswith(tuple(absent)) and k in own}  # an OpenCLIP file may hold more
     state.update({k: towers[k] for k in added})
-    return clip_path, added, mapped
+    return clip_path, tuple(absent), added, mapped
 
 
 def _check_keys(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: Path,
-                config: ModelConfig, clip_path: Path | None, from_clip: set[str]) -> None:
+                config: ModelConfig, clip_path: Path | None, clip_towers: tuple[str, ...], from_clip: set[str]) -> None:
     """Keys, shapes and dtypes of the file against the model; one sentence naming what differs."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    if clip_path is not None and missing and all(k.startswith(clip_towers) for k in missing):
+        raise CheckpointMismatchError(
+            f"{clip_path} lacks {len(missing)} of the CLIP towers' tensors ({_describe(missing)}); give the OpenCLIP "
+            f"{config.clip.arch} weights the model was trained with.")
     if missing and not unexpected:
         raise CheckpointMismatchError(
             f"{path} is missing {len(missing)} of the {config.name} model's tensors ({_describe(missing)}); "
@@ -366,8 +371,8 @@ def load_model(config: ModelConfig, checkpoint: str | Path, dtype: torch.dtype =
     _check_family(state, own, path, config)
     _check_schedule(state, model, path)
     file_mapped = set(state) if mapped else set()  # keys whose tensors are pages of a file mapping
-    clip_path, from_clip, clip_mapped = _complete_towers(state, own, path, config, clip_checkpoint)
-    _check_keys(state, own, path, config, clip_path, from_clip)
+    clip_path, clip_towers, from_clip, clip_mapped = _complete_towers(state, own, path, config, clip_checkpoint)
+    _check_keys(state, own, path, config, clip_path, clip_towers, from_clip)
     if clip_mapped:
         file_mapped |= from_clip
 

@@ -218,6 +218,17 @@ def test_clip_file_of_another_architecture(tmp_path, files, config256) -> None:
     assert message.startswith(f"{path} does not match the tiny256 model: shapes differ for ") and "\n" not in message
 
 
+def test_clip_file_missing_a_tensor(tmp_path, files, release_state, config256) -> None:
+    state = open_clip_state(release_state)
+    del state["visual.ln_post.weight"]
+    path = tmp_path / "incomplete_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model(config256, files["pruned"], clip_checkpoint=path)
+    assert str(info.value) == (f"{path} lacks 1 of the CLIP towers' tensors (embedder.model.visual.ln_post.weight); "
+                               f"give the OpenCLIP {TINY_ARCH} weights the model was trained with.")
+
+
 @pytest.mark.parametrize("kind", ["missing", "not_clip"])
 def test_bad_clip_checkpoint(kind, tmp_path, files, config256) -> None:
     if kind == "missing":
