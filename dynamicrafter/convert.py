@@ -28,8 +28,7 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 
-from .checkpoints import (CLIP_TOWERS, CheckpointMismatchError, read_release_state_dict, release_mapped_pages,
-                          wrong_file_message)
+from .checkpoints import CLIP_TOWERS, CheckpointMismatchError, read_release_state_dict, release_mapped_pages, wrong_file_message
 from .configs import DiffusionConfig
 from .diffusion.schedule import checkpoint_buffers
 

@@ -382,16 +382,44 @@ def test_deepspeed_layout_loads(release_state, config256, tmp_path, ours_f32) ->
     assert relative_error(unet_out(load_model(config256, path)), ours_f32) == 0.0
 
 
+def _tinytoon_state() -> dict[str, torch.Tensor]:
+    """tinytoon in ToonCrafter's release layout: tiny512 with ToonCrafter's VAE (as tests/test_tooncrafter.py builds it)."""
+    from safetensors.torch import load_file
+
+    state = torch.load(CKPT512, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("first_stage_model.")}
+    return {**state, **load_file(DATA / "tinytoon.vae.safetensors")}
+
+
 def test_tooncrafter_checkpoint_for_a_dynamicrafter_model(tmp_path) -> None:
     """ToonCrafter's VAE decoder (AutoencoderKL_Dualref) has reference attention blocks the others lack."""
-    config512 = load_config(DATA / "tiny512.yaml")
-    state = torch.load(CKPT512, map_location="cpu", weights_only=True)["state_dict"]
-    toon = "first_stage_model.decoder.attn_refinement.0."
-    state.update({toon + "norm.weight": torch.ones(32), toon + "to_q.weight": torch.zeros(32, 32),
-                  "first_stage_model.decoder.up.0.block.0.time_stack.in_layers.0.weight": torch.ones(32)})
-    path = _save_release(state, tmp_path / "tooncrafter_512_interp.ckpt")
-    assert _mismatch(config512, path) == (f"{path} is a ToonCrafter checkpoint (its VAE decoder is ToonCrafter's), not "
-                                          "one for the tiny512 model; load it with the tooncrafter model.")
+    path = _save_release(_tinytoon_state(), tmp_path / "tooncrafter_512_interp.ckpt")
+    assert _mismatch(load_config(DATA / "tiny512.yaml"), path) == (
+        f"{path} is a ToonCrafter checkpoint (its VAE decoder is ToonCrafter's), not one for the tiny512 model; "
+        "load it with the tooncrafter model.")
+
+
+def test_dynamicrafter_checkpoint_for_the_tooncrafter_model() -> None:
+    assert _mismatch(load_config(DATA / "tinytoon.yaml"), CKPT512) == (
+        f"{CKPT512} is a DynamiCrafter checkpoint without ToonCrafter's VAE decoder; load it with the 256, 512, "
+        "1024 or 512_interp model, not the ToonCrafter one.")
+
+
+def test_pruned_tooncrafter_with_open_clip_weights(tmp_path) -> None:
+    """The community's pruned ToonCrafter layout (float16, no towers) plus the towers in open_clip's layout."""
+    state = _tinytoon_state()
+    towers = ("cond_stage_model.", "embedder.")
+    pruned = tmp_path / "tinytoon-pruned-fp16.safetensors"
+    save_file({k: v.half().contiguous() for k, v in state.items() if not k.startswith(towers)}, str(pruned))
+    clip = {k[len("cond_stage_model.model."):]: v for k, v in state.items() if k.startswith("cond_stage_model.model.")}
+    clip.update({k[len("embedder.model."):]: v for k, v in state.items() if k.startswith("embedder.model.visual.")})
+    clip_path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.items()}, str(clip_path))
+    config = load_config(DATA / "tinytoon.yaml")
+    full = load_model(config, _save_release(state, tmp_path / "tinytoon.ckpt")).state_dict()
+    loaded = load_model(config, pruned, clip_checkpoint=clip_path).state_dict()
+    used = [k for k in full if not (k.startswith("embedder.model.") and not k.startswith("embedder.model.visual."))]
+    assert all(torch.equal(loaded[k], full[k]) for k in used)
 
 
 def test_open_clip_model_given_as_checkpoint(release_state, config256, tmp_path) -> None:

@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from .conftest import DATA, load_tiny
-from .test_hub import COMMIT, hf_env, hub  # noqa: F401 (the fake Hugging Face Hub fixtures)
 from dynamicrafter import hub as hub_module
-from dynamicrafter.checkpoints import (CLIP_TOWERS, CheckpointMismatchError, load_model, open_clip_to_towers,
-                                       read_clip_towers)
+from dynamicrafter.checkpoints import CLIP_TOWERS, CheckpointMismatchError, load_model, open_clip_to_towers, read_clip_towers
 from dynamicrafter.configs import get_config, load_config
 from dynamicrafter.diffusion.schedule import checkpoint_buffers
 from dynamicrafter.hub import CLIP_FILENAMES, CheckpointError
 from dynamicrafter.models.dynamicrafter import DynamiCrafter
 from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+from .conftest import DATA, load_tiny
+from .test_hub import COMMIT, hf_env, hub  # noqa: F401 (the fake Hugging Face Hub fixtures)
 
 TOWERS = CLIP_TOWERS
 TINY_ARCH = "dc-tiny-clip"
@@ -153,8 +153,8 @@ def test_clip_weights_are_those_of_open_clips_table() -> None:
 # ----------------------------------------------------------------------------- downloaded once
 
 
-def test_missing_towers_are_downloaded_once_into_the_cache(hub, hf_env, files, config256, full_outputs, monkeypatch,
-                                                           caplog) -> None:
+def test_missing_towers_are_downloaded_once_into_the_cache(hub, hf_env, files, config256, full_outputs,  # noqa: F811
+                                                           monkeypatch, caplog) -> None:
     monkeypatch.setitem(hub_module.CLIP_WEIGHTS, TINY_ARCH, ("tiny", TINY_REPO))
     hub.files = {(TINY_REPO, "open_clip_model.safetensors"): files["clip"].read_bytes()}
     with caplog.at_level(logging.INFO):
@@ -174,7 +174,7 @@ def test_missing_towers_are_downloaded_once_into_the_cache(hub, hf_env, files, c
     assert hub.requests == []
 
 
-def test_offline_without_cached_clip_weights(hub, hf_env, files, config256, monkeypatch) -> None:
+def test_offline_without_cached_clip_weights(hub, hf_env, files, config256, monkeypatch) -> None:  # noqa: F811
     monkeypatch.setitem(hub_module.CLIP_WEIGHTS, TINY_ARCH, ("tiny", TINY_REPO))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError) as info:

@@ -13,11 +13,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .conftest import DATA, load_tiny, relative_error
 from dynamicrafter import convert as convert_module
 from dynamicrafter.checkpoints import CLIP_TOWERS, load_model
 from dynamicrafter.configs import load_config
 from dynamicrafter.convert import SCHEDULE_KEYS, convert, main
+
+from .conftest import DATA, load_tiny, relative_error
 
 CKPT = DATA / "tiny256.ckpt"
 TOWERS = CLIP_TOWERS

@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from dynamicrafter.hub import (CLIP_WEIGHTS, REPOS, CheckpointError, default_checkpoint_path, ensure_checkpoint,
-                               ensure_clip_weights)
+from dynamicrafter.hub import (
+    CLIP_WEIGHTS,
+    REPOS,
+    CheckpointError,
+    default_checkpoint_path,
+    ensure_checkpoint,
+    ensure_clip_weights,
+)
 
 REPO = "Doubiiu/DynamiCrafter"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
