@@ -357,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             pipeline = DynamiCrafterImg2VideoPipeline(
                 resolution, device=args.device, checkpoint=args.checkpoint, config=args.config,
-                dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile)
+                dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
+                clip_checkpoint=args.clip_checkpoint)
         except (ValueError, CheckpointError) as exc:  # bad config, missing or undownloadable checkpoint
             raise CliError(str(exc), EXIT_USAGE) from None
     except CliError as exc:

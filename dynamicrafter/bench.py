@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     options = dict(offload=args.offload, compile=args.compile, sequential_guidance=args.sequential_guidance)
     if args.checkpoint:
         pipe = DynamiCrafterImg2VideoPipeline(args.resolution, device, args.checkpoint, config=config, dtype=dtype,
-                                              **options)
+                                              clip_checkpoint=args.clip_checkpoint, **options)
     else:
         model = random_model(config, device if offload_mode(args.offload, device) == "none" else torch.device("cpu"),
                              dtype)

@@ -49,6 +49,7 @@ EXIT_INTERRUPTED = 130
 COMMANDS = {
     "app": "dynamicrafter.app",
     "bench": "dynamicrafter.bench",
+    "convert": "dynamicrafter.convert",
 }
 #: Sampling options handed to every pipeline call; the others (seed, fps, samples) shape the jobs.
 PIPELINE_OPTIONS = tuple(o.name for o in SAMPLING_OPTIONS
@@ -164,7 +165,8 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
     try:
         return DynamiCrafterImg2VideoPipeline(
             resolution=args.resolution, device=device, checkpoint=args.checkpoint, config=args.config,
-            dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile)
+            dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
+            clip_checkpoint=args.clip_checkpoint)
     except Exception as exc:
         if is_user_error(exc):
             raise CliError(str(exc)) from None

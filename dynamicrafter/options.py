@@ -201,6 +201,9 @@ RUNTIME_OPTIONS: tuple[Option, ...] = (
            "component; least GPU memory)", choices=OFFLOAD_MODES, none_means="encoders on CUDA"),
     Option("checkpoint", str, None, "model weights, .ckpt or .safetensors", none_means="downloaded to checkpoints/"),
     Option("config", str, None, "model config YAML in the original layout", none_means="the preset"),
+    Option("clip_checkpoint", str, None,
+           "OpenCLIP ViT-H-14 weights for a checkpoint without the CLIP towers (a pruned fp16 file)",
+           none_means="downloaded once from laion/CLIP-ViT-H-14-laion2B-s32B-b79K when needed"),
     Option("compile", bool, False, "torch.compile the UNet (slow first video, faster after)"),
     Option("batch_size", int, 1, "videos per pipeline call; more is faster on a large GPU and needs more memory",
            minimum=1, maximum=256),
@@ -238,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str], *
 
 
 #: The runtime options every front end takes (the command line, the app, the benchmark).
-MODEL_ARGUMENTS = ("device", "dtype", "offload", "checkpoint", "config", "compile")
+MODEL_ARGUMENTS = ("device", "dtype", "offload", "checkpoint", "config", "clip_checkpoint", "compile")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | Any) -> None:

@@ -99,7 +99,7 @@ def test_single_image_with_prompt_text(fake, tmp_path):
     assert code == 0
     (pipe,) = fake
     assert pipe.init == dict(resolution="256", device=torch.device("cpu"), checkpoint=None, config=None, dtype=None,
-                             offload=None, compile=False)
+                             offload=None, compile=False, clip_checkpoint=None)
     (call,) = pipe.calls
     assert call["prompt"] == ["a person walking in a beautiful garden"]
     assert [item.size for item in call["image"]] == [(64, 64)]
@@ -200,12 +200,13 @@ def test_every_flag_reaches_the_pipeline(fake, tmp_path):
         "--seed", "5", "--device", "cpu", "--num_inference_steps", "3", "--guidance_scale", "2.5", "--eta", "0",
         "--video_length", "4", "--frame_stride", "7", "--negative_prompt", "blurry", "--fps", "12",
         "--checkpoint", "ck.ckpt", "--config", "model.yaml", "--dtype", "bfloat16", "--guidance_rescale", "0.3",
-        "--timestep_spacing", "uniform_trailing", "--offload", "model", "--compile",
+        "--timestep_spacing", "uniform_trailing", "--offload", "model", "--compile", "--clip_checkpoint", "clip.bin",
     ])
     assert code == 0
     (pipe,) = fake
     assert pipe.init == dict(resolution="512", device=torch.device("cpu"), checkpoint="ck.ckpt",
-                             config="model.yaml", dtype="bfloat16", offload="model", compile=True)
+                             config="model.yaml", dtype="bfloat16", offload="model", compile=True,
+                             clip_checkpoint="clip.bin")
     (call,) = pipe.calls
     expected = dict(num_inference_steps=3, guidance_scale=2.5, eta=0.0, num_frames=4, frame_stride=7,
                     negative_prompt=["blurry"], guidance_rescale=0.3, timestep_spacing="uniform_trailing")
@@ -679,7 +680,8 @@ def test_real_torchrun_gives_the_single_process_videos(tmp_path):
 
 def test_every_flag_is_documented():
     documented = (ROOT / "docs" / "cli.md").read_text()
-    flags = [flag for action in cli.build_parser()._actions for flag in action.option_strings if flag != "-h"]
+    flags = [flag for action in cli.build_parser()._actions for flag in action.option_strings
+             if flag not in ("-h", "--help")]
     missing = [flag for flag in flags if f"`{flag}" not in documented]
     assert not missing, f"flags missing from docs/cli.md: {missing}"
 
