@@ -1,4 +1,4 @@
-"""Image-to-video pipeline: image + prompt -> encoders -> DDIM <-> UNet -> VAE -> frames."""
+"""Image-to-video pipeline: image + prompt -> encoders -> sampler <-> UNet -> VAE -> frames."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from .checkpoints import load_model
 from .configs import ModelConfig, get_config, load_config, resolve_resolution
-from .diffusion.ddim import DDIMSampler, guided
+from .diffusion.denoiser import ModelDenoiser
+from .diffusion.guidance import guided, two_scale_guided
+from .diffusion.sampling import StepInfo, get_sampler, sample as run_sampler
 from .diffusion.schedule import SPACINGS
 from .models.dynamicrafter import DynamiCrafter
 from .offload import Offloader, offload_mode
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 ImageInput = Union[Image.Image, np.ndarray, str, Path]
 OUTPUT_TYPES = ("pt", "np", "latent")
+#: What ``callback_on_step_end`` can be given: the latent after the step and the predicted clean latent.
+CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class _Conditioning:
     uncond_context: torch.Tensor | None  # None without guidance
     concat: torch.Tensor  # [B, 4, T, h, w] image latents concatenated to the noisy latent
     fs: torch.Tensor  # [B] frame stride / frame rate
+    # Two-scale guidance: the negative (default empty) prompt with the real image tokens.
+    image_context: torch.Tensor | None = None
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -152,7 +158,7 @@ class DynamiCrafterImg2VideoPipeline:
         #: Frames the VAE decodes at once; default a quarter megapixel per chunk (4 frames at 256x256).
         self.decode_chunk_size = decode_chunk_size or max(1, 2 ** 18 // (self.config.height * self.config.width))
         self._place(offload_mode(offload, device))
-        self.sampler = DDIMSampler(model.schedule, self.config.diffusion.parameterization)
+        self._interrupt = False
         self._unet_forward: Callable = torch.compile(model.unet) if compile else model.unet
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
@@ -237,15 +243,20 @@ class DynamiCrafterImg2VideoPipeline:
         return self._zero_image_tokens
 
     def _condition(self, pixels: torch.Tensor, prompts: list[str], negative: list[str] | None,
-                   end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool) -> _Conditioning:
+                   end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool,
+                   image_guidance_scale: float | None = None) -> _Conditioning:
         model = self.model
         batch = pixels.shape[0]
         with self._on_device(model.cond_stage_model, model.embedder, model.image_proj_model):
-            context = torch.cat([model.encode_text(prompts), model.encode_image_tokens(pixels)], dim=1)
-            uncond = None
+            image_tokens = model.encode_image_tokens(pixels)
+            context = torch.cat([model.encode_text(prompts), image_tokens], dim=1)
+            uncond = image_context = None
             if use_guidance:
                 text = torch.cat([self._uncond_text_tokens(n) for n in (negative or [""] * batch)])
-                uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
+                if image_guidance_scale != 1.0:  # with an image scale of 1 this branch cancels out
+                    uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
+                if image_guidance_scale is not None:
+                    image_context = torch.cat([text, image_tokens], dim=1)
         with self._on_device(model.vae):
             first = model.encode_latents(pixels)  # one encode per image, not one per frame
             if end_pixels is None:
@@ -255,29 +266,75 @@ class DynamiCrafterImg2VideoPipeline:
                 concat[:, :, 0] = first
                 concat[:, :, -1] = model.encode_latents(end_pixels)
         fs_tensor = torch.full((batch,), fs, dtype=torch.long, device=self.device)
-        return _Conditioning(context, uncond, concat, fs_tensor)
+        return _Conditioning(context, uncond, concat, fs_tensor, image_context)
 
-    def _denoiser(self, cond: _Conditioning, scale: float, rescale: float) -> Callable:
+    def _denoiser(self, cond: _Conditioning, scale: float, rescale: float,
+                  image_scale: float | None = None) -> Callable:
+        """The guided model function ``(x [B, 4, T, h, w], t [B]) -> output`` (float32).
+
+        Its branches (conditional; unconditional; image-only for two-scale guidance, those
+        present in ``cond``) run as one batch, or one after the other with ``sequential_guidance``.
+        """
         unet = self._unet_forward
-        batched = cond.uncond_context is not None and not self.sequential_guidance
-        if batched:  # what stays the same at every step, doubled once for the batch of 2
-            concat2 = torch.cat([cond.concat, cond.concat])
-            context2 = torch.cat([cond.context, cond.uncond_context])
-            fs2 = torch.cat([cond.fs, cond.fs])
+        has_uncond, has_image = cond.uncond_context is not None, cond.image_context is not None
+        contexts = [c for c in (cond.context, cond.uncond_context, cond.image_context) if c is not None]
+        n = len(contexts)
+        batched = n > 1 and not self.sequential_guidance
+        if batched:  # what stays the same at every step, repeated once for the batch of n branches
+            concat_n = torch.cat([cond.concat] * n)
+            context_n = torch.cat(contexts)
+            fs_n = torch.cat([cond.fs] * n)
+
+        def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:
+            if n == 1:
+                return outs[0]
+            cond_out, rest = outs[0], iter(outs[1:])
+            uncond_out = next(rest) if has_uncond else None
+            if not has_image:
+                return guided(cond_out, uncond_out, scale, rescale)
+            return two_scale_guided(cond_out, next(rest), uncond_out, scale, image_scale, rescale)
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if batched:
-                out = unet(torch.cat([torch.cat([x, x]), concat2], dim=1), torch.cat([t, t]), context2, fs2)
-                cond_out, uncond_out = out.float().chunk(2)
-                return guided(cond_out, uncond_out, scale, rescale)
+                out = unet(torch.cat([torch.cat([x] * n), concat_n], dim=1), torch.cat([t] * n), context_n, fs_n)
+                return combine(out.float().chunk(n))
             x_in = torch.cat([x, cond.concat], dim=1)
-            cond_out = unet(x_in, t, cond.context, cond.fs).float()
-            if cond.uncond_context is None:
-                return cond_out
-            uncond_out = unet(x_in, t, cond.uncond_context, cond.fs).float()
-            return guided(cond_out, uncond_out, scale, rescale)
+            return combine([unet(x_in, t, context, cond.fs).float() for context in contexts])
 
         return denoise
+
+    @property
+    def interrupt(self) -> bool:
+        """Set (as ``pipe._interrupt = True``) by a ``callback_on_step_end`` to stop sampling after that step."""
+        return self._interrupt
+
+    @staticmethod
+    def _check_sampling_options(sampler: str, image_guidance_scale: float | None,
+                                callback_on_step_end: Callable | None, tensor_inputs: Sequence[str]) -> None:
+        get_sampler(sampler)
+        if image_guidance_scale is not None and (
+                isinstance(image_guidance_scale, bool) or not isinstance(image_guidance_scale, (int, float))
+                or not image_guidance_scale >= 0):
+            raise ValueError(f"image_guidance_scale must be a non-negative number or None, got {image_guidance_scale!r}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("callback_on_step_end must be a function (pipe, step, t, tensors) -> dict or None.")
+        unknown = [name for name in tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
+        if isinstance(tensor_inputs, str) or unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be a list drawn from "
+                             f"{', '.join(CALLBACK_TENSOR_INPUTS)}; got {tensor_inputs!r}.")
+
+    def _step_end(self, callback: Callable, tensor_inputs: Sequence[str], info: StepInfo) -> None:
+        """Call a diffusers-style ``callback_on_step_end`` and apply what it returns or sets."""
+        tensors = {"latents": info.x, "denoised": info.denoised}
+        outputs = callback(self, info.step, info.t, {name: tensors[name] for name in tensor_inputs})
+        if outputs is not None and "latents" in outputs:
+            latents = outputs["latents"]
+            if not isinstance(latents, torch.Tensor) or latents.shape != info.x.shape:
+                raise ValueError(f"callback_on_step_end must return latents of shape {list(info.x.shape)}.")
+            info.x = latents.to(info.x.device, info.x.dtype)
+        if self._interrupt:
+            info.stop = True
+            self._stopped_at = info.denoised
 
     @contextmanager
     def _in_float32(self, module: torch.nn.Module) -> Iterator[None]:
@@ -311,6 +368,10 @@ class DynamiCrafterImg2VideoPipeline:
         return_dict: bool = True,
         end_image: ImageInput | Sequence[ImageInput] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        sampler: str = "ddim",
+        image_guidance_scale: float | None = None,
+        callback_on_step_end: Callable[..., dict[str, torch.Tensor] | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -335,6 +396,25 @@ class DynamiCrafterImg2VideoPipeline:
             end_image: last frame(s), for the interpolation model (``'512_interp'``); give the
                 same image as ``image`` for a looping video.
             callback: ``callback(step, total)`` after each denoising step.
+            sampler: ``'ddim'`` (the original's; the default), ``'dpmpp_2m'`` (DPM-Solver++(2M),
+                for 10-25 steps) or ``'unipc'`` (UniPC-2, for 5-15 steps). The other two are
+                deterministic: ``eta`` is DDIM's and has no effect on them. Every sampler
+                visits the same timesteps (``timestep_spacing``).
+            image_guidance_scale: two-scale guidance, as the original's ``--multiple_cond_cfg
+                --cfg_img``: the output is ``uncond + image_guidance_scale * (image - uncond) +
+                guidance_scale * (cond - image)``, where the ``image`` branch has the negative
+                (default empty) prompt and the real image tokens. ``None`` (the default) is the
+                usual one-scale guidance; equal scales give it too (at the cost of a third
+                branch); 1 needs no unconditional branch. Like ``guidance_scale = 1``
+                everywhere, it turns guidance off (the original ignores ``cfg_img`` then).
+            callback_on_step_end: diffusers-style ``callback_on_step_end(pipe, step, t, tensors)``
+                after each step (``step`` 0-based, ``t`` the timestep, ``tensors`` a dict of
+                ``callback_on_step_end_tensor_inputs``). It may return a dict whose ``"latents"``
+                replace the current latent, and may set ``pipe._interrupt = True`` to stop:
+                the result is then the step's predicted clean latent.
+            callback_on_step_end_tensor_inputs: which tensors the callback gets: ``"latents"``
+                (``[B, 4, T, h, w]`` after the step) and/or ``"denoised"`` (the predicted clean
+                latent of the step, like ``latents``).
         """
         cfg = self.config
         images = self._as_list(image)
@@ -348,6 +428,12 @@ class DynamiCrafterImg2VideoPipeline:
         fs = cfg.default_fs if frame_stride is None else int(frame_stride)
         self._check_inputs(images, prompts, negative, num_inference_steps, num_frames, height, width,
                            guidance_scale, eta, spacing, output_type, end_images)
+        self._check_sampling_options(sampler, image_guidance_scale, callback_on_step_end,
+                                     callback_on_step_end_tensor_inputs)
+        use_guidance = guidance_scale != 1.0
+        if image_guidance_scale is not None and not use_guidance:
+            logger.warning("image_guidance_scale has no effect with guidance_scale 1 (no guidance), as in the original.")
+            image_guidance_scale = None
         down = cfg.latent_downscale
         shape = (len(images), cfg.vae.embed_dim, num_frames, height // down, width // down)
         if latents is not None and tuple(latents.shape) != shape:
@@ -356,7 +442,8 @@ class DynamiCrafterImg2VideoPipeline:
         pixels = torch.stack([fit_image(load_image(i), height, width) for i in images]).to(self.device)
         end_pixels = None if end_images is None else \
             torch.stack([fit_image(load_image(i), height, width) for i in end_images]).to(self.device)
-        cond = self._condition(pixels, prompts, negative, end_pixels, num_frames, fs, guidance_scale != 1.0)
+        cond = self._condition(pixels, prompts, negative, end_pixels, num_frames, fs, use_guidance,
+                               image_guidance_scale)
         x_t = _randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
 
         noise: dict[int, torch.Tensor] = {}  # kept so a float32 redo sees the very same noise
@@ -366,15 +453,22 @@ class DynamiCrafterImg2VideoPipeline:
                 noise[step] = _randn(shape, generator, self.device)
             return noise[step]
 
+        denoiser = ModelDenoiser(self._denoiser(cond, guidance_scale, rescale, image_guidance_scale),
+                                 self.model.schedule, cfg.diffusion.parameterization)
+
         def sample() -> torch.Tensor:
+            self._interrupt = False
             with tqdm(total=num_inference_steps, desc="Denoising", leave=False) as bar:
-                def on_step(step: int, total: int) -> None:
+                def on_step(info: StepInfo) -> None:
                     bar.update(1)
                     if callback is not None:
-                        callback(step, total)
+                        callback(info.step + 1, info.total)
+                    if callback_on_step_end is not None:
+                        self._step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, info)
 
-                return self.sampler.sample(self._denoiser(cond, guidance_scale, rescale), x_t, num_inference_steps,
-                                           eta, spacing, noise_sampler=noise_sampler, callback=on_step)
+                latents = run_sampler(sampler, denoiser, x_t, self.model.schedule, num_inference_steps, spacing,
+                                      eta, noise_sampler=noise_sampler, callback=on_step)
+                return self._stopped_at if self._interrupt else latents
 
         with self._on_device(self.model.unet):
             samples = sample()
