@@ -305,7 +305,7 @@ class DynamiCrafterImg2VideoPipeline:
 
     @property
     def interrupt(self) -> bool:
-        """Set (as ``pipe._interrupt = True``) by a ``callback_on_step_end`` to stop sampling after that step."""
+        """Set as ``pipe._interrupt = True`` by a callback to stop sampling after that step."""
         return self._interrupt
 
     @staticmethod
@@ -332,9 +332,6 @@ class DynamiCrafterImg2VideoPipeline:
             if not isinstance(latents, torch.Tensor) or latents.shape != info.x.shape:
                 raise ValueError(f"callback_on_step_end must return latents of shape {list(info.x.shape)}.")
             info.x = latents.to(info.x.device, info.x.dtype)
-        if self._interrupt:
-            info.stop = True
-            self._stopped_at = info.denoised
 
     @contextmanager
     def _in_float32(self, module: torch.nn.Module) -> Iterator[None]:
@@ -458,6 +455,7 @@ class DynamiCrafterImg2VideoPipeline:
 
         def sample() -> torch.Tensor:
             self._interrupt = False
+            stopped: dict[str, torch.Tensor] = {}
             with tqdm(total=num_inference_steps, desc="Denoising", leave=False) as bar:
                 def on_step(info: StepInfo) -> None:
                     bar.update(1)
@@ -465,10 +463,13 @@ class DynamiCrafterImg2VideoPipeline:
                         callback(info.step + 1, info.total)
                     if callback_on_step_end is not None:
                         self._step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, info)
+                    if self._interrupt:  # stop with the step's clean-latent prediction
+                        info.stop = True
+                        stopped["denoised"] = info.denoised
 
                 latents = run_sampler(sampler, denoiser, x_t, self.model.schedule, num_inference_steps, spacing,
                                       eta, noise_sampler=noise_sampler, callback=on_step)
-                return self._stopped_at if self._interrupt else latents
+                return stopped.get("denoised", latents)
 
         with self._on_device(self.model.unet):
             samples = sample()

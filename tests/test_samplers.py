@@ -278,6 +278,10 @@ def test_callback_on_step_end_gets_tensors_replaces_latents_and_interrupts(pipe,
                  callback_on_step_end=lambda p, s, t, k: {"latents": torch.zeros_like(k["latents"])}, **FAST)
     assert torch.equal(zeros["videos"], torch.zeros(1, 4, 2, 8, 8))
     assert not pipe.interrupt
+    steps = []  # the plain callback can stop it too
+    pipe(image, "x", latents=noise(), callback=lambda s, n: steps.append(s) or setattr(pipe, "_interrupt", s == 1),
+         **FAST)
+    assert steps == [1]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -312,3 +316,16 @@ def test_non_finite_half_precision_redo_with_another_sampler(caplog):
     assert any("redoing it in float32" in r.getMessage() for r in caplog.records)
     expected = reference(image, "x", latents=noise(), sampler="unipc", **FAST)["videos"]
     assert relative_error(out, expected) < 2e-2
+
+
+def test_convergence_report_table_and_plot(tmp_path):
+    from dynamicrafter.diffusion import convergence
+
+    results = {"steps": [5, 10], "frames": 2, "reference_steps": 1000,
+               "runs": {"tiny256/uniform_trailing": {"ddim": [2e-2, 1e-2], "dpmpp_2m": [1e-2, 3e-3]}}}
+    table = convergence.markdown(results).splitlines()
+    assert table[0] == "| model / spacing | sampler | 5 steps | 10 steps |"
+    assert table[3] == "| tiny256/uniform_trailing | dpmpp_2m | 1.0e-02 | 3.0e-03 |"
+    pytest.importorskip("matplotlib")
+    out = convergence.plot(results, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*.tmp"))
