@@ -376,9 +376,9 @@ class DynamiCrafterImg2VideoPipeline:
             image: the first frame: a PIL image, an ``HxWx3`` array, a path, or a list of them (a batch).
             prompt: text prompt, or one per image.
             negative_prompt: what to steer away from (the unconditional branch); default empty.
-            num_inference_steps: DDIM steps (exactly this many are run).
+            num_inference_steps: sampler steps (exactly this many are run, one guided UNet call each).
             guidance_scale: classifier-free guidance scale (1 disables guidance).
-            eta: DDIM stochasticity (0 = deterministic).
+            eta: DDIM stochasticity (0 = deterministic); only the DDIM sampler uses it.
             frame_stride: frame stride (256 model; larger = more motion) or frame rate (others;
                 smaller = more motion); default the model's (3 / 24 / 10 / 5).
             num_frames: frames to generate (the models are trained on 16).

@@ -71,9 +71,8 @@ def test_unipc_exact_for_x0_affine_in_log_snr(res):
     schedule, param = SCHEDULES[res]
     gen = torch.Generator().manual_seed(1)
     c0, c1, x = torch.randn(3, 1, 4, 2, 4, 4, generator=gen, dtype=torch.float64)
-    snr = {t: 0.5 * np.log(schedule.alphas_cumprod[t] * schedule.scale(t) ** 2 / (1 - schedule.alphas_cumprod[t]))
-           for t in range(1000)}
     levels = schedule.levels(np.array([100, 300, 500, 700, 899]))  # every level with a finite log-SNR
+    snr = dict(zip(levels.timesteps.tolist(), levels.log_snrs))
     denoiser = ModelDenoiser(as_model_fn(lambda x_, t: c0 + snr[t] * c1, schedule, param), schedule, param)
     out = sample_unipc(denoiser, x, levels)
     lam, a, s = levels.log_snrs, levels.alphas, levels.sigmas
