@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=2, help="frames per video (default: 2)")
     parser.add_argument("--reference-steps", type=int, default=1000, help="DDIM steps of the reference (default: 1000)")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the tiny models (default: tests/data)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default: 1; the tiny models gain nothing from more)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
     if min(args.steps) < 1 or args.frames < 1 or not 1 <= args.reference_steps <= 1000:
         parser.error("step counts and frames must be positive; the reference at most 1000 steps")
     import logging
