@@ -298,12 +298,11 @@ def test_bad_sampling_options_are_one_clear_value_error(pipe, image, kwargs, mes
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_non_finite_half_precision_redo_with_another_sampler(caplog):
+def test_non_finite_half_precision_redo_with_another_sampler(pipe, caplog):
     """The float32 redo also works for the new samplers (same noise, same result as float32)."""
     from .test_pipeline import make_pipeline
 
-    pipe = make_pipeline("tiny256", dtype="bfloat16")
-    reference = make_pipeline("tiny256", dtype="float32")
+    reference, pipe = pipe, make_pipeline("tiny256", dtype="bfloat16")
 
     def poison_in_half(module, inputs, output):
         return output * float("nan") if next(module.parameters()).dtype != torch.float32 else output
