@@ -46,7 +46,7 @@ KEEP_MINUTES = 60
 #: The sampling controls on the page, in order (the endpoints take them as keyword arguments of
 #: these names, the pipeline's): shown, then folded under "Advanced settings".
 MAIN_CONTROLS = ("num_inference_steps", "frame_stride", "num_frames", "seed")
-ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "eta", "fps")
+ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps")
 CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS)
 
 
@@ -99,6 +99,12 @@ class _VideoMaker:
         for name in CONTROLS:
             option, value = OPTIONS[name], values[name]
             label, (low, high, _) = _slider(option, self.config)
+            if option.choices is not None:
+                try:
+                    checked[name] = option.check(value, label.lower())
+                except ValueError as exc:
+                    raise _fail(str(exc)) from None
+                continue
             if option.type is str:
                 checked[name] = str(value or "") or None
                 continue
@@ -113,6 +119,8 @@ class _VideoMaker:
                                              minimum=low, maximum=high)
             except ValueError as exc:
                 raise _fail(str(exc)) from None
+        if checked.get("image_guidance_scale") == 0:  # the slider's "off"
+            checked["image_guidance_scale"] = None
         return checked
 
     def run(self, image: Image.Image, end_image: Image.Image | None, loop: bool, prompt: Any,
@@ -211,10 +219,12 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
     if option.name == "seed":
         return gr.Number(value=option.default, label="Seed", precision=0, minimum=0, maximum=MAX_SEED,
                          elem_id=elem_id)
+    if option.choices is not None:
+        return gr.Dropdown(list(option.choices), value=option.default, label=option.label, elem_id=elem_id)
     if option.type is str:
         return gr.Textbox(value="", label=option.label, placeholder="What to avoid (optional)", elem_id=elem_id)
     label, (low, high, step) = _slider(option, config)
-    default = config.default_fs if option.name == "frame_stride" else option.default
+    default = config.default_fs if option.name == "frame_stride" else option.default or 0
     if option.name == "num_frames":
         default = config.unet.temporal_length
     return gr.Slider(low, high, value=min(max(default, low), high), step=step, label=label, elem_id=elem_id)
@@ -234,9 +244,10 @@ def _controls(config: ModelConfig) -> tuple[gr.Textbox, list[gr.components.Compo
         random_seed = gr.Checkbox(value=False, label="Random seed", elem_id="random-seed")
     with gr.Accordion("Advanced settings", open=False):
         controls["negative_prompt"] = _control(OPTIONS["negative_prompt"], config)
-        with gr.Row():
-            for name in ADVANCED_CONTROLS[1:]:
-                controls[name] = _control(OPTIONS[name], config)
+        for row in (ADVANCED_CONTROLS[1:3], ADVANCED_CONTROLS[3:]):
+            with gr.Row():
+                for name in row:
+                    controls[name] = _control(OPTIONS[name], config)
     return prompt, [controls[name] for name in CONTROLS], random_seed
 
 

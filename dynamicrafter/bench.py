@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
         pipe = DynamiCrafterImg2VideoPipeline.from_model(model, device, dtype, **options)
     image = np.random.default_rng(0).integers(0, 255, (config.height, config.width, 3), dtype=np.uint8)
     config = pipe.config  # what is timed is what is counted
-    call = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale,
+    call = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                image_guidance_scale=args.image_guidance_scale,
                 generator=torch.Generator(device).manual_seed(0))
 
     pipe(image, "a benchmark", num_inference_steps=1, **call)  # warm-up: kernels, allocator, compile
@@ -131,13 +132,14 @@ def run(args: argparse.Namespace) -> dict:
     # The first step also carries the conditioning (encoders, VAE encode): leave it out when we can.
     steady = step_times[1:] or step_times
     s_per_step = float(np.median(steady))
-    flops = unet_flops(config, args.num_frames, batch=1 if args.guidance_scale == 1 else 2)
+    branches = 1 if args.guidance_scale == 1 else 2 + (args.image_guidance_scale not in (None, 1.0))
+    flops = unet_flops(config, args.num_frames, batch=branches)
     tflops = flops / s_per_step / 1e12
     reference = matmul_tflops(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
-        "dtype": str(dtype).split(".")[-1],
+        "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
         "offload": pipe.offload, "compile": args.compile, "device_name": name,
         "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m dynamicrafter.bench", description=__doc__.splitlines()[0])
     parser.add_argument("resolution", nargs="?", type=_resolution, help="model: 256, 512, 1024, 512_interp (default 256)")
     parser.add_argument("--res", "--resolution", dest="res", type=_resolution, help="the model, as a flag")
-    add_arguments(parser, ("num_inference_steps", "num_frames", "guidance_scale"))
+    add_arguments(parser, ("num_inference_steps", "num_frames", "guidance_scale", "image_guidance_scale", "sampler"))
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")

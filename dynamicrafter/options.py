@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from .diffusion.sampling import SAMPLERS as SAMPLER_SPECS
 from .diffusion.schedule import SPACINGS
 from .offload import OFFLOAD_MODES
 
@@ -41,8 +42,8 @@ MAX_FRAMES = 64
 MAX_SIDE = 2048
 #: Most sampling steps (the models have 1000 training timesteps).
 MAX_STEPS = 1000
-#: Sampler names; the first is the default.
-SAMPLERS = ("ddim",)
+#: Sampler names (``dynamicrafter.diffusion.sampling.SAMPLERS``); the first is the default.
+SAMPLERS = tuple(SAMPLER_SPECS)
 
 
 def _all_models(_: "ModelConfig") -> bool:
@@ -164,7 +165,15 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            minimum=1, maximum=MAX_STEPS, aliases=("--steps",), ui=(1, 100, 1), label="Sampling steps"),
     Option("guidance_scale", float, 7.5, "text guidance strength (classifier-free guidance; 1 turns it off)",
            minimum=0, maximum=100, ui=(1.0, 15.0, 0.5), label="Guidance scale"),
-    Option("eta", float, 1.0, "DDIM eta: 0 is deterministic, 1 the most random",
+    Option("image_guidance_scale", float, None,
+           "image guidance strength for two-scale guidance, as the original's --multiple_cond_cfg --cfg_img: "
+           "uncond + cfg_img * (image - uncond) + guidance_scale * (cond - image); a third UNet branch per step",
+           minimum=0, maximum=100, flag="--cfg_img", aliases=("--image_guidance_scale",),
+           ui=(0.0, 15.0, 0.5), label="Image guidance scale (0 = off)", none_means="off"),
+    Option("sampler", str, SAMPLERS[0],
+           "sampler: ddim (the original's), dpmpp_2m (DPM-Solver++(2M), 10-25 steps) or unipc (UniPC, 5-15 steps); "
+           "the last two are deterministic", choices=SAMPLERS, label="Sampler"),
+    Option("eta", float, 1.0, "DDIM eta (the ddim sampler only): 0 is deterministic, 1 the most random",
            minimum=0, maximum=1, ui=(0.0, 1.0, 0.1), label="ETA (0 = deterministic sampling)"),
     Option("frame_stride", int, None,
            "motion: frame stride for the 256 model (larger = more motion), frames per second for the others "

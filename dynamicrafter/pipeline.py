@@ -14,7 +14,10 @@ from tqdm.auto import tqdm
 
 from .checkpoints import load_model
 from .configs import ModelConfig, get_config, load_config, resolve_resolution
-from .diffusion.ddim import DDIMSampler, guided
+from .diffusion.denoiser import ModelDenoiser
+from .diffusion.guidance import guided, two_scale_guided
+from .diffusion.sampling import StepInfo
+from .diffusion.sampling import sample as run_sampler
 from .images import ImageInput, fit_image, load_image
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
@@ -27,6 +30,8 @@ __all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationError", "load_image", "f
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pt", "np", "latent")
+#: What ``callback_on_step_end`` can be given: the latent after the step and the predicted clean latent.
+CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 GeneratorInput = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
@@ -43,6 +48,8 @@ class _Conditioning:
     concat: torch.Tensor  # [B, 4, T, h, w] image latents concatenated to the noisy latent
     fs: torch.Tensor  # [B] frame stride / frame rate
     reference: list[torch.Tensor] | None = None  # ToonCrafter: the key frames' encoder features, for decoding
+    # Two-scale guidance: the negative (default empty) prompt with the real image tokens.
+    image_context: torch.Tensor | None = None
 
 
 @dataclass
@@ -62,6 +69,8 @@ class _Request:
     width: int
     rescale: float
     spacing: str
+    sampler: str
+    image_guidance_scale: float | None
     per_prompt: int
     generator: torch.Generator | list[torch.Generator] | None
     latents: torch.Tensor | None
@@ -162,7 +171,7 @@ class DynamiCrafterImg2VideoPipeline:
         #: Frames the VAE decodes at once; default a quarter megapixel per chunk (4 frames at 256x256).
         self.decode_chunk_size = decode_chunk_size or max(1, 2 ** 18 // (self.config.height * self.config.width))
         self._place(offload_mode(offload, device))
-        self.sampler = DDIMSampler(model.schedule, self.config.diffusion.parameterization)
+        self._interrupt = False
         self._unet_forward: Callable = torch.compile(model.unet) if compile else model.unet
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
@@ -198,7 +207,9 @@ class DynamiCrafterImg2VideoPipeline:
                      num_inference_steps: Any, guidance_scale: Any, eta: Any, frame_stride: Any,
                      num_frames: Any, height: Any, width: Any, guidance_rescale: Any, timestep_spacing: Any,
                      num_videos_per_prompt: Any, generator: Any, latents: Any, output_type: Any,
-                     callback: Any) -> _Request:
+                     callback: Any, sampler: Any = DEFAULTS.sampler, image_guidance_scale: Any = None,
+                     callback_on_step_end: Any = None,
+                     callback_on_step_end_tensor_inputs: Any = ("latents",)) -> _Request:
         """Check every input before any model work and fill in the model's defaults.
 
         Images are read here (see :func:`~dynamicrafter.images.load_image`), so an unreadable
@@ -235,14 +246,25 @@ class DynamiCrafterImg2VideoPipeline:
             raise ValueError(f"Unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}.")
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("callback_on_step_end must be a function (pipe, step, t, tensors) -> dict or None.")
+        tensor_inputs = callback_on_step_end_tensor_inputs
+        if isinstance(tensor_inputs, str) or any(name not in CALLBACK_TENSOR_INPUTS for name in tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be a list drawn from "
+                             f"{', '.join(CALLBACK_TENSOR_INPUTS)}; got {tensor_inputs!r}.")
+        guidance_scale = OPTIONS["guidance_scale"].check(guidance_scale)
+        image_guidance_scale = OPTIONS["image_guidance_scale"].check(image_guidance_scale)
+        if image_guidance_scale is not None and guidance_scale == 1.0:
+            logger.warning("image_guidance_scale has no effect with guidance_scale 1 (no guidance), as in the original.")
+            image_guidance_scale = None
         request = _Request(
             images=[load_image(i) for i in images],
             end_images=None if end_images is None else [load_image(i) for i in end_images],
-            prompts=prompts, negative=negative, steps=steps,
-            guidance_scale=OPTIONS["guidance_scale"].check(guidance_scale),
+            prompts=prompts, negative=negative, steps=steps, guidance_scale=guidance_scale,
             eta=OPTIONS["eta"].check(eta), fs=fs, frames=frames, height=height, width=width,
             rescale=cfg.diffusion.guidance_rescale if rescale is None else rescale,
             spacing=OPTIONS["timestep_spacing"].check(timestep_spacing) or cfg.diffusion.timestep_spacing,
+            sampler=OPTIONS["sampler"].check(sampler), image_guidance_scale=image_guidance_scale,
             per_prompt=per_prompt, generator=None, latents=None, output_type=output_type)
         request.generator = self._check_generator(generator, request.batch)
         request.latents = self._check_latents(latents, self._latent_shape(request))
@@ -330,16 +352,20 @@ class DynamiCrafterImg2VideoPipeline:
 
     def encode(self, pixels: torch.Tensor, prompts: list[str], negative: list[str] | None,
                end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool,
-               per_prompt: int = 1) -> _Conditioning:
+               per_prompt: int = 1, image_guidance_scale: float | None = None) -> _Conditioning:
         """Encode the prompts and images once: ``pixels`` ``[N, 3, H, W]`` -> conditioning for ``N * per_prompt`` videos."""
         model = self.model
         batch = pixels.shape[0]
         with self._on_device(model.cond_stage_model, model.embedder, model.image_proj_model):
-            context = torch.cat([model.encode_text(prompts), model.encode_image_tokens(pixels)], dim=1)
-            uncond = None
+            image_tokens = model.encode_image_tokens(pixels)
+            context = torch.cat([model.encode_text(prompts), image_tokens], dim=1)
+            uncond = image_context = None
             if use_guidance:
                 text = torch.cat([self._uncond_text_tokens(n) for n in (negative or [""] * batch)])
-                uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
+                if image_guidance_scale != 1.0:  # with an image scale of 1 this branch cancels out
+                    uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
+                if image_guidance_scale is not None:
+                    image_context = torch.cat([text, image_tokens], dim=1)
         reference = None
         with self._on_device(model.vae):
             if model.dual_reference:  # ToonCrafter's decoder also reads both key frames' encoder features
@@ -361,29 +387,58 @@ class DynamiCrafterImg2VideoPipeline:
             return t if t is None or per_prompt == 1 else t.repeat_interleave(per_prompt, dim=0)
 
         references = None if reference is None else [repeat(r) for r in reference]
-        return _Conditioning(repeat(context), repeat(uncond), repeat(concat), fs_tensor, references)
+        return _Conditioning(repeat(context), repeat(uncond), repeat(concat), fs_tensor, references,
+                             repeat(image_context))
 
-    def _denoiser(self, cond: _Conditioning, scale: float, rescale: float) -> Callable:
+    def _denoiser(self, cond: _Conditioning, scale: float, rescale: float,
+                  image_scale: float | None = None) -> Callable:
+        """The guided model function ``(x [B, 4, T, h, w], t [B]) -> output`` (float32).
+
+        Its branches (conditional; unconditional; image-only for two-scale guidance, those
+        present in ``cond``) run as one batch, or one after the other with ``sequential_guidance``.
+        """
         unet = self._unet_forward
-        batched = cond.uncond_context is not None and not self.sequential_guidance
-        if batched:  # what stays the same at every step, doubled once for the batch of 2
-            concat2 = torch.cat([cond.concat, cond.concat])
-            context2 = torch.cat([cond.context, cond.uncond_context])
-            fs2 = torch.cat([cond.fs, cond.fs])
+        has_uncond, has_image = cond.uncond_context is not None, cond.image_context is not None
+        contexts = [c for c in (cond.context, cond.uncond_context, cond.image_context) if c is not None]
+        n = len(contexts)
+        batched = n > 1 and not self.sequential_guidance
+        if batched:  # what stays the same at every step, repeated once for the batch of n branches
+            concat_n = torch.cat([cond.concat] * n)
+            context_n = torch.cat(contexts)
+            fs_n = torch.cat([cond.fs] * n)
+
+        def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:
+            if n == 1:
+                return outs[0]
+            cond_out, rest = outs[0], iter(outs[1:])
+            uncond_out = next(rest) if has_uncond else None
+            if not has_image:
+                return guided(cond_out, uncond_out, scale, rescale)
+            return two_scale_guided(cond_out, next(rest), uncond_out, scale, image_scale, rescale)
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if batched:
-                out = unet(torch.cat([torch.cat([x, x]), concat2], dim=1), torch.cat([t, t]), context2, fs2)
-                cond_out, uncond_out = out.float().chunk(2)
-                return guided(cond_out, uncond_out, scale, rescale)
+                out = unet(torch.cat([torch.cat([x] * n), concat_n], dim=1), torch.cat([t] * n), context_n, fs_n)
+                return combine(out.float().chunk(n))
             x_in = torch.cat([x, cond.concat], dim=1)
-            cond_out = unet(x_in, t, cond.context, cond.fs).float()
-            if cond.uncond_context is None:
-                return cond_out
-            uncond_out = unet(x_in, t, cond.uncond_context, cond.fs).float()
-            return guided(cond_out, uncond_out, scale, rescale)
+            return combine([unet(x_in, t, context, cond.fs).float() for context in contexts])
 
         return denoise
+
+    @property
+    def interrupt(self) -> bool:
+        """Set as ``pipe._interrupt = True`` by a callback to stop sampling after that step."""
+        return self._interrupt
+
+    def _step_end(self, callback: Callable, tensor_inputs: Sequence[str], info: StepInfo) -> None:
+        """Call a diffusers-style ``callback_on_step_end`` and apply what it returns or sets."""
+        tensors = {"latents": info.x, "denoised": info.denoised}
+        outputs = callback(self, info.step, info.t, {name: tensors[name] for name in tensor_inputs})
+        if outputs is not None and "latents" in outputs:
+            latents = outputs["latents"]
+            if not isinstance(latents, torch.Tensor) or latents.shape != info.x.shape:
+                raise ValueError(f"callback_on_step_end must return latents of shape {list(info.x.shape)}.")
+            info.x = latents.to(info.x.device, info.x.dtype)
 
     @contextmanager
     def _in_float32(self, module: torch.nn.Module) -> Iterator[None]:
@@ -418,6 +473,10 @@ class DynamiCrafterImg2VideoPipeline:
         end_image: ImageInput | Sequence[ImageInput] | None = None,
         callback: Callable[[int, int], None] | None = None,
         num_videos_per_prompt: int = DEFAULTS.num_videos_per_prompt,
+        sampler: str = DEFAULTS.sampler,
+        image_guidance_scale: float | None = DEFAULTS.image_guidance_scale,
+        callback_on_step_end: Callable[..., dict[str, torch.Tensor] | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -444,6 +503,25 @@ class DynamiCrafterImg2VideoPipeline:
                 same image as ``image`` for a looping video.
             callback: ``callback(step, total)`` after each denoising step.
             num_videos_per_prompt: videos per image; video ``i * k + j`` is sample ``j`` of image ``i``.
+            sampler: ``'ddim'`` (the original's; the default), ``'dpmpp_2m'`` (DPM-Solver++(2M),
+                for 10-25 steps) or ``'unipc'`` (UniPC-2, for 5-15 steps). The other two are
+                deterministic: ``eta`` is DDIM's and has no effect on them. Every sampler
+                visits the same timesteps (``timestep_spacing``).
+            image_guidance_scale: two-scale guidance, as the original's ``--multiple_cond_cfg
+                --cfg_img``: the output is ``uncond + image_guidance_scale * (image - uncond) +
+                guidance_scale * (cond - image)``, where the ``image`` branch has the negative
+                (default empty) prompt and the real image tokens. ``None`` (the default) is the
+                usual one-scale guidance; equal scales give it too (at the cost of a third
+                branch); 1 needs no unconditional branch. With ``guidance_scale = 1`` it is
+                ignored, with a warning (the original ignores ``cfg_img`` then).
+            callback_on_step_end: diffusers-style ``callback_on_step_end(pipe, step, t, tensors)``
+                after each step (``step`` 0-based, ``t`` the timestep, ``tensors`` a dict of
+                ``callback_on_step_end_tensor_inputs``). It may return a dict whose ``"latents"``
+                replace the current latent, and may set ``pipe._interrupt = True`` to stop:
+                the result is then the step's predicted clean latent.
+            callback_on_step_end_tensor_inputs: which tensors the callback gets: ``"latents"``
+                (``[B, 4, T, h, w]`` after the step) and/or ``"denoised"`` (the predicted clean
+                latent of the step, like ``latents``).
 
         Raises:
             ValueError: a bad input, before any model work (one sentence).
@@ -454,12 +532,14 @@ class DynamiCrafterImg2VideoPipeline:
             guidance_scale=guidance_scale, eta=eta, frame_stride=frame_stride, num_frames=num_frames,
             height=height, width=width, guidance_rescale=guidance_rescale, timestep_spacing=timestep_spacing,
             num_videos_per_prompt=num_videos_per_prompt, generator=generator, latents=latents,
-            output_type=output_type, callback=callback)
+            output_type=output_type, callback=callback, sampler=sampler, image_guidance_scale=image_guidance_scale,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         pixels, end_pixels = self.prepare_images(request)
         cond = self.encode(pixels, request.prompts, request.negative, end_pixels, request.frames, request.fs,
-                           request.guidance_scale != 1.0, request.per_prompt)
+                           request.guidance_scale != 1.0, request.per_prompt, request.image_guidance_scale)
         x_t = self.prepare_latents(request)
-        samples = self.denoise(cond, x_t, request, callback)
+        samples = self.denoise(cond, x_t, request, callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
         if request.output_type == "latent":
             result: Any = samples
         else:
@@ -481,8 +561,10 @@ class DynamiCrafterImg2VideoPipeline:
         return _randn(self._latent_shape(request), request.generator, self.device)
 
     def denoise(self, cond: _Conditioning, x_t: torch.Tensor, request: _Request,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Sample from the noise ``x_t`` to clean latents ``[B, 4, T, h, w]``.
+                callback: Callable[[int, int], None] | None = None,
+                callback_on_step_end: Callable | None = None,
+                tensor_inputs: Sequence[str] = ("latents",)) -> torch.Tensor:
+        """Sample from the noise ``x_t`` to clean latents ``[B, 4, T, h, w]`` with the request's sampler.
 
         A run that comes out non-finite in half precision is redone in float32 from the same
         noise; one that is still non-finite raises :class:`GenerationError`.
@@ -494,16 +576,26 @@ class DynamiCrafterImg2VideoPipeline:
                 noise[step] = _randn(x_t.shape, request.generator, self.device)
             return noise[step]
 
+        model_fn = self._denoiser(cond, request.guidance_scale, request.rescale, request.image_guidance_scale)
+        denoiser = ModelDenoiser(model_fn, self.model.schedule, self.config.diffusion.parameterization)
+
         def sample() -> torch.Tensor:
+            self._interrupt = False
+            stopped: dict[str, torch.Tensor] = {}
             with tqdm(total=request.steps, desc="Denoising", leave=False) as bar:
-                def on_step(step: int, total: int) -> None:
+                def on_step(info: StepInfo) -> None:
                     bar.update(1)
                     if callback is not None:
-                        callback(step, total)
+                        callback(info.step + 1, info.total)
+                    if callback_on_step_end is not None:
+                        self._step_end(callback_on_step_end, tensor_inputs, info)
+                    if self._interrupt:  # stop with the step's clean-latent prediction
+                        info.stop = True
+                        stopped["denoised"] = info.denoised
 
-                denoiser = self._denoiser(cond, request.guidance_scale, request.rescale)
-                return self.sampler.sample(denoiser, x_t, request.steps, request.eta, request.spacing,
-                                           noise_sampler=noise_sampler, callback=on_step)
+                latents = run_sampler(request.sampler, denoiser, x_t, self.model.schedule, request.steps,
+                                      request.spacing, request.eta, noise_sampler=noise_sampler, callback=on_step)
+                return stopped.get("denoised", latents)
 
         with self._on_device(self.model.unet):
             samples = sample()

@@ -193,3 +193,13 @@ def test_each_video_is_kept_once_and_aged_out(pipeline, gradient_png, tmp_path, 
         on_server = [p for p in cache.rglob("*.mp4") if p != Path(downloaded)]  # the client saves its own copy
         assert len(on_server) == 1 and on_server[0].read_bytes() == Path(downloaded).read_bytes()
     assert demo.delete_cache == (600, 3600)
+
+
+def test_sampler_and_two_scale_guidance_from_the_page(client, gradient_png):
+    video, _, _ = client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                                 **{**FAST, "num_frames": 2, "sampler": "unipc", "image_guidance_scale": 2.0})
+    assert len(decode(video)[1]) == 2
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                       **{**FAST, "sampler": "euler"})
+    assert str(info.value) == "Unknown sampler 'euler'; choose one of: ddim, dpmpp_2m, unipc."

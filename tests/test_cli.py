@@ -201,6 +201,7 @@ def test_every_flag_reaches_the_pipeline(fake, tmp_path):
         "--video_length", "4", "--frame_stride", "7", "--negative_prompt", "blurry", "--fps", "12",
         "--checkpoint", "ck.ckpt", "--config", "model.yaml", "--dtype", "bfloat16", "--guidance_rescale", "0.3",
         "--timestep_spacing", "uniform_trailing", "--offload", "model", "--compile", "--clip_checkpoint", "clip.bin",
+        "--sampler", "unipc", "--cfg_img", "2.5", "--height", "128", "--width", "192",
     ])
     assert code == 0
     (pipe,) = fake
@@ -209,7 +210,8 @@ def test_every_flag_reaches_the_pipeline(fake, tmp_path):
                              clip_checkpoint="clip.bin")
     (call,) = pipe.calls
     expected = dict(num_inference_steps=3, guidance_scale=2.5, eta=0.0, num_frames=4, frame_stride=7,
-                    negative_prompt=["blurry"], guidance_rescale=0.3, timestep_spacing="uniform_trailing")
+                    negative_prompt=["blurry"], guidance_rescale=0.3, timestep_spacing="uniform_trailing",
+                    sampler="unipc", image_guidance_scale=2.5, height=128, width=192)
     assert {key: call[key] for key in expected} == expected
     assert [g.initial_seed() for g in call["generator"]] == [5]
     assert pipe.saved == [(tmp_path / "o" / "a.mp4", 12)]

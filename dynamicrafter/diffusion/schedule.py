@@ -53,6 +53,74 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return len(self.betas)
 
+    def scale(self, t: int) -> float:
+        """The dynamic rescale factor of timestep ``t`` (1 for models without dynamic rescale)."""
+        return 1.0 if self.scale_arr is None else float(self.scale_arr[t])
+
+    def levels(self, timesteps: np.ndarray, keep_last_scale: bool = False) -> "NoiseLevels":
+        """The noise levels a sampler walks through when it evaluates the model at ``timesteps``.
+
+        Args:
+            timesteps: ``[N]`` training timesteps (any order; visited from the noisiest down).
+            keep_last_scale: end at the dynamic rescale factor of the last timestep visited
+                instead of that of timestep 0. The original's DDIM does this (its last step
+                does not rescale); it only matters for models with dynamic rescale.
+
+        Returns the ``N`` timesteps descending and ``N + 1`` levels: one per timestep and the
+        level sampling ends at, ``alphas_cumprod[0]`` (timestep 0), as in the original's DDIM.
+        """
+        steps = np.sort(np.asarray(timesteps, dtype=np.int64))[::-1].copy()
+        if steps.ndim != 1 or len(steps) == 0:
+            raise ValueError("A sampler needs at least one timestep.")
+        if steps[0] >= self.num_timesteps or steps[-1] < 0:
+            raise ValueError(f"Timesteps must lie in [0, {self.num_timesteps - 1}], got {steps[-1]}..{steps[0]}.")
+        ac = np.append(self.alphas_cumprod[steps], self.alphas_cumprod[0])
+        if self.scale_arr is None:
+            scales = np.ones(len(steps) + 1)
+        else:
+            last = self.scale_arr[steps[-1]] if keep_last_scale else self.scale_arr[0]
+            scales = np.append(self.scale_arr[steps], last).astype(np.float64)
+        return NoiseLevels(steps, ac, scales)
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """The noise levels of one sampling run, noisiest first (computed outside the samplers).
+
+    Level ``i`` is ``x_i = alphas[i] * x0 + sigmas[i] * noise``: ``alphas`` carries the dynamic
+    rescale factor (the 512/1024 models are trained on ``scale_arr[t] * x0``), so a denoiser's
+    ``x0`` is comparable across levels. The model is evaluated at ``timesteps[i]`` to step
+    from level ``i`` to level ``i + 1``; level ``N`` is where sampling ends.
+
+    Attributes:
+        timesteps: ``[N]`` int64 training timesteps, descending.
+        alphas_cumprod: ``[N + 1]`` float64, the schedule's cumulative alpha at each level.
+        scales: ``[N + 1]`` float64, the dynamic rescale factor at each level (ones without).
+    """
+
+    timesteps: np.ndarray
+    alphas_cumprod: np.ndarray
+    scales: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def alphas(self) -> np.ndarray:
+        """``[N + 1]`` signal coefficients ``sqrt(alphas_cumprod) * scales``."""
+        return np.sqrt(self.alphas_cumprod) * self.scales
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """``[N + 1]`` noise coefficients ``sqrt(1 - alphas_cumprod)``."""
+        return np.sqrt(1.0 - self.alphas_cumprod)
+
+    @property
+    def log_snrs(self) -> np.ndarray:
+        """``[N + 1]`` half log signal-to-noise ratios ``log(alphas / sigmas)`` (-inf at zero SNR)."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.alphas) - np.log(self.sigmas)
+
 
 def ddim_timesteps(num_steps: int, spacing: str, num_train_timesteps: int = 1000) -> np.ndarray:
     """The ``num_steps`` training timesteps DDIM visits, ascending.
