@@ -51,11 +51,24 @@ def model_signature(config: ModelConfig) -> dict[str, str]:
     }
 
 
-def _lora_config(rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0) -> Any:
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _lora_config(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0) -> Any:
+    """peft's config for LoRA on the linear layers named by ``targets`` (module-name suffixes).
+
+    Layers that match but are not ``nn.Linear`` (the first temporal block's 1x1 convolutions)
+    are excluded: the UNet runs those as linear maps on their weights.
+    """
     from peft import LoraConfig
 
+    matched = [(n, m) for n, m in unet.named_modules() if _matches(n, targets)]
+    if not any(isinstance(m, nn.Linear) for _, m in matched):
+        raise ValueError(f"No linear layer of the UNet matches the LoRA targets {', '.join(targets)}.")
+    exclude = sorted(n for n, m in matched if not isinstance(m, nn.Linear))
     return LoraConfig(r=int(rank), lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                      bias="none", init_lora_weights=True)
+                      bias="none", init_lora_weights=True, exclude_modules=exclude or None)
 
 
 def add_lora(unet: nn.Module, rank: int = 64, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS,
@@ -68,12 +81,9 @@ def add_lora(unet: nn.Module, rank: int = 64, alpha: float | None = None, target
 
     if rank < 1:
         raise ValueError(f"The LoRA rank must be at least 1, got {rank}.")
-    config = _lora_config(rank, float(rank if alpha is None else alpha), targets, dropout)
+    config = _lora_config(unet, rank, float(rank if alpha is None else alpha), targets, dropout)
     unet.requires_grad_(False)
-    try:
-        inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
-    except ValueError as exc:
-        raise ValueError(f"No UNet layer matches the LoRA targets {', '.join(targets)} ({exc}).") from None
+    inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
     for name, param in unet.named_parameters():
         param.requires_grad_(".lora_" in name)
     return config
@@ -177,7 +187,7 @@ def load_lora(unet: nn.Module, path: str | Path, config: ModelConfig, scale: flo
     The LoRA layers take the device and dtype of the layers they wrap. Raises ``ValueError`` for
     a missing or unreadable file or a LoRA of another model.
     """
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     path = Path(path)
     state, meta = read_lora(path)
@@ -187,8 +197,6 @@ def load_lora(unet: nn.Module, path: str | Path, config: ModelConfig, scale: flo
     alpha = float(meta.get("lora_alpha") or rank)
     # Exact module names as targets (anchored regex): only the layers the file has weights for.
     pattern = "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
-    from peft import LoraConfig
-
     lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, bias="none")
     inject_adapter_in_model(lora_config, unet, adapter_name=ADAPTER)
     dtype = next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype

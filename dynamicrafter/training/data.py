@@ -168,10 +168,12 @@ def fs_value(fs_kind: str, stride: int, rate: float) -> int:
 
 
 class ClipDataset(Dataset):
-    """Decoded training samples. Indexed by ``(clip index, seed)`` pairs from :class:`EpochSampler`.
+    """Decoded training samples, indexed by :class:`StreamSampler`'s ``(index, seed, epoch, position)``
+    (or a bare index).
 
     An item is ``{"video": [3, T, H, W], "caption": str, "fs": int, "index": int}``, or
-    ``{"error": str, "index": int}`` for a clip that cannot be used.
+    ``{"error": str, "index": int}`` for a clip that cannot be used; both also carry the
+    sampler's ``epoch`` and ``position``.
     """
 
     def __init__(self, clips: Sequence[Clip], frames: int, height: int, width: int, stride_min: int,
@@ -186,15 +188,17 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        index, seed = key if isinstance(key, tuple) else (key, key)
+    def __getitem__(self, key: tuple[int, int, int, int] | int) -> dict[str, Any]:
+        index, seed, epoch, position = key if isinstance(key, tuple) else (key, key, 0, 0)
         clip = self.clips[index]
+        where = {"epoch": epoch, "position": position}
         try:
             video, stride, rate = read_clip(clip.path, self.frames, self.height, self.width,
                                             self.stride_min, self.stride_max, random.Random(seed))
         except ClipError as exc:
-            return {"error": f"{clip.path}: {exc}", "index": index}
-        return {"video": video, "caption": clip.caption, "fs": fs_value(self.fs_kind, stride, rate), "index": index}
+            return {"error": f"{clip.path}: {exc}", "index": index, **where}
+        return {"video": video, "caption": clip.caption, "fs": fs_value(self.fs_kind, stride, rate), "index": index,
+                **where}
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -203,43 +207,52 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class EpochSampler(Sampler):
-    """This rank's ``(index, seed)`` pairs for one epoch: a seeded shuffle split over ranks.
+class StreamSampler(Sampler):
+    """This rank's samples, epoch after epoch without end: ``(index, seed, epoch, position)``.
 
-    ``skip`` drops the first pairs (a resumed run). The order is padded to a multiple of the
-    number of ranks so every rank gets the same count.
+    Each epoch is a seeded shuffle of the clips, padded to a multiple of the number of ranks and
+    dealt out rank by rank, so every rank gets ``per_rank`` samples per epoch; ``position`` is
+    how many of them have been used once this one is (``per_rank`` at the epoch's last sample).
+    The stream starts at ``(epoch, position)``, which is how a resumed run picks up where it stopped.
     """
 
-    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0,
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, position: int = 0,
                  shuffle: bool = True) -> None:
-        self.size, self.seed, self.epoch = size, seed, epoch
-        self.rank, self.world, self.skip, self.shuffle = rank, world, skip, shuffle
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.position, self.shuffle = epoch, position, shuffle
+        self.per_rank = -(-size // world)
 
-    def _order(self) -> list[int]:
+    def order(self, epoch: int) -> list[int]:
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)).tolist()
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=gen).tolist()
         else:
             order = list(range(self.size))
-        total = -(-self.size // self.world) * self.world
+        total = self.per_rank * self.world
         while len(order) < total:  # pad by repeating from the start
             order += order[: total - len(order)]
         return order[self.rank::self.world]
 
-    def __len__(self) -> int:
-        return max(0, -(-self.size // self.world) - self.skip)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._order()[self.skip:]:
-            yield index, sample_seed(self.seed, self.epoch, index)
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        epoch, position = self.epoch, self.position
+        while True:
+            order = self.order(epoch)
+            for i in range(position, self.per_rank):
+                yield order[i], sample_seed(self.seed, epoch, order[i]), epoch, i + 1
+            epoch, position = epoch + 1, 0
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the usable samples; report the unusable ones under ``"errors"``."""
+    """Stack the usable samples; report the unusable ones under ``"errors"``, and the stream
+    position after the last item under ``"epoch"`` / ``"position"``."""
     good = [item for item in items if "error" not in item]
-    batch: dict[str, Any] = {"errors": [item["error"] for item in items if "error" in item]}
+    batch: dict[str, Any] = {"errors": [item["error"] for item in items if "error" in item],
+                             "epoch": items[-1]["epoch"], "position": items[-1]["position"], "count": len(items)}
     if not good:
         return batch
     for key in good[0]:
+        if key in ("epoch", "position"):
+            continue
         values = [item[key] for item in good]
         if isinstance(values[0], torch.Tensor):
             batch[key] = torch.stack(values)
@@ -248,3 +261,16 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+def first_frame(path: Path):
+    """The first frame of a clip as an RGB PIL image (for the training samples' default image)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                return frame.to_image().convert("RGB")
+    except Exception as exc:  # PyAV raises many types
+        raise ClipError(f"cannot be read ({type(exc).__name__}: {exc})") from None
+    raise ClipError("it has no frames")
