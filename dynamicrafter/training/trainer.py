@@ -135,9 +135,9 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
         except ImportError:
             raise ValueError("The 8-bit optimizer needs bitsandbytes: pip install bitsandbytes.") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    fused = all(p.is_cuda for p in params)
+    fused = all(p.is_cuda for p in params)  # one kernel for all parameters; else the multi-tensor path
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                             fused=fused or None)
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -308,7 +308,8 @@ class Trainer:
         self.samples_per_epoch = sampler.per_rank
         loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
                             num_workers=self.cfg.num_workers, collate_fn=data_mod.collate,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if self.cfg.num_workers else None)
+                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if self.cfg.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))  # leaves the global RNG alone
         return iter(loader)
 
     def _encode(self, batch: dict[str, Any], draws: Any) -> tuple[EncodedBatch, torch.Tensor]:
