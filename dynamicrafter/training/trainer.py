@@ -240,6 +240,8 @@ class Trainer:
         self.module, self.params, self.lora_config = prepare_model(self.model, cfg)
         self.null = null_conditioning(self.model, self.device)
         self.ddp_module = self._wrap(self.module)
+        # FSDP replaces the parameters with sharded ones: collect the trained ones after wrapping.
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step, self.epoch, self.position = 0, 0, 0
@@ -257,16 +259,25 @@ class Trainer:
 
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32,
                                           reduce_dtype=torch.float32)
+            # FSDP cannot shard scalars (the 256 model's image cross-attention weights): they stay
+            # whole on every rank and their gradients are averaged by hand (_sync_unsharded).
+            self.unsharded = [p for p in module.parameters() if p.ndim == 0]
             unet = module.unet
             for block in [*unet.input_blocks, *([unet.init_attn] if hasattr(unet, "init_attn") else []),
                           unet.middle_block, *unet.output_blocks]:
-                fully_shard(block, mp_policy=policy)
-            fully_shard(module, mp_policy=policy)
+                fully_shard(block, mp_policy=policy, ignored_params=set(self.unsharded))
+            fully_shard(module, mp_policy=policy, ignored_params=set(self.unsharded))
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
+
+    def _sync_unsharded(self) -> None:
+        """Average the gradients of the parameters FSDP left whole (see :meth:`_wrap`)."""
+        for p in getattr(self, "unsharded", []):
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
 
     def _build_cache(self) -> None:
         from . import latent_cache
@@ -574,6 +585,7 @@ class Trainer:
                         loss = self._micro_step(batch)
                         (loss / cfg.grad_accum).backward()
                     losses.append(loss.detach().float().item())
+                self._sync_unsharded()
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
