@@ -292,3 +292,15 @@ def test_torchrun_two_processes(one_clip, tmp_path):
     assert (tmp_path / "checkpoint-000002" / "adapter_model.safetensors").is_file()
     state = torch.load(tmp_path / "checkpoint-000002" / "training_state.pt", weights_only=True)
     assert state["world"] == 2 and len(state["rng"]) == 2
+
+
+def test_benchmark_command_reports_step_time_and_memory(capsys):
+    from dynamicrafter.training import bench
+
+    code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--random-weights", "--frames", "2", "--height", "64",
+                       "--width", "64", "--steps", "2", "--device", "cpu", "--precision", "fp32", "--lora_rank", "4",
+                       "--no-gradient_checkpointing", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] == 2 and report["s_per_step"] > 0 and report["peak_mem_bytes"] > 0
+    assert report["mode"] == "lora" and report["lora_rank"] == 4 and report["peak_mem"] == "process peak RSS"

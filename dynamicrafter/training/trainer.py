@@ -51,6 +51,7 @@ class TrainResult:
     checkpoint: Path | None = None
     skipped_clips: int = 0
     interrupted: bool = False
+    step_seconds: list[float] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -563,6 +564,7 @@ class Trainer:
         start = time.perf_counter()
         try:
             while self.step < cfg.max_steps:
+                step_start = time.perf_counter()
                 losses = []
                 micro = 0
                 while micro < cfg.grad_accum:
@@ -595,6 +597,9 @@ class Trainer:
                 step_loss = self.dist.all_sum(sum(losses) / len(losses), self.device) / self.dist.world
                 lr = self.scheduler.get_last_lr()[0]
                 result.losses.append(step_loss)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                result.step_seconds.append(time.perf_counter() - step_start)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._log(step_loss, lr, time.perf_counter() - start)
                 if bar is not None:
