@@ -1,9 +1,9 @@
 """``--cache_latents``: run the frozen encoders over every clip once and train from the results.
 
 For each clip one frame window is drawn (seeded) and decoded; the cache keeps the VAE
-posterior's mean and standard deviation of every frame (so each epoch still draws a fresh
-posterior sample, as the original does), the caption's text tokens and the CLIP tokens of every
-frame that can be the conditioning frame. One ``.safetensors`` file per clip, written
+posterior's mean and standard deviation of every frame in float32 (so each epoch still draws a
+fresh posterior sample, as the original does), the caption's text tokens and the CLIP tokens of
+every frame that can be the conditioning frame (in bfloat16 for bf16 training, else float32). One ``.safetensors`` file per clip, written
 atomically, named by a hash of the clip file and of every setting that shapes it, so a later
 run with the same settings reuses it.
 """
@@ -29,7 +29,8 @@ from .objective import posterior_moments
 logger = logging.getLogger(__name__)
 
 
-def cache_key(dataset: ClipDataset, index: int, model_name: str, cond_frames: int, seed: int) -> str:
+def cache_key(dataset: ClipDataset, index: int, model_name: str, cond_frames: int, seed: int,
+              dtype: torch.dtype = torch.bfloat16) -> str:
     path = dataset.clips[index].path
     try:
         stat = path.stat()
@@ -38,13 +39,14 @@ def cache_key(dataset: ClipDataset, index: int, model_name: str, cond_frames: in
         stamp = "missing"
     doc = json.dumps([str(path.resolve()), stamp, dataset.clips[index].caption, model_name, dataset.frames,
                       dataset.height, dataset.width, dataset.stride_min, dataset.stride_max, dataset.fs_kind,
-                      cond_frames, seed])
+                      cond_frames, seed, str(dtype)])
     return hashlib.sha1(doc.encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
-def encode_clip(model: DynamiCrafter, video: torch.Tensor, caption: str, cond_frames: int) -> dict[str, torch.Tensor]:
-    """Encoder outputs of one ``[3, T, H, W]`` clip (on the model's device)."""
+def encode_clip(model: DynamiCrafter, video: torch.Tensor, caption: str, cond_frames: int,
+                dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Encoder outputs of one ``[3, T, H, W]`` clip: latent moments in float32, tokens in ``dtype``."""
     device = next(model.vae.parameters()).device
     video = video.to(device)[None]
     mean, std = posterior_moments(model, video)
@@ -52,19 +54,20 @@ def encode_clip(model: DynamiCrafter, video: torch.Tensor, caption: str, cond_fr
     dtype = next(model.embedder.parameters()).dtype
     clip_tokens = model.embedder(frames.to(dtype))
     return {"latent_mean": mean[0].cpu(), "latent_std": std[0].cpu(),
-            "text": model.encode_text([caption])[0].to("cpu", torch.bfloat16),
-            "clip_tokens": clip_tokens.to("cpu", torch.bfloat16)}
+            "text": model.encode_text([caption])[0].to("cpu", dtype),
+            "clip_tokens": clip_tokens.to("cpu", dtype)}
 
 
 def build_cache(model: DynamiCrafter, dataset: ClipDataset, cache_dir: Path, cond_frames: int, seed: int,
-                rank: int = 0, world: int = 1, progress: Callable[[Any], Any] = iter) -> list[Path | None]:
+                rank: int = 0, world: int = 1, progress: Callable[[Any], Any] = iter,
+                dtype: torch.dtype = torch.bfloat16) -> list[Path]:
     """Encode this rank's share of the clips (those not cached yet); returns every clip's file
     (``None`` for a clip that could not be used). Call :func:`finish` on every rank after it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path | None] = []
     todo = []
     for index in range(len(dataset)):
-        file = cache_dir / f"{cache_key(dataset, index, model.config.name, cond_frames, seed)}.safetensors"
+        file = cache_dir / f"{cache_key(dataset, index, model.config.name, cond_frames, seed, dtype)}.safetensors"
         files.append(file)
         if index % world == rank and not file.exists() and not file.with_suffix(".error").exists():
             todo.append(index)
@@ -74,7 +77,7 @@ def build_cache(model: DynamiCrafter, dataset: ClipDataset, cache_dir: Path, con
         if "error" in item:
             _write_atomic(file.with_suffix(".error"), lambda tmp: Path(tmp).write_text(item["error"]))
             continue
-        tensors = encode_clip(model, item["video"], item["caption"], cond_frames)
+        tensors = encode_clip(model, item["video"], item["caption"], cond_frames, dtype)
         tensors["fs"] = torch.tensor(item["fs"])
         _write_atomic(file, lambda tmp: save_file(tensors, tmp))
     return files

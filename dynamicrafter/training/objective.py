@@ -83,12 +83,15 @@ class EncodedBatch:
 
 
 @torch.no_grad()
-def posterior_moments(model: DynamiCrafter, videos: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior_moments(model: DynamiCrafter, videos: torch.Tensor, chunk: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior of every frame: mean and standard deviation ``[B, 4, T, h, w]`` (unscaled).
 
-    Frames go through the encoder ``chunk`` at a time (the original encodes one at a time).
+    Frames go through the encoder ``chunk`` at a time, by default about a megapixel (6 frames
+    at 320x512); the original encodes one at a time.
     """
     b, c, t, h, w = videos.shape
+    chunk = chunk or max(1, 2 ** 20 // (h * w))
     frames = videos.transpose(1, 2).reshape(b * t, c, h, w)
     dtype = _param_dtype(model.vae)
     means, stds = [], []

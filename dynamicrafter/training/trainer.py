@@ -286,8 +286,9 @@ class Trainer:
         cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
         cond_frames = self.frames if self.rand_cond_frame else 1
         progress = (lambda xs: self._bar(xs, "Caching latents")) if self.dist.main else iter
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         files = latent_cache.build_cache(self.model, self.clip_dataset, cache_dir, cond_frames, self.cfg.seed,
-                                         self.dist.rank, self.dist.world, progress)
+                                         self.dist.rank, self.dist.world, progress, dtype)
         self.dist.barrier()
         good, errors = latent_cache.finish(files)
         for error in errors:
@@ -524,6 +525,7 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        """Ctrl-C (or SIGTERM, as torchrun and schedulers send): save after this step and stop."""
         self._stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         if self.dist.main:
@@ -553,7 +555,9 @@ class Trainer:
                         len(self.dataset), effective, cfg.batch_size, cfg.grad_accum, self.dist.world,
                         self.precision, self.strategy if self.dist.enabled else "1 process")
         self._open_logs()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        previous = None
+        if _main_thread():
+            previous = (signal.signal(signal.SIGINT, self._on_sigint), signal.signal(signal.SIGTERM, self._on_sigint))
         bar = None
         if self.dist.main:
             from tqdm.auto import tqdm
@@ -622,7 +626,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+                signal.signal(signal.SIGINT, previous[0])
+                signal.signal(signal.SIGTERM, previous[1])
         result.step = self.step
         result.skipped_clips = len([w for w in self._warned if w != "fsdp-sample"])
         if result.skipped_clips and self.dist.main:
