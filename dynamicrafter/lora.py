@@ -235,4 +235,6 @@ def unload_lora(unet: nn.Module) -> int:
             parent = unet.get_submodule(parent_name) if parent_name else unet
             setattr(parent, child, module.get_base_layer())
             removed += 1
+    if "peft_config" in unet.__dict__:  # peft's record of the adapters it injected
+        del unet.peft_config
     return removed

@@ -19,7 +19,7 @@ from dynamicrafter.checkpoints import load_model
 from dynamicrafter.configs import load_config
 from dynamicrafter.training.objective import diffusion_loss, draw, posterior_moments
 
-from .conftest import DATA, MODULE_TOL, TINY_NAMES, relative_error
+from .conftest import DATA, MODULE_TOL, TINY_NAMES
 
 
 def _record(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -75,11 +75,12 @@ def build_cache(model: DynamiCrafter, dataset: ClipDataset, cache_dir: Path, con
         item = dataset[(index, sample_seed(seed, -1, index), -1, 0)]
         file = files[index]
         if "error" in item:
-            _write_atomic(file.with_suffix(".error"), lambda tmp: Path(tmp).write_text(item["error"]))
+            error = item["error"]
+            _write_atomic(file.with_suffix(".error"), lambda tmp, text=error: Path(tmp).write_text(text))
             continue
         tensors = encode_clip(model, item["video"], item["caption"], cond_frames, dtype)
         tensors["fs"] = torch.tensor(item["fs"])
-        _write_atomic(file, lambda tmp: save_file(tensors, tmp))
+        _write_atomic(file, lambda tmp, values=tensors: save_file(values, tmp))
     return files
 
 

@@ -32,7 +32,7 @@ from ..models.dynamicrafter import DynamiCrafter
 from ..models.unet import ResBlock, TemporalConvBlock
 from . import data as data_mod
 from .config import TrainConfig
-from .distributed import Dist, init, shutdown
+from .distributed import init, shutdown
 from .objective import (EncodedBatch, NullConditioning, draw, encode_batch, loss_on_encoded, null_conditioning,
                         sample_posterior)
 
