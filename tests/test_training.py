@@ -7,6 +7,7 @@ in ``examples/clips`` (synthetic, made by ``examples/make_clips.py``).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import os
@@ -102,6 +103,9 @@ def test_config_errors_are_one_sentence():
         TrainConfig(data="x", train_image_proj=True)
     with pytest.raises(ValueError, match="frame_stride_max"):
         TrainConfig(data="x", frame_stride_min=4, frame_stride_max=2)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ValueError, match="needs bitsandbytes: pip install bitsandbytes"):
+            TrainConfig(data="x", optimizer="adamw8bit")
     cfg = TrainConfig(data="x", lr_warmup_steps=2, max_steps=6, lr_schedule="linear")
     assert [round(lr_factor(s, cfg), 3) for s in range(6)] == [0.333, 0.667, 1.0, 0.75, 0.5, 0.25]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,6 +129,8 @@ class TrainConfig:
             raise ValueError("lr_warmup_steps, sample_every, num_workers and max_grad_norm must not be negative.")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose adamw or adamw8bit.")
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("The 8-bit optimizer needs bitsandbytes: pip install bitsandbytes.")
         if self.precision not in (None, "bf16", "fp32"):
             raise ValueError(f"Unknown precision {self.precision!r}; choose bf16 or fp32.")
         if self.strategy not in ("auto", "ddp", "fsdp"):
