@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
     else:
+        rank = "" if report["lora_rank"] is None else f" r{report['lora_rank']}"
         print(f"{report['resolution']} {report['height']}x{report['width']}, {report['frames']} frames, batch "
-              f"{report['batch_size']}, {report['mode']}{'' if report['lora_rank'] is None else ' r' + str(report['lora_rank'])}, "
+              f"{report['batch_size']}, {report['mode']}{rank}, "
               f"{report['precision']}, checkpointing {'on' if report['gradient_checkpointing'] else 'off'} on "
               f"{report['device_name']}: {report['s_per_step']:.3f} s/step, peak {report['peak_mem_bytes'] / 2**30:.2f} GiB "
               f"({report['peak_mem']})")

@@ -9,7 +9,7 @@ Frame sampling follows the original's WebVid loader: a frame stride drawn unifor
 ``[stride_min, stride_max]``; a clip too short for it gets the stride ``frames_in_clip // T``;
 ``T`` frames from a uniformly drawn start. The UNet's condition is that stride (256 model) or
 the clip's frame rate divided by it, rounded down (the others). Frames are resized to cover the
-model's size and centre-cropped (the pipeline's :func:`fit_image`).
+model's size and centre-cropped (:func:`dynamicrafter.images.fit_image`, as the pipeline does).
 
 Every random choice for a sample comes from a seed the sampler hands over with its index, so a
 run is the same with any number of worker processes and resumes exactly.
@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..pipeline import fit_image
+from ..images import fit_image
 
 logger = logging.getLogger(__name__)
 

@@ -1,34 +1,44 @@
-"""Running under ``torchrun``: process group, ranks, and the few collectives the trainer needs."""
+"""The collectives a training run needs, on top of :mod:`dynamicrafter.distributed`'s rank layout.
+
+The process group, ranks and device choice are the package's (:class:`~dynamicrafter.distributed.Ranks`);
+training adds small all-reduces on the step's device and an all-gather of Python objects.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .. import distributed
+
 
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the run (one process and rank 0 without torchrun)."""
 
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+    ranks: distributed.Ranks = distributed.Ranks()
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.rank
+
+    @property
+    def world(self) -> int:
+        return self.ranks.world_size
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.ranks.distributed
 
     @property
     def main(self) -> bool:
-        return self.rank == 0
+        return self.ranks.is_main
 
     def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+        distributed.barrier(self.ranks)
 
     def all_max(self, value: float, device: torch.device) -> float:
         """The largest ``value`` over all ranks."""
@@ -49,7 +59,7 @@ class Dist:
     def all_sum(self, value: float, device: torch.device) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([float(value)], device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
+        t = torch.tensor([float(value)], device=device)
         dist.all_reduce(t)
         return t.item()
 
@@ -65,28 +75,23 @@ class Dist:
 def init(device: str | None) -> tuple[Dist, torch.device]:
     """Join the process group when started by ``torchrun`` and pick this process's device.
 
-    Under torchrun each process takes ``cuda:<LOCAL_RANK>`` (NCCL) when CUDA is there and no
-    other device was asked for, else the CPU (gloo).
+    Under torchrun each process takes ``cuda:<LOCAL_RANK>`` when CUDA is there and no device was
+    asked for, else the CPU; one process takes the package's default device.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None or device == "auto":
-        dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        from ..runtime import resolve_device
+    from ..runtime import resolve_device
 
+    ranks = distributed.Ranks.from_env()
+    if device is None or device == "auto":
+        dev = ranks.default_device() or resolve_device(None)
+    else:
         dev = resolve_device(device)
-        if dev.type == "cuda" and world > 1 and dev.index is None:
-            dev = torch.device(f"cuda:{local}")
+        if dev.type == "cuda" and ranks.distributed and dev.index is None:
+            dev = torch.device(f"cuda:{ranks.local_rank}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank, world, local), dev
+    distributed.init(ranks)
+    return Dist(ranks), dev
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(d: Dist) -> None:
+    distributed.shutdown(d.ranks)

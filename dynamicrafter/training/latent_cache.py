@@ -3,9 +3,9 @@
 For each clip one frame window is drawn (seeded) and decoded; the cache keeps the VAE
 posterior's mean and standard deviation of every frame in float32 (so each epoch still draws a
 fresh posterior sample, as the original does), the caption's text tokens and the CLIP tokens of
-every frame that can be the conditioning frame (in bfloat16 for bf16 training, else float32). One ``.safetensors`` file per clip, written
-atomically, named by a hash of the clip file and of every setting that shapes it, so a later
-run with the same settings reuses it.
+every frame that can be the conditioning frame (bfloat16 for bf16 training, else float32).
+One ``.safetensors`` file per clip, written atomically, named by a hash of the clip file and of
+every setting that shapes it, so a later run with the same settings reuses it.
 """
 
 from __future__ import annotations

@@ -33,8 +33,7 @@ from ..models.unet import ResBlock, TemporalConvBlock
 from . import data as data_mod
 from .config import TrainConfig
 from .distributed import init, shutdown
-from .objective import (EncodedBatch, NullConditioning, draw, encode_batch, loss_on_encoded, null_conditioning,
-                        sample_posterior)
+from .objective import EncodedBatch, NullConditioning, draw, encode_batch, loss_on_encoded, null_conditioning, sample_posterior
 
 logger = logging.getLogger(__name__)
 
@@ -343,8 +342,7 @@ class Trainer:
     def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Trained weights (full tensors on the CPU) and the optimizer state, gathered under FSDP."""
         if self.strategy == "fsdp" and self.dist.enabled:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(self.module, options=options)
@@ -419,8 +417,11 @@ class Trainer:
                     if k.startswith("model.diffusion_model.")}
             proj = {k.removeprefix("image_proj_model."): v for k, v in tensors.items() if k.startswith("image_proj_model.")}
             if self.strategy == "fsdp" and self.dist.enabled:
-                from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                     set_optimizer_state_dict)
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                    set_optimizer_state_dict,
+                )
 
                 full = {f"unet.{k}": v for k, v in unet.items()} | {f"image_proj.{k}": v for k, v in proj.items()}
                 options = StateDictOptions(full_state_dict=True, strict=False)
@@ -491,7 +492,8 @@ class Trainer:
             return None
         if not self.dist.main:
             return None
-        from ..pipeline import DynamiCrafterImg2VideoPipeline, load_image
+        from ..images import load_image
+        from ..pipeline import DynamiCrafterImg2VideoPipeline
 
         if cfg.sample_image:
             image = load_image(cfg.sample_image)
@@ -541,7 +543,7 @@ class Trainer:
             return self._loop()
         finally:
             self._close_logs()
-            shutdown()
+            shutdown(self.dist)
 
     def _loop(self) -> TrainResult:
         cfg = self.cfg
