@@ -31,6 +31,7 @@ HELP = {
     "output_dir": "where checkpoints, logs/ (TensorBoard + metrics.csv) and samples/ go",
     "resolution": "base model: 256, 512, 1024 or 512_interp",
     "checkpoint": "base checkpoint (default: the released one, downloaded when missing)",
+    "clip_checkpoint": "OpenCLIP ViT-H-14 weights, for a checkpoint without the CLIP towers (pruned files)",
     "model_config": "model config YAML in the original layout (default: the resolution's preset)",
     "video_root": "folder a CSV's clips are in (default: the CSV's folder)",
     "frames": "frames per training clip (default: the model's 16)",

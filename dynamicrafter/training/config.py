@@ -33,6 +33,7 @@ class TrainConfig:
     Model:
         resolution: ``256``/``512``/``1024``/``512_interp`` (any spelling the pipeline accepts).
         checkpoint: the base model (default the released one, downloaded when missing).
+        clip_checkpoint: OpenCLIP weights for a checkpoint without the CLIP towers (as the pipeline's).
         model_config: a model YAML in the original layout (default the resolution's preset).
     What is trained:
         mode: ``lora`` (adapters on the UNet's attention and feed-forward projections) or
@@ -55,6 +56,7 @@ class TrainConfig:
     output_dir: str = "runs/finetune"
     resolution: str = "256"
     checkpoint: str | None = None
+    clip_checkpoint: str | None = None
     model_config: str | None = None
     video_root: str | None = None
     frames: int | None = None

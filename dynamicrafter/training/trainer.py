@@ -228,7 +228,8 @@ class Trainer:
                 checkpoint = ensure_checkpoint(resolve_resolution(cfg.resolution))
             elif not Path(checkpoint).is_file():
                 raise ValueError(f"Checkpoint {checkpoint} does not exist.")
-            self.model = load_model(mc, checkpoint, dtype=frozen_dtype, device=self.device)
+            self.model = load_model(mc, checkpoint, dtype=frozen_dtype, device=self.device,
+                                    clip_checkpoint=cfg.clip_checkpoint)
         self.model.to(self.device)
         if self._given_model is None or frozen_dtype != torch.float32:
             for part in (self.model.vae, self.model.cond_stage_model, self.model.embedder, self.model.image_proj_model):
