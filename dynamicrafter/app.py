@@ -28,12 +28,12 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .cli import EXIT_USAGE, CliError, _Parser, _resolution
+from .cli import EXIT_USAGE, CliError, Parser, build_pipeline, resolution_arg
 from .configs import PRESETS, ModelConfig
 from .hub import CheckpointError
 from .images import IMAGE_EXTENSIONS, load_image
 from .options import MAX_SEED, OPTIONS, Option, add_model_arguments, check_number, motion_control
-from .pipeline import DynamiCrafterImg2VideoPipeline, GenerationError
+from .pipeline import GenerationError
 from .runtime import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -344,9 +344,9 @@ def build_demo(pipeline: Any, examples_dir: str | os.PathLike | None = None, *,
 
 def _parser() -> argparse.ArgumentParser:
     """Command-line options of ``dynamicrafter-app`` (the model options are the command line's)."""
-    parser = _Parser(prog="dynamicrafter-app", description=__doc__.splitlines()[0])
-    parser.add_argument("resolution", nargs="?", type=_resolution, help=f"model: {', '.join(PRESETS)} (default 256)")
-    parser.add_argument("--res", "--resolution", dest="res", type=_resolution, help="the model, as a flag")
+    parser = Parser(prog="dynamicrafter-app", description=__doc__.splitlines()[0])
+    parser.add_argument("resolution", nargs="?", type=resolution_arg, help=f"model: {', '.join(PRESETS)} (default 256)")
+    parser.add_argument("--res", "--resolution", dest="res", type=resolution_arg, help="the model, as a flag")
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
@@ -366,10 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         resolution = args.res or args.resolution or "256"
         try:
-            pipeline = DynamiCrafterImg2VideoPipeline(
-                resolution, device=args.device, checkpoint=args.checkpoint, config=args.config,
-                dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
-                clip_checkpoint=args.clip_checkpoint)
+            pipeline = build_pipeline(args, resolution, args.device)
         except (ValueError, CheckpointError) as exc:  # bad config, missing or undownloadable checkpoint
             raise CliError(str(exc), EXIT_USAGE) from None
     except CliError as exc:

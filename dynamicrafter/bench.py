@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import EXIT_USAGE, CliError, _Parser, _resolution
-from .configs import ModelConfig, get_config, load_config
+from .cli import EXIT_USAGE, CliError, Parser, resolution_arg
+from .configs import PRESETS, ModelConfig, get_config, load_config
 from .models.dynamicrafter import DynamiCrafter
 from .offload import offload_mode
 from .options import add_arguments, add_model_arguments
@@ -159,9 +159,9 @@ def _cpu_name() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags: the command line's names for the shared options."""
-    parser = _Parser(prog="python -m dynamicrafter.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("resolution", nargs="?", type=_resolution, help="model: 256, 512, 1024, 512_interp (default 256)")
-    parser.add_argument("--res", "--resolution", dest="res", type=_resolution, help="the model, as a flag")
+    parser = Parser(prog="python -m dynamicrafter.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("resolution", nargs="?", type=resolution_arg, help=f"model: {', '.join(PRESETS)} (default 256)")
+    parser.add_argument("--res", "--resolution", dest="res", type=resolution_arg, help="the model, as a flag")
     add_arguments(parser, ("num_inference_steps", "num_frames", "guidance_scale", "image_guidance_scale", "sampler"))
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group()

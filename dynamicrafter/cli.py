@@ -50,6 +50,7 @@ COMMANDS = {
     "app": "dynamicrafter.app",
     "bench": "dynamicrafter.bench",
     "convert": "dynamicrafter.convert",
+    "train": "dynamicrafter.training.cli",
 }
 #: Sampling options handed to every pipeline call; the others (seed, fps, samples) shape the jobs.
 PIPELINE_OPTIONS = tuple(o.name for o in SAMPLING_OPTIONS
@@ -71,7 +72,7 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, CheckpointError))
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are a single sentence and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -80,7 +81,7 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message[:1].upper()}{message[1:]}.", EXIT_USAGE)
 
 
-def _resolution(text: str) -> str:
+def resolution_arg(text: str) -> str:
     """An argparse type: any accepted spelling of a resolution, returned as the preset name."""
     try:
         return resolve_resolution(text)
@@ -93,8 +94,8 @@ def _resolution(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``run_pipeline.py``; names and defaults follow the usage guide."""
-    parser = _Parser(prog="run_pipeline.py", description="Animate images with a DynamiCrafter model; see docs/cli.md.")
-    parser.add_argument("resolution", type=_resolution, help=f"model: {', '.join(PRESETS)}")
+    parser = Parser(prog="run_pipeline.py", description="Animate images with a DynamiCrafter model; see docs/cli.md.")
+    parser.add_argument("resolution", type=resolution_arg, help=f"model: {', '.join(PRESETS)}")
     add_arguments(parser, [o.name for o in SAMPLING_OPTIONS], defaults={"seed": None},
                   shown={"seed": "123; 12306 with --interp, 234 with --loop, as the original"})
     inputs = parser.add_argument_group("inputs and outputs")
@@ -163,14 +164,25 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
     """Build the pipeline; a bad config or a missing checkpoint becomes a :class:`CliError`."""
     logger.info("Loading the %s model on %s.", args.resolution, device)
     try:
-        return DynamiCrafterImg2VideoPipeline(
-            resolution=args.resolution, device=device, checkpoint=args.checkpoint, config=args.config,
-            dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
-            clip_checkpoint=args.clip_checkpoint)
+        return build_pipeline(args, args.resolution, device)
     except Exception as exc:
         if is_user_error(exc):
             raise CliError(str(exc)) from None
         raise
+
+
+def build_pipeline(args: argparse.Namespace, resolution: str, device: Any) -> Any:
+    """The pipeline the model options of ``args`` describe (:data:`~dynamicrafter.options.MODEL_ARGUMENTS`), LoRA applied.
+
+    Shared by the command line, the app and the benchmark; raises the pipeline's one-sentence errors.
+    """
+    pipe = DynamiCrafterImg2VideoPipeline(
+        resolution=resolution, device=device, checkpoint=args.checkpoint, config=args.config,
+        dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
+        clip_checkpoint=args.clip_checkpoint)
+    if getattr(args, "lora", None):
+        pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+    return pipe
 
 
 class _Runner:

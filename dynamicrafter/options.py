@@ -213,6 +213,10 @@ RUNTIME_OPTIONS: tuple[Option, ...] = (
     Option("clip_checkpoint", str, None,
            "OpenCLIP ViT-H-14 weights for a checkpoint without the CLIP towers (a pruned fp16 file)",
            none_means="downloaded once from laion/CLIP-ViT-H-14-laion2B-s32B-b79K when needed"),
+    Option("lora", str, None, "LoRA weights made by `dynamicrafter train` (a folder or adapter_model.safetensors)",
+           none_means="none"),
+    Option("lora_scale", float, 1.0, "strength of the LoRA: 0 is the base model, 1 as trained", minimum=0,
+           maximum=10),
     Option("compile", bool, False, "torch.compile the UNet (slow first video, faster after)"),
     Option("batch_size", int, 1, "videos per pipeline call; more is faster on a large GPU and needs more memory",
            minimum=1, maximum=256),
@@ -250,7 +254,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str], *
 
 
 #: The runtime options every front end takes (the command line, the app, the benchmark).
-MODEL_ARGUMENTS = ("device", "dtype", "offload", "checkpoint", "config", "clip_checkpoint", "compile")
+MODEL_ARGUMENTS = ("device", "dtype", "offload", "checkpoint", "config", "clip_checkpoint", "lora", "lora_scale",
+                   "compile")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | Any) -> None:

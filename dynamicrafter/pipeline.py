@@ -199,6 +199,24 @@ class DynamiCrafterImg2VideoPipeline:
         """
         self._place(offload_mode(True, self.device))
 
+    def load_lora_weights(self, path: str | Path, scale: float = 1.0) -> None:
+        """Apply a LoRA trained with ``dynamicrafter train`` (a folder or its ``adapter_model.safetensors``).
+
+        ``scale`` is its strength (0 gives the base model's output). A LoRA already loaded is
+        replaced. Raises ``ValueError`` for a missing or unreadable file or a LoRA of another model.
+        """
+        from .lora import load_lora  # peft is imported only when a LoRA is used
+
+        self.unload_lora_weights()
+        count = load_lora(self.model.unet, path, self.config, scale)
+        logger.info("Loaded LoRA %s (%d layers, scale %g).", path, count, scale)
+
+    def unload_lora_weights(self) -> None:
+        """Remove the loaded LoRA, restoring the base UNet exactly (a no-op without one)."""
+        from .lora import unload_lora
+
+        unload_lora(self.model.unet)
+
     def _on_device(self, *modules: torch.nn.Module) -> Any:
         return self._offloader.on_device(*modules)
 

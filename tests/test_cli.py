@@ -61,6 +61,9 @@ class FakePipeline:
         self.calls.append(dict(image=image, prompt=prompt, **kwargs))
         return {"videos": torch.rand(len(image), kwargs["num_frames"], 3, 8, 8)}
 
+    def load_lora_weights(self, path, scale=1.0) -> None:
+        self.lora = (path, scale)
+
     def save_video(self, videos, path, fps=8) -> None:
         assert videos.shape[0] == 1
         self.saved.append((Path(path), fps))
@@ -698,3 +701,19 @@ def test_front_ends_share_the_model_flags():
     assert model <= flags(cli.build_parser()) and model <= flags(app._parser()) and model <= flags(bench.build_parser())
     shared = {"--num_inference_steps", "--steps", "--video_length", "--frames", "--guidance_scale"}
     assert shared <= flags(cli.build_parser()) and shared <= flags(bench.build_parser())
+
+
+def test_lora_flags_load_the_lora(fake, tmp_path):
+    image = make_image(tmp_path / "a.png")
+    assert cli.main(["256", "--image_path", str(image), "--output_dir", str(tmp_path / "o"), "--device", "cpu",
+                     "--lora", "style_lora", "--lora_scale", "0.5"]) == 0
+    assert fake[0].lora == ("style_lora", 0.5)
+
+
+def test_train_and_convert_are_dynamicrafter_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--help"])
+    assert info.value.code == 0 and "Fine-tune a DynamiCrafter model" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--help"])
+    assert "safetensors" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..configs import UNetConfig
 from .attention import SpatialTransformer, TemporalTransformer
@@ -176,6 +177,8 @@ class UNet3D(nn.Module):
                 self.output_blocks.append(Stage(layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        #: Recompute each block's activations in the backward pass instead of keeping them (training).
+        self.gradient_checkpointing = False
 
     def _attention_layers(self, ch: int) -> list[nn.Module]:
         cfg = self.config
@@ -215,14 +218,20 @@ class UNet3D(nn.Module):
         context = self.frame_context(context.to(dtype), t)
 
         hidden = x.to(dtype).transpose(1, 2).reshape(b * t, -1, h, w)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            def run(block: Stage, h: torch.Tensor) -> torch.Tensor:
+                return checkpoint(block, h, emb, context, t, use_reentrant=False)
+        else:
+            def run(block: Stage, h: torch.Tensor) -> torch.Tensor:
+                return block(h, emb, context, t)
         skips = []
         for i, block in enumerate(self.input_blocks):
-            hidden = block(hidden, emb, context, t)
+            hidden = run(block, hidden)
             if i == 0 and self.config.addition_attention:
-                hidden = self.init_attn(hidden, emb, context, t)
+                hidden = run(self.init_attn, hidden)
             skips.append(hidden)
-        hidden = self.middle_block(hidden, emb, context, t)
+        hidden = run(self.middle_block, hidden)
         for block in self.output_blocks:
-            hidden = block(torch.cat([hidden, skips.pop()], dim=1), emb, context, t)
+            hidden = run(block, torch.cat([hidden, skips.pop()], dim=1))
         out = self.out(hidden)
         return out.view(b, t, -1, h, w).transpose(1, 2).to(x.dtype)

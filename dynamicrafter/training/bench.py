@@ -1,0 +1,147 @@
+"""Training benchmark: seconds per optimizer step and peak memory of the real training loop.
+
+    python -m dynamicrafter.training.bench --resolution 512 --frames 16 --mode lora --lora_rank 64 \\
+        --device cuda --random-weights --steps 5 --json
+
+It writes one synthetic clip at the model's size (or ``--height``/``--width``) to a temporary
+folder and runs :class:`~dynamicrafter.training.trainer.Trainer` on it for ``--steps``
+optimizer steps: decoding, the frozen encoders, forward, backward and the optimizer, as a real
+run does (one checkpoint is written at the end, to the temporary folder). ``--random-weights``
+builds the full-size model with random weights (the same arithmetic as the released one, no
+download). Reported: the median seconds per step after the first (warm-up) step, and the peak
+memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..configs import get_config, load_config, resolve_resolution
+from ..runtime import configure_logging, resolve_device
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def write_clip(path: Path, frames: int, height: int, width: int, fps: int = 24) -> Path:
+    """A synthetic H.264 clip: a bright square moving over a gradient."""
+    import av
+    import numpy as np
+
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
+                            np.full_like(x, 96)], axis=-1).astype(np.uint8)
+            left = (i * 7) % max(1, width - height // 4)
+            img[height // 3: height // 3 + height // 4, left: left + height // 4] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dynamicrafter.training.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--resolution", default="512")
+    p.add_argument("--config", help="model YAML (default: the resolution's preset)")
+    p.add_argument("--checkpoint", help="checkpoint (needed unless --random-weights)")
+    p.add_argument("--random-weights", action="store_true", help="full-size model with random weights")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--mode", choices=("lora", "full"), default="lora")
+    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--train_image_proj", action="store_true")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
+    p.add_argument("--precision", choices=("bf16", "fp32"))
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps (the first is the warm-up)")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..bench import random_model
+    from .trainer import Trainer, resolve_precision
+
+    device = resolve_device(args.device)
+    config = load_config(args.config) if args.config else get_config(resolve_resolution(args.resolution))
+    height, width = args.height or config.height, args.width or config.width
+    with tempfile.TemporaryDirectory(prefix="dc-train-bench-") as tmp:
+        clips = Path(tmp) / "clips"
+        clips.mkdir()
+        write_clip(clips / "clip.mp4", max(args.frames * 2, 32), height, width)
+        (clips / "clip.txt").write_text("a bright square moving over a gradient\n")
+        cfg = TrainConfig(data=str(clips), output_dir=str(Path(tmp) / "out"), resolution=args.resolution,
+                          model_config=args.config, checkpoint=args.checkpoint, frames=args.frames, height=height,
+                          width=width, batch_size=args.batch_size, mode=args.mode, lora_rank=args.lora_rank,
+                          train_image_proj=args.train_image_proj, optimizer=args.optimizer, precision=args.precision,
+                          gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                          max_steps=args.steps, save_every=10**9, num_workers=1, device=str(device),
+                          frame_stride_min=1, frame_stride_max=1)
+        precision = resolve_precision(cfg, device)
+        model = None
+        if args.random_weights:
+            model = random_model(config, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = Trainer(cfg, model).run()
+    times = result.step_seconds[1:] or result.step_seconds
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        name = torch.cuda.get_device_name(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        name = "cpu"
+    return {
+        "resolution": config.name, "height": height, "width": width, "frames": args.frames,
+        "batch_size": args.batch_size, "mode": args.mode, "lora_rank": args.lora_rank if args.mode == "lora" else None,
+        "precision": precision, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
+        "optimizer": args.optimizer, "steps": result.step, "s_per_step": statistics.median(times),
+        "step_seconds": result.step_seconds, "losses": result.losses, "peak_mem_bytes": peak,
+        "peak_mem": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "device_name": name, "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    if not args.random_weights and not args.checkpoint:
+        logger.error("Give --checkpoint, or --random-weights for a full-size model with random weights.")
+        return 2
+    try:
+        report = run(args)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 1
+    if args.json:
+        print(json.dumps(report))
+    else:
+        rank = "" if report["lora_rank"] is None else f" r{report['lora_rank']}"
+        print(f"{report['resolution']} {report['height']}x{report['width']}, {report['frames']} frames, batch "
+              f"{report['batch_size']}, {report['mode']}{rank}, "
+              f"{report['precision']}, checkpointing {'on' if report['gradient_checkpointing'] else 'off'} on "
+              f"{report['device_name']}: {report['s_per_step']:.3f} s/step, peak {report['peak_mem_bytes'] / 2**30:.2f} GiB "
+              f"({report['peak_mem']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
