@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> dict:
                              dtype)
         pipe = DynamiCrafterImg2VideoPipeline.from_model(model, device, dtype, **options)
     image = np.random.default_rng(0).integers(0, 255, (config.height, config.width, 3), dtype=np.uint8)
+    if args.lora:
+        pipe.load_lora_weights(args.lora, scale=args.lora_scale)
     config = pipe.config  # what is timed is what is counted
     call = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale, sampler=args.sampler,
                 image_guidance_scale=args.image_guidance_scale,

@@ -24,11 +24,12 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .checkpoints import CLIP_TOWERS, CheckpointMismatchError, read_release_state_dict, release_mapped_pages, wrong_file_message
+from .cli import CliError, Parser
 from .configs import DiffusionConfig
 from .diffusion.schedule import checkpoint_buffers
 
@@ -45,7 +46,6 @@ _SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def write_safetensors(path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -102,7 +102,7 @@ def _target_dtype(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.dt
 
 
 def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16, without_clip: bool = False,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, merge: Sequence[str | Path] = ()) -> Path:
     """Write checkpoint ``source`` as the ``.safetensors`` file ``target``; returns ``target``.
 
     Args:
@@ -112,6 +112,9 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
         dtype: the floating-point weights' dtype (schedule buffers stay float32).
         without_clip: leave out ``cond_stage_model.*`` and ``embedder.*``.
         overwrite: replace ``target`` if it exists.
+        merge: files whose tensors replace the source's tensors of the same (release) names, in
+            order: a full fine-tune's ``unet.safetensors`` over its base checkpoint, say. A
+            name the source lacks, or a tensor of another shape, is refused.
     Raises:
         ValueError: one sentence: unreadable or wrong input, existing or unwritable target, or a
             weight too large for float16.
@@ -130,6 +133,18 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
     problem = wrong_file_message(state, source)
     if problem:
         raise CheckpointMismatchError(problem)
+    for path in merge:
+        update, _ = read_release_state_dict(path)
+        unknown = [k for k in update if k not in state]
+        if unknown:
+            raise ValueError(f"{path} has {len(unknown)} tensor(s) the checkpoint {source} lacks, such as "
+                             f"{unknown[0]}; is it for another model?")
+        wrong = [k for k, v in update.items() if tuple(v.shape) != tuple(state[k].shape)]
+        if wrong:
+            raise ValueError(f"{path} has {wrong[0]} of shape {tuple(update[wrong[0]].shape)} where the checkpoint "
+                             f"{source} has {tuple(state[wrong[0]].shape)}; is it for another model?")
+        state.update(update)
+        logger.info("Taking %d tensors from %s.", len(update), path)
     if without_clip:
         state = {k: v for k, v in state.items() if not k.startswith(CLIP_TOWERS)}
     layout = [(k, _target_dtype(k, v, dtype), tuple(v.shape)) for k, v in state.items()]
@@ -166,17 +181,8 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
     return target
 
 
-class _UsageError(Exception):
-    """A command-line usage error: one sentence, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message[:1].upper()}{message[1:]}.")
-
-
 def build_parser(prog: str = "dynamicrafter convert") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Convert a DynamiCrafter-family checkpoint to a .safetensors file "
+    parser = Parser(prog=prog, description="Convert a DynamiCrafter-family checkpoint to a .safetensors file "
                                             "with the release key names.")
     parser.add_argument("input", type=Path, help="checkpoint to read (.ckpt, .pt, .pth, .bin or .safetensors)")
     parser.add_argument("output", type=Path, help="the .safetensors file to write")
@@ -185,6 +191,9 @@ def build_parser(prog: str = "dynamicrafter convert") -> argparse.ArgumentParser
     parser.add_argument("--without-clip", "--without_clip", dest="without_clip", action="store_true",
                         help="leave out the OpenCLIP text and image towers (cond_stage_model.*, embedder.*)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("--merge", action="append", type=Path, default=[], metavar="FILE",
+                        help="take the tensors of FILE instead of the input's (e.g. a full fine-tune's "
+                             "unet.safetensors over its base checkpoint); may be given several times")
     return parser
 
 
@@ -195,11 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
         args = build_parser().parse_args(argv)
-    except _UsageError as exc:
+    except CliError as exc:
         logger.error("%s", exc)
-        return EXIT_USAGE
+        return exc.code
     try:
-        convert(args.input, args.output, DTYPES[args.dtype], args.without_clip, args.overwrite)
+        convert(args.input, args.output, DTYPES[args.dtype], args.without_clip, args.overwrite, args.merge)
     except ValueError as exc:
         logger.error("%s", exc)
         return EXIT_FAILED

@@ -139,7 +139,7 @@ def test_float16_overflow_is_refused(release_state, tmp_path) -> None:
      "{tmp}/lora.safetensors is a LoRA adapter (2 tensors such as x.lora_A.weight), not a model checkpoint; "
      "give the full model's checkpoint instead."),
     (["{ckpt}", "{tmp}"], 1, "The output {tmp} must be a .safetensors file."),
-    (["{ckpt}", "{tmp}/out.safetensors", "--dtype", "int8"], 2, "Argument --dtype: invalid choice: 'int8' (choose"),
+    (["{ckpt}", "{tmp}/out.safetensors", "--dtype", "int8"], 2, "--dtype: invalid choice: 'int8' (choose"),
     (["{ckpt}"], 2, "The following arguments are required: output."),
 ])
 def test_errors_are_one_line(argv, code, message, tmp_path, caplog) -> None:
@@ -217,3 +217,22 @@ def test_script_entry_point(tmp_path) -> None:
                              str(tmp_path / "out.ckpt")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip() == f"ERROR: The output {tmp_path / 'out.ckpt'} must be a .safetensors file."
+
+
+def test_merge_puts_a_full_fine_tune_into_a_complete_checkpoint(tmp_path):
+    """A full fine-tune's unet.safetensors (release names) over its base gives a checkpoint the pipeline loads."""
+    from dynamicrafter.checkpoints import read_state_dict
+
+    base = read_state_dict(DATA / "tiny256.ckpt")
+    key = "model.diffusion_model.out.2.bias"
+    tuned = {key: base[key].float() + 1.0}
+    save_file(tuned, str(tmp_path / "unet.safetensors"))
+    out = tmp_path / "tuned.safetensors"
+    assert main([str(DATA / "tiny256.ckpt"), str(out), "--dtype", "float32", "--merge",
+                         str(tmp_path / "unet.safetensors")]) == 0
+    model = load_model(load_config(DATA / "tiny256.yaml"), out)
+    assert torch.equal(model.unet.out[2].bias, tuned[key])
+    save_file({"model.diffusion_model.nope.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="has 1 tensor\\(s\\) the checkpoint .* lacks, such as "
+                                         "model.diffusion_model.nope.weight; is it for another model\\?"):
+        convert(DATA / "tiny256.ckpt", tmp_path / "x.safetensors", merge=[tmp_path / "other.safetensors"])
