@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import struct
 import sys
 import time
@@ -32,6 +31,7 @@ from .checkpoints import CLIP_TOWERS, CheckpointMismatchError, read_release_stat
 from .cli import CliError, Parser
 from .configs import DiffusionConfig
 from .diffusion.schedule import checkpoint_buffers
+from .files import write_atomically
 
 __all__ = ["DTYPES", "convert", "main", "write_safetensors"]
 
@@ -165,16 +165,13 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
         if mapped and value.dtype == source_dtypes[key]:  # written straight from the file's pages
             release_mapped_pages(value)
 
-    # A unique name beside the target (same file system, so the rename is atomic).
-    temp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    sizes = []
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        size = write_safetensors(temp, layout, cast, {"format": "pt"}, written)
-        os.replace(temp, target)
+        write_atomically(target, lambda temporary: sizes.append(
+            write_safetensors(temporary, layout, cast, {"format": "pt"}, written)))
     except OSError as exc:
         raise ValueError(f"Cannot write {target} ({exc.strerror or exc}).") from None
-    finally:
-        temp.unlink(missing_ok=True)
+    size = sizes[0]
     logger.info("Wrote %s: %d tensors, %s, %s%s, in %.1f s.", target, len(layout), _size(size),
                 str(dtype).replace("torch.", ""), ", without the CLIP towers" if without_clip else "",
                 time.perf_counter() - started)

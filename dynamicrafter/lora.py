@@ -10,9 +10,7 @@ a LoRA is used.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from .configs import ModelConfig
+from .files import write_atomically
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -97,17 +96,6 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     return {_PREFIX + k: v.detach() for k, v in state.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_lora(folder: str | Path, state: dict[str, torch.Tensor], lora_config: Any, model_config: ModelConfig,
               extra: dict[str, str] | None = None) -> Path:
     """Write a LoRA folder (``adapter_model.safetensors`` + ``adapter_config.json``), each file atomically."""
@@ -118,12 +106,12 @@ def save_lora(folder: str | Path, state: dict[str, torch.Tensor], lora_config: A
     meta = {**model_signature(model_config), "lora_rank": str(lora_config.r), "lora_alpha": str(lora_config.lora_alpha),
             "lora_targets": json.dumps(sorted(lora_config.target_modules)), "format": "pt", **(extra or {})}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     doc = lora_config.to_dict()
     doc["target_modules"] = sorted(doc["target_modules"])
     doc.update({"peft_type": "LORA", "task_type": None, "base_model_name_or_path": f"dynamicrafter-{model_config.name}"})
     text = json.dumps(doc, indent=2, sort_keys=True, default=str)
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_atomically(folder / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return folder
 
 

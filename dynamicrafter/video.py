@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Callable
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
+
+from .files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,6 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8) -> Path:
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}.")
     video = to_uint8_frames(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{secrets.token_hex(4)}{path.suffix}")
-    try:
-        writer(video, tmp, fps)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda temporary: writer(video, temporary, fps))
     logger.debug("Saved %d frames to %s", len(video), path)
     return path

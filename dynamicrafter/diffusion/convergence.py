@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import write_atomically
 from .sampling import SAMPLERS
 
 DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
@@ -118,11 +118,8 @@ def plot(results: dict, out: Path) -> Path:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Tiny models, eta 0, CFG 7.5, {results['frames']} frames, fixed x_T", fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    write_atomically(out, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ..files import write_atomically
 from ..models.dynamicrafter import DynamiCrafter
 from .data import ClipDataset, sample_seed
 from .objective import posterior_moments
@@ -76,11 +75,11 @@ def build_cache(model: DynamiCrafter, dataset: ClipDataset, cache_dir: Path, con
         file = files[index]
         if "error" in item:
             error = item["error"]
-            _write_atomic(file.with_suffix(".error"), lambda tmp, text=error: Path(tmp).write_text(text))
+            write_atomically(file.with_suffix(".error"), lambda tmp, text=error: tmp.write_text(text))
             continue
         tensors = encode_clip(model, item["video"], item["caption"], cond_frames, dtype)
         tensors["fs"] = torch.tensor(item["fs"])
-        _write_atomic(file, lambda tmp, values=tensors: save_file(values, tmp))
+        write_atomically(file, lambda tmp, values=tensors: save_file(values, str(tmp)))
     return files
 
 
@@ -95,17 +94,6 @@ def finish(files: Sequence[Path]) -> tuple[list[Path], list[str]]:
         else:
             errors.append(f"{file}: missing from the cache")
     return good, errors
-
-
-def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CachedDataset(Dataset):
