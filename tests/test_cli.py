@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from dynamicrafter import cli
-from dynamicrafter.configs import get_config, load_config
+from dynamicrafter.configs import get_config
 from dynamicrafter.hub import CheckpointError
 from dynamicrafter.jobs import output_names
 
@@ -591,15 +591,14 @@ def read_video(path: Path) -> tuple[str, int, tuple[int, int], float]:
         return stream.codec_context.name, len(frames), frames[0].shape[:2], float(stream.average_rate)
 
 
+TINY_SIZE = (64, 64)
+
+
 def tiny_args(name: str) -> list[str]:
-    """Options that run the tiny test model fast: 2 steps, 4 frames."""
+    """Options that run the tiny test model fast: 2 steps, 4 frames of 64x64."""
     return ["--checkpoint", str(DATA / f"{name}.ckpt"), "--config", str(DATA / f"{name}.yaml"),
-            "--num_inference_steps", "2", "--video_length", "4"]
-
-
-def model_size(name: str) -> tuple[int, int]:
-    config = load_config(DATA / f"{name}.yaml")
-    return config.height, config.width
+            "--num_inference_steps", "2", "--video_length", "4", "--height", str(TINY_SIZE[0]),
+            "--width", str(TINY_SIZE[1])]
 
 
 def test_real_run_pipeline_py_writes_an_h264_video(tmp_path):
@@ -608,7 +607,7 @@ def test_real_run_pipeline_py_writes_an_h264_video(tmp_path):
     result = run_script(str(RUN_PIPELINE), "256", *tiny_args("tiny256"), "--device", "cpu", "--image_path", str(image),
                         "--prompt_text", "x", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr
-    assert read_video(out / "input.mp4") == ("h264", 4, model_size("tiny256"), 8.0)
+    assert read_video(out / "input.mp4") == ("h264", 4, TINY_SIZE, 8.0)
     assert "1 done, 0 failed" in result.stderr
 
 
@@ -620,7 +619,7 @@ def test_real_run_pipeline_sh_animates_a_folder(tmp_path):
     result = run_script(str(RUN_SHELL), "256", "123", "cpu", *tiny_args("tiny256"), "--prompt_dir", str(folder),
                         "--output_dir", str(out))
     assert result.returncode == 0, result.stderr
-    assert read_video(out / "one.mp4") == ("h264", 4, model_size("tiny256"), 8.0)
+    assert read_video(out / "one.mp4") == ("h264", 4, TINY_SIZE, 8.0)
 
 
 def test_real_bad_config_path_ends_in_one_error_line(tmp_path):
@@ -653,7 +652,7 @@ def test_real_guide_single_image_command(tmp_path):
                         "a person walking in a beautiful garden", "--output_dir", str(out), "--device", "cpu",
                         *tiny_args("tiny256"))
     assert result.returncode == 0, result.stderr
-    assert read_video(out / "pour_bear.mp4") == ("h264", 4, model_size("tiny256"), 8.0)
+    assert read_video(out / "pour_bear.mp4") == ("h264", 4, TINY_SIZE, 8.0)
 
 
 def test_real_torchrun_gives_the_single_process_videos(tmp_path):
@@ -662,7 +661,7 @@ def test_real_torchrun_gives_the_single_process_videos(tmp_path):
     for index, name in enumerate(("a", "b", "c")):
         make_image(folder / f"{name}.png", (64 + 16 * index, 64))
     common = [*tiny_args("tiny256"), "--device", "cpu", "--dtype", "float32", "--prompt_dir", str(folder),
-              "--prompt_text", "x", "--height", "64", "--width", "64"]
+              "--prompt_text", "x"]
     single = run_script(str(RUN_PIPELINE), "256", *common, "--output_dir", str(tmp_path / "one"), OMP_NUM_THREADS="1")
     assert single.returncode == 0, single.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -717,3 +716,12 @@ def test_train_and_convert_are_dynamicrafter_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["convert", "--help"])
     assert "safetensors" in capsys.readouterr().out
+
+
+def test_tooncrafter_takes_interp_pairs(fake, tmp_path):
+    folder = interp_folder(tmp_path, ("k_01", "k_02"))
+    assert cli.main(["tooncrafter", "--interp", "--prompt_dir", str(folder), "--output_dir", str(tmp_path / "o"),
+                     "--device", "cpu"]) == 0
+    (call,) = fake[0].calls
+    assert call["prompt"] == ["first pair"] and len(call["end_image"]) == 1
+    assert [path.name for path, _ in fake[0].saved] == ["k_01.mp4"]
