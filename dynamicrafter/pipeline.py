@@ -98,11 +98,13 @@ class DynamiCrafterImg2VideoPipeline:
     """Animate an image with a text prompt using a DynamiCrafter model.
 
     Args:
-        resolution: which released model: ``'256'``, ``'512'``, ``'1024'`` or ``'512_interp'``
-            (also ``'256_256'``, ``'512_512'``, ``'1024_1024'``, ``'320_512'``, ``'576_1024'``).
-        device: where to run; default ``cuda:0`` when available, else the CPU (with a warning).
+        resolution: which model: ``'256'``, ``'512'``, ``'1024'``, ``'512_interp'`` or
+            ``'tooncrafter'`` (also ``'256_256'``, ``'512_512'``, ``'1024_1024'``, ``'320_512'``,
+            ``'576_1024'``, ``'toon'``).
+        device: where to run; default ``cuda:0`` when available, else Apple's ``mps``, else the
+            CPU (with a warning).
         checkpoint: a ``.ckpt`` or ``.safetensors`` file; default
-            ``checkpoints/dynamicrafter_{name}_v1/model.ckpt``, downloaded when missing.
+            ``checkpoints/<model>_v1/model.ckpt``, downloaded when missing.
         clip_checkpoint: an OpenCLIP state dict file for a checkpoint without the CLIP towers
             (the "pruned" files); default the OpenCLIP ViT-H-14 ``laion2b_s32b_b79k`` weights,
             downloaded once into the Hugging Face cache when such a checkpoint is loaded.
@@ -144,18 +146,24 @@ class DynamiCrafterImg2VideoPipeline:
 
     @classmethod
     def from_model(cls, model: DynamiCrafter, device: str | torch.device | None = None,
-                   dtype: str | torch.dtype | None = None, **options: Any) -> "DynamiCrafterImg2VideoPipeline":
-        """A pipeline around an already built model (cast and moved to ``device``/``dtype``).
+                   dtype: str | torch.dtype | None = None, *, cast: bool = True,
+                   **options: Any) -> "DynamiCrafterImg2VideoPipeline":
+        """A pipeline around an already built model (moved to ``device``).
 
+        With ``cast`` (the default) the model is cast to ``dtype`` (the VAE to its own rule) and
+        frozen in eval mode; without it the model is shared as it is, dtypes, gradients and
+        training mode untouched (a training loop making sample videos from its live model).
         ``options`` are the keyword-only options of the constructor.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        model.to(dtype=dtype)
-        model.vae.to(dtype=vae_dtype_for(dtype, device))
+        if cast:
+            model.to(dtype=dtype)
+            model.vae.to(dtype=vae_dtype_for(dtype, device))
+            model.eval().requires_grad_(False)
         pipe = cls.__new__(cls)
         pipe.checkpoint = None
-        pipe._setup(model.eval().requires_grad_(False), device, dtype, **options)
+        pipe._setup(model, device, dtype, **options)
         return pipe
 
     def _setup(self, model: DynamiCrafter, device: torch.device, dtype: torch.dtype,

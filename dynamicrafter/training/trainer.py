@@ -504,9 +504,8 @@ class Trainer:
             image = data_mod.first_frame(clip.path)
             prompt = clip.caption if cfg.sample_prompt is None else cfg.sample_prompt
         # Share the training model as it is (no cast): its float32 trained weights must stay float32.
-        pipe = DynamiCrafterImg2VideoPipeline.__new__(DynamiCrafterImg2VideoPipeline)
-        pipe.checkpoint = None
-        pipe._setup(self.model, self.device, torch.float32, offload="none")
+        pipe = DynamiCrafterImg2VideoPipeline.from_model(self.model, self.device, torch.float32, cast=False,
+                                                         offload="none")
         was_training = self.model.unet.training
         self.model.unet.eval()
         try:
