@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import UNetConfig
-from .attention import SpatialTransformer, TemporalTransformer
+from .attention import SpatialTransformer, TemporalTransformer, frames_to_time_major, time_major_to_frames
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -29,19 +29,33 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups computed in float32 whatever the input dtype."""
+    """GroupNorm with 32 groups computed in float32 whatever the input dtype.
+
+    PyTorch's kernels already compute the statistics and the normalisation of bfloat16 and
+    float16 inputs in float32 and round once at the end, which is what converting the input to
+    float32 and the result back would give, without the two extra copies of the activations.
+    Only when the weights' dtype differs from the input's is the input converted explicitly.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
+        if self.weight is None or self.weight.dtype == x.dtype:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        weight = self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class TemporalConvBlock(nn.Module):
-    """Four (norm, SiLU, 3x1x1 conv) stages along time, added back to the input."""
+    """Four (norm, SiLU, 3x1x1 conv) stages along time, added back to the input.
+
+    The checkpoints hold ``Conv3d`` weights ``[C, C, 3, 1, 1]``; they are applied as a ``3x1``
+    2-D convolution over the ``[B, C, T, H*W]`` layout (the same arithmetic), which oneDNN and
+    cuDNN run several times faster than a 3-D convolution, and with channels-last activations
+    without any transpose.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -58,9 +72,22 @@ class TemporalConvBlock(nn.Module):
         self.conv3 = stage(True)
         self.conv4 = stage(True)
 
+    @staticmethod
+    def _stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for layer in stage[:-1]:  # norm, SiLU (and the dropout slot)
+            x = layer(x)
+        conv = stage[-1]
+        return F.conv2d(x, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, C, T, H, W]``."""
-        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        """``x``: ``[B, C, T, N]`` (``N`` = pixels of a frame; a 5-D ``[B, C, T, H, W]`` works too)."""
+        if x.ndim == 5:
+            b, c, t, h, w = x.shape
+            return self.forward(x.flatten(3)).unflatten(3, (h, w))
+        h = x
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            h = self._stage(stage, h)
+        return x + h
 
 
 class ResBlock(nn.Module):
@@ -84,10 +111,7 @@ class ResBlock(nn.Module):
         h = self.skip_connection(x) + self.out_layers(h)
         if self.temopral_conv is None:
             return h
-        bt, c, hh, ww = h.shape
-        h = h.view(bt // num_frames, num_frames, c, hh, ww).transpose(1, 2)
-        h = self.temopral_conv(h)
-        return h.transpose(1, 2).reshape(bt, c, hh, ww)
+        return time_major_to_frames(self.temopral_conv(frames_to_time_major(h, num_frames)), *h.shape[2:])
 
 
 class Downsample(nn.Module):
@@ -176,6 +200,7 @@ class UNet3D(nn.Module):
                 self.output_blocks.append(Stage(layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.channels_last: bool | None = None
 
     def _attention_layers(self, ch: int) -> list[nn.Module]:
         cfg = self.config
@@ -186,6 +211,16 @@ class UNet3D(nn.Module):
         if cfg.temporal_attention:
             layers.append(TemporalTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth, use_linear=True))
         return layers
+
+    def use_channels_last(self, device: torch.device) -> bool:
+        """Whether activations run channels-last (``[B*T, C, H, W]`` stored as ``[B, T, H, W, C]``).
+
+        ``self.channels_last`` decides when set; ``None`` (the default) means on the CPU, where
+        oneDNN's convolutions and PyTorch's group norm are fastest in that layout and the spatial
+        and temporal layers then need no transposes (measured in docs/benchmarks.md). Only the
+        speed depends on it, never the values.
+        """
+        return self.channels_last if self.channels_last is not None else device.type == "cpu"
 
     def frame_context(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Give each frame its context: ``[B, L, D] -> [B*T, L', D]``.
@@ -215,6 +250,8 @@ class UNet3D(nn.Module):
         context = self.frame_context(context.to(dtype), t)
 
         hidden = x.to(dtype).transpose(1, 2).reshape(b * t, -1, h, w)
+        if self.use_channels_last(x.device):
+            hidden = hidden.contiguous(memory_format=torch.channels_last)
         skips = []
         for i, block in enumerate(self.input_blocks):
             hidden = block(hidden, emb, context, t)
