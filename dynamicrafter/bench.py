@@ -141,20 +141,21 @@ def reference_unet(unet: nn.Module, directory: str | Path, device: torch.device)
     return original.eval()
 
 
-def reference_step_seconds(original: nn.Module, config: ModelConfig, frames: int, guidance_scale: float,
-                           steps: int, device: torch.device) -> float:
+def reference_step_seconds(original: nn.Module, config: ModelConfig, frames: int, branches: int,
+                           guidance_scale: float, steps: int, device: torch.device) -> float:
     """Median seconds of the original's guided step, as its sampler runs it.
 
-    Two batch-1 UNet calls (conditional, then unconditional context) and the guidance mix, in
-    float32 under ``torch.cuda.amp.autocast()`` (float16) on CUDA, plain float32 elsewhere; one
-    warm-up step, then ``steps - 1`` timed ones, like ours.
+    One batch-1 UNet call per guidance branch (conditional, then unconditional context: two for
+    classifier-free guidance) and the guidance mix, in float32 under ``torch.cuda.amp.autocast()``
+    (float16) on CUDA, plain float32 elsewhere; one warm-up step, then ``steps - 1`` timed ones,
+    like ours.
     """
     down = config.latent_downscale
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(1, config.unet.in_channels, frames, config.height // down, config.width // down,
                     generator=gen, device=device)
     tokens = config.unet.text_context_len + config.resampler.num_queries * (config.resampler.video_length or 1)
-    cond, uncond = torch.randn(2, 1, tokens, config.unet.context_dim, generator=gen, device=device)
+    contexts = torch.randn(branches, 1, tokens, config.unet.context_dim, generator=gen, device=device)
     fs = torch.full((1,), config.unet.default_fs, dtype=torch.long, device=device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -162,11 +163,8 @@ def reference_step_seconds(original: nn.Module, config: ModelConfig, frames: int
     def step(t: int) -> torch.Tensor:
         timesteps = torch.full((1,), t, dtype=torch.long, device=device)
         with autocast:
-            e_cond = original(x, timesteps, context=cond, fs=fs)
-            if guidance_scale == 1:
-                return e_cond
-            e_uncond = original(x, timesteps, context=uncond, fs=fs)
-        return e_uncond + guidance_scale * (e_cond - e_uncond)
+            outs = [original(x, timesteps, context=context, fs=fs) for context in contexts]
+        return outs[0] if branches == 1 else outs[-1] + guidance_scale * (outs[0] - outs[-1])
 
     step(999)
     times = []
@@ -239,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.compare_reference:
         original = reference_unet(pipe.model.unet, args.compare_reference, device)
         del pipe  # our weights are no longer needed: the original has its own float32 copy
-        seconds = reference_step_seconds(original, config, args.num_frames, args.guidance_scale,
+        seconds = reference_step_seconds(original, config, args.num_frames, branches, args.guidance_scale,
                                          args.num_inference_steps, device)
         result.update({
             "reference_dtype": "float32, autocast float16" if device.type == "cuda" else "float32",
