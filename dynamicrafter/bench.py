@@ -6,11 +6,17 @@
 ``--random-weights`` builds the full-size model with random weights (the same arithmetic as the
 released one, no download). The UNet's FLOP count comes from PyTorch's flop counter run on the
 meta device; the achieved rate is compared with a large matmul measured on the same device.
+
+``--compare-reference DIR`` then times the original implementation's guided step from a
+DynamiCrafter checkout at ``DIR`` (never part of this package: imported from there only when
+asked) on the same device, shapes and weights, right after ours, and reports the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import logging
 import resource
@@ -87,6 +93,90 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = N
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
+REFERENCE_UNET = Path("lvdm", "modules", "networks", "openaimodel3d.py")
+
+
+def check_reference_checkout(directory: str | Path) -> Path:
+    """``directory`` as a path, or a ``ValueError`` when it holds no original DynamiCrafter code."""
+    root = Path(directory).expanduser()
+    if not (root / REFERENCE_UNET).is_file():
+        raise ValueError(f"--compare-reference: {directory} is not a DynamiCrafter checkout "
+                         f"(it has no {REFERENCE_UNET.as_posix()}).")
+    return root
+
+
+def reference_unet(unet: nn.Module, directory: str | Path, device: torch.device) -> nn.Module:
+    """The original implementation's ``UNetModel`` with ``unet``'s config and weights, float32, on ``device``.
+
+    Imported from the checkout at ``directory`` (its ``lvdm`` package needs ``einops`` and, through
+    its ``utils`` package, ``opencv-python``). The keys of our UNet are the original's module names.
+    """
+    root = check_reference_checkout(directory).resolve()
+    sys.path.insert(0, str(root))
+    try:
+        module = importlib.import_module("lvdm.modules.networks.openaimodel3d")
+    except Exception as exc:  # research code: any failure to import is reported in one line
+        raise ValueError(f"--compare-reference: the original's UNet in {directory} cannot be imported "
+                         f"({type(exc).__name__}: {exc}); install what it needs (einops, opencv-python).") from None
+    finally:
+        sys.path.remove(str(root))
+    if Path(module.__file__).resolve() != root / REFERENCE_UNET:
+        raise ValueError(f"--compare-reference: a module 'lvdm' from {Path(module.__file__).parents[2]} "
+                         f"is already imported; run the benchmark in a fresh process.")
+    c = unet.config
+    options = dict(in_channels=c.in_channels, out_channels=c.out_channels, model_channels=c.model_channels,
+                   attention_resolutions=list(c.attention_resolutions), num_res_blocks=c.num_res_blocks,
+                   channel_mult=list(c.channel_mult), num_head_channels=c.num_head_channels,
+                   transformer_depth=c.transformer_depth, context_dim=c.context_dim, use_linear=True,
+                   temporal_conv=c.temporal_conv, temporal_attention=c.temporal_attention,
+                   temporal_selfatt_only=True, use_relative_position=False, use_causal_attention=False,
+                   temporal_length=c.temporal_length, addition_attention=c.addition_attention,
+                   image_cross_attention=c.image_cross_attention,
+                   image_cross_attention_scale_learnable=c.image_cross_attention_scale_learnable,
+                   default_fs=c.default_fs, fs_condition=c.fs_condition)
+    with torch.device("meta"):
+        original = module.UNetModel(**options)
+    weights = {name: value.to(device, torch.float32) for name, value in unet.state_dict().items()}
+    original.load_state_dict(weights, strict=True, assign=True)
+    return original.eval()
+
+
+def reference_step_seconds(original: nn.Module, config: ModelConfig, frames: int, branches: int,
+                           guidance_scale: float, steps: int, device: torch.device) -> float:
+    """Median seconds of the original's guided step, as its sampler runs it.
+
+    One batch-1 UNet call per guidance branch (conditional, then unconditional context: two for
+    classifier-free guidance) and the guidance mix, in float32 under ``torch.cuda.amp.autocast()``
+    (float16) on CUDA, plain float32 elsewhere; one warm-up step, then ``steps - 1`` timed ones,
+    like ours.
+    """
+    down = config.latent_downscale
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, config.unet.in_channels, frames, config.height // down, config.width // down,
+                    generator=gen, device=device)
+    tokens = config.unet.text_context_len + config.resampler.num_queries * (config.resampler.video_length or 1)
+    contexts = torch.randn(branches, 1, tokens, config.unet.context_dim, generator=gen, device=device)
+    fs = torch.full((1,), config.unet.default_fs, dtype=torch.long, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def step(t: int) -> torch.Tensor:
+        timesteps = torch.full((1,), t, dtype=torch.long, device=device)
+        with autocast:
+            outs = [original(x, timesteps, context=context, fs=fs) for context in contexts]
+        return outs[0] if branches == 1 else outs[-1] + guidance_scale * (outs[0] - outs[-1])
+
+    step(999)
+    times = []
+    for i in range(max(1, steps - 1)):
+        _sync(device)
+        start = time.perf_counter()
+        step(979 - 20 * i)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def peak_memory(device: torch.device) -> int:
     """Peak bytes: CUDA max allocated, or the process's peak resident set on the CPU."""
     if device.type == "cuda":
@@ -103,9 +193,8 @@ def run(args: argparse.Namespace) -> dict:
         pipe = DynamiCrafterImg2VideoPipeline(args.resolution, device, args.checkpoint, config=config, dtype=dtype,
                                               clip_checkpoint=args.clip_checkpoint, **options)
     else:
-        model = random_model(config, device if offload_mode(args.offload, device) == "none" else torch.device("cpu"),
-                             dtype)
-        pipe = DynamiCrafterImg2VideoPipeline.from_model(model, device, dtype, **options)
+        home = device if offload_mode(args.offload, device) == "none" else torch.device("cpu")
+        pipe = DynamiCrafterImg2VideoPipeline.from_model(random_model(config, home, dtype), device, dtype, **options)
     image = np.random.default_rng(0).integers(0, 255, (config.height, config.width, 3), dtype=np.uint8)
     if args.lora:
         pipe.load_lora_weights(args.lora, scale=args.lora_scale)
@@ -139,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
     tflops = flops / s_per_step / 1e12
     reference = matmul_tflops(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {
+    result = {
         "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
         "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
         "offload": pipe.offload, "compile": args.compile, "device_name": name,
@@ -147,6 +236,17 @@ def run(args: argparse.Namespace) -> dict:
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
         "matmul_share": tflops / reference,
     }
+    if args.compare_reference:
+        original = reference_unet(pipe.model.unet, args.compare_reference, device)
+        del pipe  # our weights are no longer needed: the original has its own float32 copy
+        seconds = reference_step_seconds(original, config, args.num_frames, branches, args.guidance_scale,
+                                         args.num_inference_steps, device)
+        result.update({
+            "reference_dtype": "float32, autocast float16" if device.type == "cuda" else "float32",
+            "reference_s_per_step": seconds, "reference_tflops": flops / seconds / 1e12,
+            "speedup_over_reference": seconds / s_per_step,
+        })
+    return result
 
 
 def _cpu_name() -> str:
@@ -169,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
     parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
+    parser.add_argument("--compare-reference", metavar="DIR",
+                        help="also time the original implementation's guided step from a DynamiCrafter checkout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -183,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)
         if args.num_inference_steps < 2:
             raise CliError("--num_inference_steps must be at least 2 (the first step is the warm-up).", EXIT_USAGE)
+        if args.compare_reference:
+            try:
+                check_reference_checkout(args.compare_reference)
+            except ValueError as exc:
+                raise CliError(str(exc), EXIT_USAGE) from None
         result = run(args)
     except CliError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)

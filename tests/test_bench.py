@@ -70,3 +70,29 @@ def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):
     report = json.loads(capsys.readouterr().out)
     tiny = bench.unet_flops(bench.load_config(DATA / "tiny256.yaml"), frames=2, batch=2)
     assert report["unet_tflop_per_step"] == pytest.approx(tiny / 1e12)
+
+
+def test_compare_reference_refuses_a_folder_without_the_original(tmp_path, capsys):
+    """Checked before any model is built; the original is never needed by the tests."""
+    assert bench.main(["--compare-reference", str(tmp_path), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ERROR: --compare-reference: {tmp_path} is not a DynamiCrafter checkout "
+                   "(it has no lvdm/modules/networks/openaimodel3d.py).\n")
+
+
+def test_compare_reference_reports_an_unimportable_original_in_one_line(tmp_path):
+    import sys
+
+    source = tmp_path / bench.REFERENCE_UNET
+    source.parent.mkdir(parents=True)
+    source.write_text("import a_module_that_is_not_installed\n")
+    try:
+        with pytest.raises(ValueError) as info:
+            bench.reference_unet(None, tmp_path, None)
+    finally:
+        for name in [n for n in sys.modules if n == "lvdm" or n.startswith("lvdm.")]:
+            del sys.modules[name]
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "No module named 'a_module_that_is_not_installed'" in message
+    assert str(tmp_path) not in sys.path

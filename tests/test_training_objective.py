@@ -4,7 +4,8 @@ The recordings hold one batch of 4 clips through the original's ``get_batch_inpu
 ``forward`` / ``p_losses`` with every draw fixed: text only, text and image, image only, and
 nothing dropped; per-sample timesteps (on both sides of the dynamic-rescale turning step for
 the v model); a random conditioning frame for tiny512. Loss, UNet input and output, context,
-the norm of every trained parameter's gradient and a few whole gradients must match to 1e-4.
+the norm of every trained parameter's gradient and a few whole gradients must match: 1e-4 for
+the forward values and the overall gradient norm, 1e-3 (a chain) for each gradient.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dynamicrafter.checkpoints import load_model
 from dynamicrafter.configs import load_config
 from dynamicrafter.training.objective import diffusion_loss, draw, posterior_moments
 
-from .conftest import DATA, MODULE_TOL, TINY_NAMES
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, TINY_NAMES
 
 
 def _record(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -84,12 +85,15 @@ def test_loss_output_and_gradients_match_the_original(case, with_latents, rel_er
     assert trained == set(names)  # the same parameters get gradients: UNet and resampler
     norms = torch.tensor([params[n].grad.double().norm().item() for n in names], dtype=torch.float64)
     assert rel_err(norms, ref["grad_norms"]) < MODULE_TOL
-    # Each parameter's gradient norm; an absolute floor for gradients that are zero up to
-    # rounding (biases right before a GroupNorm), ~1e-7 of the largest.
-    assert torch.all((norms - ref["grad_norms"]).abs() <= MODULE_TOL * ref["grad_norms"] + 1e-8)
+    # A gradient is a chain: the backward pass through every block. Against a float64 run of the
+    # same batch, the recording's own float32 gradients are up to 2e-4 off (fps_embedding, tiny256)
+    # and up to 2e-3 on the smallest norms (deep blocks, ~1e-5 of a largest norm of 0.12), ours
+    # as close or closer. So each norm and whole gradient is held to the chain tolerance, with an
+    # absolute floor of ~1e-6 of the largest norm for gradients that are zero up to rounding.
+    assert torch.all((norms - ref["grad_norms"]).abs() <= CHAIN_TOL * ref["grad_norms"] + 1e-7)
     for key in ref:
         if key.startswith("grad."):
-            assert rel_err(params[key[5:]].grad, ref[key]) < MODULE_TOL, key
+            assert rel_err(params[key[5:]].grad, ref[key]) < CHAIN_TOL, key
 
 
 def test_draws_follow_the_original_dropout_bands(tiny256):

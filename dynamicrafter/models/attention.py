@@ -27,6 +27,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
+def frames_to_time_major(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """``[B*T, C, H, W] -> [B, C, T, H*W]``, a view when ``x`` is channels-last.
+
+    A channels-last ``[B*T, C, H, W]`` tensor lies in memory as ``[B, T, H, W, C]``, which is
+    also a channels-last ``[B, C, T, H*W]`` image: the temporal layers then run as 2-D
+    operations on it with no copy. Other layouts are copied once into the contiguous format.
+    """
+    bt = x.shape[0]
+    y = x.unflatten(0, (bt // num_frames, num_frames)).flatten(3).transpose(1, 2)
+    if y.is_contiguous(memory_format=torch.channels_last):
+        return y
+    return y.contiguous()
+
+
+def time_major_to_frames(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`frames_to_time_major`: ``[B, C, T, H*W] -> [B*T, C, H, W]``."""
+    b, c, t, _ = y.shape
+    return y.transpose(1, 2).reshape(b * t, c, height, width)
+
+
 class CrossAttention(nn.Module):
     """Self- or cross-attention, with an optional second branch over image tokens.
 
@@ -58,10 +78,12 @@ class CrossAttention(nn.Module):
         q = self.to_q(x)
         if context is None:
             return self.to_out(attention(q, self.to_k(x), self.to_v(x), self.heads))
-        text = context[:, : self.text_context_len]
+        # Contiguous slices: a strided 3-D input would make the projections batched matmuls
+        # over a copy of the weight per frame.
+        text = context[:, : self.text_context_len].contiguous()
         out = attention(q, self.to_k(text), self.to_v(text), self.heads)
         if self.image_cross_attention:
-            image = context[:, self.text_context_len:]
+            image = context[:, self.text_context_len:].contiguous()
             out_ip = attention(q, self.to_k_ip(image), self.to_v_ip(image), self.heads)
             if self.alpha is not None:
                 out_ip = out_ip * (torch.tanh(self.alpha) + 1)
@@ -182,11 +204,12 @@ class TemporalTransformer(nn.Module):
         """``x``: ``[B*T, C, H, W]`` with frames of one video adjacent."""
         bt, c, h, w = x.shape
         b = bt // num_frames
-        y = self.norm(x.view(b, num_frames, c, h, w).transpose(1, 2))  # [B, C, T, H, W]
-        y = y.permute(0, 3, 4, 2, 1).reshape(b * h * w, num_frames, c)
+        y = self.norm(frames_to_time_major(x, num_frames))  # [B, C, T, H*W], statistics over T too
+        y = y.permute(0, 3, 2, 1).reshape(b * h * w, num_frames, c)  # the one copy: a sequence per pixel
         y = self._project(self.proj_in, y)
         for block in self.transformer_blocks:
             y = block(y)
         y = self._project(self.proj_out, y)
-        y = y.view(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
-        return x + y
+        # Added back through a strided view: the sum takes x's layout, no transposed copy.
+        y = y.view(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2)  # [B, T, C, H, W]
+        return (x.view(b, num_frames, c, h, w) + y).reshape(bt, c, h, w)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..configs import UNetConfig
-from .attention import SpatialTransformer, TemporalTransformer
+from .attention import SpatialTransformer, TemporalTransformer, frames_to_time_major, time_major_to_frames
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -30,19 +30,33 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups computed in float32 whatever the input dtype."""
+    """GroupNorm with 32 groups computed in float32 whatever the input dtype.
+
+    PyTorch's kernels already compute the statistics and the normalisation of bfloat16 and
+    float16 inputs in float32 and round once at the end, which is what converting the input to
+    float32 and the result back would give, without the two extra copies of the activations.
+    Only when the weights' dtype differs from the input's is the input converted explicitly.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
+        if self.weight is None or self.weight.dtype == x.dtype:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        weight = self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class TemporalConvBlock(nn.Module):
-    """Four (norm, SiLU, 3x1x1 conv) stages along time, added back to the input."""
+    """Four (norm, SiLU, 3x1x1 conv) stages along time, added back to the input.
+
+    The checkpoints hold ``Conv3d`` weights ``[C, C, 3, 1, 1]``; they are applied as a ``3x1``
+    2-D convolution over the ``[B, C, T, H*W]`` layout (the same arithmetic, and the same
+    statistics for the norms, which span time too). oneDNN runs that up to twice as fast as the
+    3-D convolution on an AVX-512 CPU, and on channels-last activations it needs no transpose.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -59,9 +73,22 @@ class TemporalConvBlock(nn.Module):
         self.conv3 = stage(True)
         self.conv4 = stage(True)
 
+    @staticmethod
+    def _stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for layer in stage[:-1]:  # norm, SiLU (and the dropout slot)
+            x = layer(x)
+        conv = stage[-1]
+        return F.conv2d(x, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, C, T, H, W]``."""
-        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        """``x``: ``[B, C, T, N]`` (``N`` = pixels of a frame; a 5-D ``[B, C, T, H, W]`` works too)."""
+        if x.ndim == 5:
+            b, c, t, h, w = x.shape
+            return self.forward(x.flatten(3)).unflatten(3, (h, w))
+        h = x
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            h = self._stage(stage, h)
+        return x + h
 
 
 class ResBlock(nn.Module):
@@ -85,10 +112,7 @@ class ResBlock(nn.Module):
         h = self.skip_connection(x) + self.out_layers(h)
         if self.temopral_conv is None:
             return h
-        bt, c, hh, ww = h.shape
-        h = h.view(bt // num_frames, num_frames, c, hh, ww).transpose(1, 2)
-        h = self.temopral_conv(h)
-        return h.transpose(1, 2).reshape(bt, c, hh, ww)
+        return time_major_to_frames(self.temopral_conv(frames_to_time_major(h, num_frames)), *h.shape[2:])
 
 
 class Downsample(nn.Module):
@@ -179,6 +203,8 @@ class UNet3D(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         #: Recompute each block's activations in the backward pass instead of keeping them (training).
         self.gradient_checkpointing = False
+        #: Activations channels-last: ``None`` decides by device (see :meth:`use_channels_last`).
+        self.channels_last: bool | None = None
 
     def _attention_layers(self, ch: int) -> list[nn.Module]:
         cfg = self.config
@@ -189,6 +215,31 @@ class UNet3D(nn.Module):
         if cfg.temporal_attention:
             layers.append(TemporalTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth, use_linear=True))
         return layers
+
+    def use_channels_last(self, device: torch.device) -> bool:
+        """Whether activations run channels-last (``[B*T, C, H, W]`` stored as ``[B, T, H, W, C]``).
+
+        ``self.channels_last`` decides when set; ``None`` (the default) means on the CPU, where
+        oneDNN's convolutions and PyTorch's group norm are fastest in that layout and the spatial
+        and temporal layers then need no transposes (measured in docs/benchmarks.md). Only the
+        speed depends on it, never the values.
+        """
+        return self.channels_last if self.channels_last is not None else device.type == "cpu"
+
+    def channels_last_weights(self) -> "UNet3D":
+        """Store the convolution weights channels-last, for channels-last activations; returns ``self``.
+
+        oneDNN otherwise copies each weight into that layout at every call (about 1.7 GB per
+        call of the 256 model in bfloat16). Values, shapes and key names are unchanged; only the
+        strides of the ``Conv2d`` (and the temporal ``Conv3d``) weights are. Their ``state_dict()``
+        tensors are then not contiguous: call ``.contiguous()`` on them before writing them with
+        safetensors.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.channels_last if module.weight.ndim == 4 else torch.channels_last_3d
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        return self
 
     def frame_context(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Give each frame its context: ``[B, L, D] -> [B*T, L', D]``.
@@ -218,6 +269,8 @@ class UNet3D(nn.Module):
         context = self.frame_context(context.to(dtype), t)
 
         hidden = x.to(dtype).transpose(1, 2).reshape(b * t, -1, h, w)
+        if self.use_channels_last(x.device):
+            hidden = hidden.contiguous(memory_format=torch.channels_last)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             def run(block: Stage, h: torch.Tensor) -> torch.Tensor:
                 return checkpoint(block, h, emb, context, t, use_reentrant=False)
