@@ -35,7 +35,7 @@ from .models.dynamicrafter import DynamiCrafter
 from .offload import offload_mode
 from .options import add_arguments, add_model_arguments
 from .pipeline import DynamiCrafterImg2VideoPipeline
-from .runtime import resolve_device, resolve_dtype
+from .runtime import COMPILE_MODES, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> dict:
     config = load_config(args.config) if args.config else get_config(args.resolution)
     device = resolve_device(args.device)
     dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
-    options = dict(offload=args.offload, compile=args.compile, sequential_guidance=args.sequential_guidance)
+    options = dict(offload=args.offload, compile=args.compile_mode or args.compile,
+                   sequential_guidance=args.sequential_guidance)
     if args.checkpoint:
         pipe = DynamiCrafterImg2VideoPipeline(args.resolution, device, args.checkpoint, config=config, dtype=dtype,
                                               clip_checkpoint=args.clip_checkpoint, **options)
@@ -203,7 +204,12 @@ def run(args: argparse.Namespace) -> dict:
                 image_guidance_scale=args.image_guidance_scale,
                 generator=torch.Generator(device).manual_seed(0))
 
+    _sync(device)
+    start = time.perf_counter()
     pipe(image, "a benchmark", num_inference_steps=1, **call)  # warm-up: kernels, allocator, compile
+    _sync(device)
+    warmup_seconds = time.perf_counter() - start
+    compilations = _compilations()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_times: list[float] = []
@@ -231,7 +237,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
         "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
-        "offload": pipe.offload, "compile": args.compile, "device_name": name,
+        "offload": pipe.offload, "compile": pipe.compile_mode, "device_name": name,
+        "warmup_s": warmup_seconds, "recompilations": _compilations() - compilations,
         "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
         "matmul_share": tflops / reference,
@@ -247,6 +254,12 @@ def run(args: argparse.Namespace) -> dict:
             "speedup_over_reference": seconds / s_per_step,
         })
     return result
+
+
+def _compilations() -> int:
+    """Frames ``torch.compile`` has compiled so far in this process (0 when it was never used)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
 
 
 def _cpu_name() -> str:
@@ -269,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
     parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES,
+                        help="compile the UNet in this torch.compile mode (reduce-overhead adds CUDA graphs)")
     parser.add_argument("--compare-reference", metavar="DIR",
                         help="also time the original implementation's guided step from a DynamiCrafter checkout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

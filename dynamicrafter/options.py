@@ -217,7 +217,8 @@ RUNTIME_OPTIONS: tuple[Option, ...] = (
            none_means="none"),
     Option("lora_scale", float, 1.0, "strength of the LoRA: 0 is the base model, 1 as trained", minimum=0,
            maximum=10),
-    Option("compile", bool, False, "torch.compile the UNet (slow first video, faster after)"),
+    Option("compile", bool, False, "torch.compile the UNet: the first video of each size compiles (minutes; "
+           "cached on disk), later ones are faster"),
     Option("batch_size", int, 1, "videos per pipeline call; more is faster on a large GPU and needs more memory",
            minimum=1, maximum=256),
 )

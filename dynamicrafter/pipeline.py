@@ -23,7 +23,7 @@ from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
 from .offload import Offloader, offload_mode
 from .options import DEFAULTS, OPTIONS
-from .runtime import resolve_device, resolve_dtype, vae_dtype_for
+from .runtime import CompiledModule, compile_mode, resolve_device, resolve_dtype, vae_dtype_for
 
 __all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationError", "load_image", "fit_image"]
 
@@ -113,6 +113,12 @@ class DynamiCrafterImg2VideoPipeline:
         dtype: ``torch.float32``/``float16``/``bfloat16`` or their names; default bf16 where the
             hardware has fast bf16 (recent GPUs, CPUs with AMX/AVX-512 BF16), fp16 on other GPUs,
             else float32. The VAE never runs in float16.
+        offload: what stays in host memory between uses: ``'none'``, ``'encoders'`` (the
+            default on CUDA) or ``'model'`` (``True``); nothing is offloaded on other devices.
+        compile: ``torch.compile`` the UNet: ``True``, a mode such as ``'reduce-overhead'``
+            (CUDA graphs), or ``False`` (default). The first video of each size compiles, which
+            takes minutes for the full-size models; the kernels are cached on disk for the next
+            process.
 
     Example::
 
@@ -124,7 +130,7 @@ class DynamiCrafterImg2VideoPipeline:
     def __init__(self, resolution: str = "256", device: str | torch.device | None = None,
                  checkpoint: str | Path | None = None, config: ModelConfig | str | Path | None = None,
                  dtype: str | torch.dtype | None = None, *, clip_checkpoint: str | Path | None = None,
-                 offload: bool | str | None = None, compile: bool = False,
+                 offload: bool | str | None = None, compile: bool | str = False,
                  sequential_guidance: bool = False, decode_chunk_size: int | None = None) -> None:
         name = resolve_resolution(resolution)
         if config is None:
@@ -168,7 +174,7 @@ class DynamiCrafterImg2VideoPipeline:
 
     def _setup(self, model: DynamiCrafter, device: torch.device, dtype: torch.dtype,
                offload: bool | str | None = None,
-               compile: bool = False, sequential_guidance: bool = False,
+               compile: bool | str = False, sequential_guidance: bool = False,
                decode_chunk_size: int | None = None) -> None:
         self.model = model
         self.config: ModelConfig = model.config
@@ -180,14 +186,16 @@ class DynamiCrafterImg2VideoPipeline:
         self.decode_chunk_size = decode_chunk_size or max(1, 2 ** 18 // (self.config.height * self.config.width))
         self._place(offload_mode(offload, device))
         self._interrupt = False
-        self._unet_forward: Callable = torch.compile(model.unet) if compile else model.unet
+        #: The ``torch.compile`` mode of the UNet, or None when it runs eagerly (see :func:`compile_mode`).
+        self.compile_mode = compile_mode(compile)
+        self._unet_forward: Callable = CompiledModule(model.unet, self.compile_mode) if self.compile_mode else model.unet
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
         if device.type == "cuda" and dtype == torch.float32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        logger.info("Ready: %s model on %s in %s (offload: %s).", self.config.name, device,
-                    str(dtype).replace("torch.", ""), self.offload)
+        logger.info("Ready: %s model on %s in %s (offload: %s, compile: %s).", self.config.name, device,
+                    str(dtype).replace("torch.", ""), self.offload, self.compile_mode or "off")
 
     def _place(self, mode: str) -> None:
         """Put each component on the device or in host memory according to the offload mode."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +35,11 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A usable ``torch.device`` from a user's choice (None or ``auto`` = :func:`default_device`)."""
+    """A usable ``torch.device`` from a user's choice (None or ``auto`` = :func:`default_device`).
+
+    A CUDA device always carries its number: ``"cuda"`` becomes the current GPU, ``cuda:0`` unless
+    changed.
+    """
     if device is None or str(device) == "auto":
         return default_device()
     try:
@@ -44,6 +51,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"Device {device} needs CUDA, which is not available here; use cpu.")
         if (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"Device {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s).")
+        if dev.index is None:  # "cuda" is the current GPU; torch.cuda.set_device and others need its number
+            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type == "mps" and not mps_available():
         raise ValueError(f"Device {device} needs Apple's Metal backend, which is not available here; use cpu.")
     elif dev.type not in ("cpu", "mps", "cuda"):
@@ -102,3 +111,52 @@ def configure_logging(fmt: str = "%(levelname)s: %(message)s") -> None:
     logging.basicConfig(level=logging.INFO, format=fmt)
     for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+#: ``torch.compile`` modes the pipeline accepts (``compile="reduce-overhead"`` adds CUDA graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile: bool | str | None) -> str | None:
+    """The ``torch.compile`` mode for the UNet, or ``None`` to run it eagerly.
+
+    ``compile`` is ``True`` (mode "default"), ``False``/``None``, or a mode of :data:`COMPILE_MODES`.
+    It is off unless asked for: on an H100 the first 512 video took over four minutes to compile
+    (docs/benchmarks.md), against 7.3 s for a whole video without it.
+    """
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"Unknown compile mode {compile!r}; use True, False or one of: {', '.join(COMPILE_MODES)}.")
+    return compile
+
+
+def compile_cache_dir() -> Path:
+    """Where Inductor keeps compiled kernels between processes (``TORCHINDUCTOR_CACHE_DIR`` overrides)."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dynamicrafter" / "inductor")
+
+
+class CompiledModule:
+    """A module run through ``torch.compile`` with static shapes, saying when a new size compiles.
+
+    One compilation per video size (``dynamic=False``), reused by every later call and step of
+    that size; Inductor's kernels are cached on disk (:func:`compile_cache_dir`) for the next process.
+    """
+
+    def __init__(self, module: torch.nn.Module, mode: str) -> None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))  # read at the first compilation
+        self.module = module
+        self.mode = mode
+        self.compiled: Callable = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
+        self._sizes: set[tuple] = set()
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        size = (tuple(x.shape), x.device.type)
+        if size not in self._sizes:
+            self._sizes.add(size)
+            logger.info("Compiling the UNet for input %s (mode %s): minutes, once per size; kernels are cached in %s.",
+                        "x".join(map(str, x.shape)), self.mode, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        return self.compiled(x, *args, **kwargs)

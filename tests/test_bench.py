@@ -22,6 +22,7 @@ def test_json_report_on_the_tiny_model(capsys):
     assert 0 < report["s_per_step"] < report["s_per_video"]
     assert report["peak_mem_bytes"] > 0 and report["tflops"] > 0 and 0 < report["matmul_share"]
     assert report["dtype"] == "float32" and report["offload"] == "none"
+    assert report["compile"] is None and report["recompilations"] == 0 and report["warmup_s"] > 0
 
 
 @pytest.mark.parametrize(("resolution", "tflop"), [("256", 4.90), ("512", 12.6), ("1024", 52.3)])
@@ -60,7 +61,9 @@ def test_flags_share_the_command_lines_names():
     assert (args.resolution, args.num_inference_steps, args.num_frames, args.offload, args.compile) == (
         "512", 7, 3, "model", True)
     old = bench.build_parser().parse_args(["--resolution", "320_512", "--steps", "7", "--frames", "3"])
-    assert (old.res, old.num_inference_steps, old.num_frames) == ("512", 7, 3)
+    assert (old.res, old.num_inference_steps, old.num_frames, old.compile) == ("512", 7, 3, False)
+    graphs = bench.build_parser().parse_args(["--compile-mode", "reduce-overhead"])
+    assert (graphs.compile, graphs.compile_mode) == (False, "reduce-overhead")
 
 
 def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):

@@ -47,3 +47,14 @@ def test_unsupported_device_types(monkeypatch):
         runtime.resolve_device("banana")
     with pytest.raises(ValueError, match="Device type 'xpu' is not supported; use cuda, mps or cpu."):
         runtime.resolve_device("xpu")
+
+
+def test_a_cuda_device_always_has_its_number(monkeypatch):
+    """``--device cuda`` reached ``torch.cuda.set_device`` without a number, which refuses it (seen on an H100)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert runtime.resolve_device("cuda") == torch.device("cuda:1")
+    assert runtime.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="Device cuda:2 does not exist; this machine has 2 CUDA device"):
+        runtime.resolve_device("cuda:2")
