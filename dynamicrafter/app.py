@@ -32,7 +32,7 @@ from .cli import EXIT_USAGE, CliError, Parser, build_pipeline, resolution_arg
 from .configs import PRESETS, ModelConfig
 from .hub import CheckpointError
 from .images import IMAGE_EXTENSIONS, load_image
-from .options import MAX_SEED, OPTIONS, Option, add_model_arguments, check_number, motion_control
+from .options import MAX_SEED, OPTIONS, Option, add_model_arguments, check_number, motion_control, number_arg
 from .pipeline import GenerationError
 from .runtime import configure_logging
 
@@ -349,11 +349,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--res", "--resolution", dest="res", type=resolution_arg, help="the model, as a flag")
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    parser.add_argument("--port", type=number_arg(True, 1, 65535), default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (default 20)")
-    parser.add_argument("--queue-size", type=int, default=8, help="most waiting requests (default 8)")
-    parser.add_argument("--keep-minutes", type=float, default=KEEP_MINUTES,
+    parser.add_argument("--max-upload-mb", type=number_arg(False, 0.01, 10_000), default=20,
+                        help="largest upload in MB (default 20)")
+    parser.add_argument("--queue-size", type=number_arg(True, 1, 10_000), default=8,
+                        help="most waiting requests (default 8)")
+    parser.add_argument("--keep-minutes", type=number_arg(False, 1, 7 * 24 * 60), default=KEEP_MINUTES,
                         help=f"delete uploads and videos this many minutes after they were made (default {KEEP_MINUTES})")
     return parser
 

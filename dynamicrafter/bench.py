@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import EXIT_USAGE, CliError, Parser, resolution_arg
-from .configs import PRESETS, ModelConfig, get_config, load_config
+from .configs import PRESETS, ModelConfig, model_config
 from .models.dynamicrafter import DynamiCrafter
 from .offload import offload_mode
 from .options import add_arguments, add_model_arguments
@@ -185,7 +185,7 @@ def peak_memory(device: torch.device) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = load_config(args.config) if args.config else get_config(args.resolution)
+    config = model_config(args.resolution, args.config)
     device = resolve_device(args.device)
     dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
     options = dict(offload=args.offload, compile=args.compile_mode or args.compile,

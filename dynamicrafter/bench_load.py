@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from .checkpoints import CLIP_TOWERS, RENAMES
-from .configs import ModelConfig, get_config, load_config
+from .configs import ModelConfig, model_config
 from .convert import DTYPES, write_safetensors
 from .diffusion.schedule import checkpoint_buffers
 
@@ -131,7 +131,7 @@ def _run(script: str, *args: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    config = load_config(args.config) if args.config else get_config(args.resolution)
+    config = model_config(args.resolution, args.config)
     model_name = str(args.config) if args.config else args.resolution
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
-from .configs import PRESETS, ModelConfig, get_config, load_config, resolve_resolution
+from .configs import PRESETS, ModelConfig, model_config, resolve_resolution
 from .hub import CheckpointError
 from .images import load_image
 from .jobs import Job, find_images, make_jobs
@@ -120,7 +120,7 @@ def _mode(args: argparse.Namespace) -> str:
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     try:
-        return load_config(args.config) if args.config is not None else get_config(args.resolution)
+        return model_config(args.resolution, args.config)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -134,6 +134,16 @@ def _defaults(args: argparse.Namespace, mode: str) -> tuple[int, Path, Path]:
     tag = f"{name}_loop" if mode == "loop" else name
     output_dir = args.output_dir or Path("results") / f"dynamicrafter_pipeline_{tag}_seed{seed}"
     return seed, prompt_dir, output_dir
+
+
+def _check_frames(frames: int, mode: str, config: ModelConfig) -> None:
+    """Refuse, before the model loads, a frame count the mode or the model cannot make."""
+    least, reason = {"interp": (2, "--interp (a start and an end frame)"),
+                     "loop": (3, "--loop (two frames remain once the repeated last one is dropped)")}.get(mode, (1, ""))
+    if config.vae.dual_reference and least < 4:
+        least, reason = 4, "ToonCrafter's decoder"
+    if frames < least:
+        raise CliError(f"--video_length must be at least {least} for {reason}, got {frames}.", EXIT_USAGE)
 
 
 def _prepare_output_dir(output_dir: Path) -> None:
@@ -259,15 +269,16 @@ class _Runner:
                 continue
             self.done += 1
             logger.info("%s -> %s", job.image, job.output)
-            self._record(job, seconds)
+            self._record(job, seconds, frames=video.shape[1])
 
-    def _record(self, job: Job, seconds: float) -> None:
+    def _record(self, job: Job, seconds: float, frames: int) -> None:
         config = self.pipe.config
         append_record(self.manifest, {
             "video": job.output.name, "image": str(job.image),
             "end_image": None if job.end_image is None or job.loop else str(job.end_image),
             "loop": job.loop, "prompt": job.prompt, "negative_prompt": self.args.negative_prompt,
-            "seed": job.seed, "sample": job.sample, "fps": self.args.fps, "settings": self.settings,
+            "seed": job.seed, "sample": job.sample, "frames": int(frames), "fps": self.args.fps,
+            "settings": self.settings,
             "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
             "dtype": str(self.pipe.dtype).replace("torch.", ""), "seconds": round(seconds, 3),
             "rank": self.ranks.rank, "host": socket.gethostname(),
@@ -278,8 +289,10 @@ def _run(args: argparse.Namespace) -> int:
     """Make every video the arguments name; returns the exit status."""
     ranks = distributed.Ranks.from_env()
     mode = _mode(args)
-    if mode != "single" and not _model_config(args).interp:
+    config = _model_config(args)
+    if mode != "single" and not config.interp:
         raise CliError(f"--{mode} needs an interpolation model such as 512_interp, not {args.resolution}.", EXIT_USAGE)
+    _check_frames(args.num_frames, mode, config)
     seed, prompt_dir, output_dir = _defaults(args, mode)
     device = _resolve_device(args, ranks)
     try:
@@ -288,6 +301,7 @@ def _run(args: argparse.Namespace) -> int:
                          n_samples=args.num_videos_per_prompt)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    created = not output_dir.exists()
     _prepare_output_dir(output_dir)
     distributed.init(ranks)
     try:
@@ -306,6 +320,8 @@ def _run(args: argparse.Namespace) -> int:
         done, failed, skipped = distributed.sum_counts([done, failed, skipped], ranks)
     finally:
         distributed.shutdown(ranks)
+        if created and not ranks.distributed and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # nothing was made (a missing checkpoint, say): leave no empty folder
     if ranks.is_main:
         logger.info("%d done, %d failed, %d skipped", done, failed, skipped)
     return EXIT_FAILED if failed else 0

@@ -353,6 +353,20 @@ def get_config(resolution: str | int) -> ModelConfig:
     return PRESETS[resolve_resolution(resolution)]
 
 
+def model_config(resolution: str | int, config: str | Path | None = None) -> ModelConfig:
+    """The config of a run: the preset of ``resolution``, or the YAML file ``config`` read strictly.
+
+    A YAML file read for an interpolation preset (``512_interp``, ``tooncrafter``) describes an
+    interpolation model even without ``interp_mode: true``: the original runs its interpolation
+    checkpoint with the plain ``inference_512_v1.0.yaml``.
+    """
+    preset = get_config(resolution)
+    if config is None:
+        return preset
+    loaded = load_config(config)
+    return dataclasses.replace(loaded, interp=True) if preset.interp and not loaded.interp else loaded
+
+
 # --------------------------------------------------------------------------------------------
 # The original YAML format, read strictly
 # --------------------------------------------------------------------------------------------

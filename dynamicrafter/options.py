@@ -121,6 +121,12 @@ class Option:
             raise argparse.ArgumentTypeError(str(exc).strip().rstrip(".")) from None
 
 
+def number_arg(integer: bool = False, minimum: float | None = None,
+               maximum: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type`` for a bounded number that is not a sampling or model option (a server's port)."""
+    return Option("value", int if integer else float, None, "", minimum=minimum, maximum=maximum).parse
+
+
 def check_number(value: Any, what: str, *, integer: bool = False, minimum: float | None = None,
                  maximum: float | None = None) -> Any:
     """A real, finite number (a whole one if ``integer``) within the bounds, as a Python number.

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import load_model
-from .configs import ModelConfig, get_config, load_config, resolve_resolution
+from .configs import ModelConfig, model_config, resolve_resolution
 from .diffusion.denoiser import ModelDenoiser
 from .diffusion.guidance import guided, two_scale_guided
 from .diffusion.sampling import StepInfo
@@ -133,10 +133,8 @@ class DynamiCrafterImg2VideoPipeline:
                  offload: bool | str | None = None, compile: bool | str = False,
                  sequential_guidance: bool = False, decode_chunk_size: int | None = None) -> None:
         name = resolve_resolution(resolution)
-        if config is None:
-            config = get_config(name)
-        elif not isinstance(config, ModelConfig):
-            config = load_config(config)
+        if not isinstance(config, ModelConfig):
+            config = model_config(name, config)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if checkpoint is None:

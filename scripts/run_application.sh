@@ -16,6 +16,7 @@ Usage: $0 interp|loop [seed] [device] [--gpus N] [run_pipeline.py options...]
   loop        one looping video per image in prompts/512_loop/ (default seed 234)
   seed        random seed, a non-negative integer
   device      torch device such as cuda:1 or cpu (default: cuda:0, or cpu without CUDA)
+  --gpus N    spread the images over N GPUs of this machine (torchrun, one process per GPU)
 Example: $0 interp
          $0 loop 234 cuda:1 --prompt_dir my_images/
 USAGE

@@ -164,6 +164,20 @@ def test_listens_on_localhost_unless_told_otherwise():
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-minutes", "nan"], "--keep-minutes: must be a finite number, got nan."),
+    (["--keep-minutes", "0"], "--keep-minutes: must be between 1 and 10080, got 0."),
+    (["--port", "70000"], "--port: must be between 1 and 65535, got 70000."),
+    (["--queue-size", "0"], "--queue-size: must be between 1 and 10000, got 0."),
+])
+def test_server_flags_are_checked_before_the_model_loads(flags, message, caplog):
+    """--keep-minutes nan used to end in a traceback after the model had loaded."""
+    from dynamicrafter.app import main
+
+    assert main(flags) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [message]
+
+
 def test_missing_checkpoint_is_one_error_line(tmp_path, monkeypatch, caplog):
     from dynamicrafter.app import main
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from dynamicrafter import cli
-from dynamicrafter.configs import get_config
+from dynamicrafter.configs import get_config, model_config
 from dynamicrafter.hub import CheckpointError
 from dynamicrafter.jobs import output_names
 
@@ -196,8 +196,10 @@ def test_batch_size_groups_images_into_one_call(fake, tmp_path):
     assert [path.name for path, _ in fake[0].saved] == [f"img{index}.mp4" for index in range(5)]
 
 
-def test_every_flag_reaches_the_pipeline(fake, tmp_path):
+def test_every_flag_reaches_the_pipeline(fake, tmp_path, monkeypatch):
     image = make_image(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.yaml").write_text((DATA / "tiny512.yaml").read_text())  # read before any model work
     code = cli.main([
         "512", "--image_path", str(image), "--prompt_text", "p", "--output_dir", str(tmp_path / "o"),
         "--seed", "5", "--device", "cpu", "--num_inference_steps", "3", "--guidance_scale", "2.5", "--eta", "0",
@@ -314,6 +316,33 @@ def test_loop_drops_the_repeated_last_frame(fake, tmp_path):
     assert call["end_image"][0] is not None and call["num_frames"] == 8
     assert [g.initial_seed() for g in call["generator"]] == [234]
     assert fake[0].frames_saved == [7]
+    from dynamicrafter.manifest import read_records
+
+    assert read_records(out / "manifest.jsonl")[0]["frames"] == 7  # what the file holds, not --video_length
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["512_interp", "--loop", "--video_length", "2"],
+     "--video_length must be at least 3 for --loop (two frames remain once the repeated last one is dropped), got 2."),
+    (["512_interp", "--interp", "--video_length", "1"],
+     "--video_length must be at least 2 for --interp (a start and an end frame), got 1."),
+    (["tooncrafter", "--interp", "--video_length", "3"], "--video_length must be at least 4 for ToonCrafter's decoder, got 3."),
+])
+def test_too_few_frames_are_refused_before_the_model_loads(argv, message, fake, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert cli.main([*argv, "--image_path", str(make_image(tmp_path / "a.png")), "--output_dir", str(out)]) == 2
+    assert errors(caplog) == [message]
+    assert not fake and not out.exists()
+
+
+def test_a_failed_load_leaves_no_empty_output_folder(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    out = tmp_path / "results" / "new"
+    assert cli.main(["256", "--image_path", str(make_image(tmp_path / "a.png")), "--output_dir", str(out),
+                     "--device", "cpu"]) == 1
+    assert "HF_HUB_OFFLINE is set" in errors(caplog)[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--interp", "--loop"])
@@ -321,6 +350,17 @@ def test_interp_and_loop_need_an_interpolation_model(fake, tmp_path, caplog, fla
     assert cli.main(["512", flag, "--image_path", str(make_image(tmp_path / "a.png"))]) == 2
     assert errors(caplog) == [f"{flag} needs an interpolation model such as 512_interp, not 512."]
     assert not fake
+
+
+def test_interp_runs_with_the_plain_512_config_as_the_original_does(fake, tmp_path):
+    """The original runs its interpolation checkpoint with inference_512_v1.0.yaml, which has no interp_mode."""
+    assert "interp_mode" not in (DATA / "tiny512.yaml").read_text()
+    out = tmp_path / "out"
+    assert cli.main(["512_interp", "--interp", "--config", str(DATA / "tiny512.yaml"), "--prompt_dir",
+                     str(interp_folder(tmp_path)), "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert fake[0].init["config"] == str(DATA / "tiny512.yaml") and fake[0].saved
+    assert model_config("512_interp", DATA / "tiny512.yaml").interp
+    assert not model_config("512", DATA / "tiny512.yaml").interp
 
 
 def test_application_defaults_follow_the_original(fake, tmp_path, monkeypatch):

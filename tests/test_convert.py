@@ -212,9 +212,12 @@ def test_bench_load_random_files_load(config256, tmp_path) -> None:
         {k for k in load_model(config256, pruned, clip_checkpoint=clip).state_dict()}
 
 
-def test_script_entry_point(tmp_path) -> None:
-    result = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "convert.py"), str(CKPT),
-                             str(tmp_path / "out.ckpt")], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("command", [["scripts/convert.py"], ["-m", "dynamicrafter", "convert"]],
+                         ids=["script", "python-m"])
+def test_entry_points(command, tmp_path) -> None:
+    root = Path(__file__).parent.parent
+    result = subprocess.run([sys.executable, *command, str(CKPT), str(tmp_path / "out.ckpt")], cwd=root,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip() == f"ERROR: The output {tmp_path / 'out.ckpt'} must be a .safetensors file."
 

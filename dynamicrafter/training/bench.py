@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import get_config, load_config, resolve_resolution
+from ..configs import model_config
 from ..runtime import configure_logging, resolve_device
 from .config import TrainConfig
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     from .trainer import Trainer, resolve_precision
 
     device = resolve_device(args.device)
-    config = load_config(args.config) if args.config else get_config(resolve_resolution(args.resolution))
+    config = model_config(args.resolution, args.config)
     height, width = args.height or config.height, args.width or config.width
     with tempfile.TemporaryDirectory(prefix="dc-train-bench-") as tmp:
         clips = Path(tmp) / "clips"

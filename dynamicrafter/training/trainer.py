@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import load_model
-from ..configs import ModelConfig, get_config, load_config, resolve_resolution
+from ..configs import ModelConfig, model_config, resolve_resolution
 from ..lora import add_lora, lora_state_dict, save_lora
 from ..models.dynamicrafter import DynamiCrafter
 from ..models.unet import ResBlock, TemporalConvBlock
@@ -91,7 +91,7 @@ class LossModule(nn.Module):
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     name = resolve_resolution(cfg.resolution)
-    return load_config(cfg.model_config) if cfg.model_config else get_config(name)
+    return model_config(name, cfg.model_config)
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
