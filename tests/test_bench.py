@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dynamicrafter import bench
-from dynamicrafter.configs import get_config
+from dynamicrafter.configs import get_config, load_config
 
 from .conftest import DATA
 
@@ -71,7 +71,7 @@ def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):
                        "--frames", "2", "--steps", "2", "--device", "cpu", "--dtype", "float32", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    tiny = bench.unet_flops(bench.load_config(DATA / "tiny256.yaml"), frames=2, batch=2)
+    tiny = bench.unet_flops(load_config(DATA / "tiny256.yaml"), frames=2, batch=2)
     assert report["unet_tflop_per_step"] == pytest.approx(tiny / 1e12)
 
 
