@@ -121,8 +121,8 @@ def compile_mode(compile: bool | str | None) -> str | None:
     """The ``torch.compile`` mode for the UNet, or ``None`` to run it eagerly.
 
     ``compile`` is ``True`` (mode "default"), ``False``/``None``, or a mode of :data:`COMPILE_MODES`.
-    It is off unless asked for: on an H100 the first 512 video took over four minutes to compile
-    (docs/benchmarks.md), against 7.3 s for a whole video without it.
+    It is off unless asked for: on an H100 a 512 benchmark run with it had not finished after four
+    minutes, most of them compiling (docs/benchmarks.md), where a whole video without it takes 7.3 s.
     """
     if compile is None or compile is False:
         return None
