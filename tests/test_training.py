@@ -308,3 +308,21 @@ def test_benchmark_command_reports_step_time_and_memory(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 2 and report["s_per_step"] > 0 and report["peak_mem_bytes"] > 0
     assert report["mode"] == "lora" and report["lora_rank"] == 4 and report["peak_mem"] == "process peak RSS"
+
+
+def test_memory_estimate_without_a_gpu(capsys):
+    """``--estimate`` counts a step's live tensors on the meta device: no weights, no GPU, no values."""
+    from dynamicrafter.training import bench
+
+    def estimate(*flags: str) -> dict:
+        assert bench.main(["--config", str(DATA / "tiny256.yaml"), "--estimate", "--frames", "4", "--height", "64",
+                           "--width", "64", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    lora = estimate("--lora_rank", "4")
+    full = estimate("--mode", "full")
+    assert lora["device_name"] == "meta" and lora["s_per_step"] is None and lora["precision"] == "bf16"
+    assert lora["weights_bytes"] < lora["peak_mem_bytes"] < full["peak_mem_bytes"]
+    # Full fine-tuning adds, beyond the weights, at least float32 gradients and AdamW's two moments.
+    assert full["peak_mem_bytes"] - full["weights_bytes"] >= 12 * full["trained_values"]
+    assert lora["trained_values"] < full["trained_values"]

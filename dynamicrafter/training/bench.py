@@ -10,6 +10,8 @@ run does (one checkpoint is written at the end, to the temporary folder). ``--ra
 builds the full-size model with random weights (the same arithmetic as the released one, no
 download). Reported: the median seconds per step after the first (warm-up) step, and the peak
 memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set on the CPU.
+``--estimate`` instead estimates the peak memory of a step on the meta device, without a GPU or
+weights (:mod:`dynamicrafter.training.memory`).
 """
 
 from __future__ import annotations
@@ -72,8 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps (the first is the warm-up)")
     p.add_argument("--device")
+    p.add_argument("--estimate", action="store_true",
+                   help="estimate the peak memory on the meta device instead of running (no GPU, no weights)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
+
+
+def estimate(args: argparse.Namespace) -> dict:
+    """The ``--estimate`` report: :func:`~dynamicrafter.training.memory.estimate_step_memory`."""
+    from .memory import estimate_step_memory
+
+    config = model_config(args.resolution, args.config)
+    cfg = TrainConfig(data=".", output_dir=".", resolution=args.resolution, model_config=args.config,
+                      frames=args.frames, height=args.height, width=args.width, batch_size=args.batch_size,
+                      mode=args.mode, lora_rank=args.lora_rank, train_image_proj=args.train_image_proj,
+                      optimizer="adamw", precision=args.precision or "bf16",
+                      gradient_checkpointing=args.gradient_checkpointing)
+    result = estimate_step_memory(config, cfg)
+    return {
+        "resolution": config.name, "height": args.height or config.height, "width": args.width or config.width,
+        "frames": args.frames, "batch_size": args.batch_size, "mode": args.mode,
+        "lora_rank": args.lora_rank if args.mode == "lora" else None, "precision": cfg.precision,
+        "gradient_checkpointing": args.gradient_checkpointing, "trained_values": result.trained_values,
+        "weights_bytes": result.weights, "peak_mem_bytes": result.peak, "s_per_step": None,
+        "peak_mem": "estimated on the meta device (fused attention, no autocast; see dynamicrafter.training.memory)",
+        "device_name": "meta", "torch": torch.__version__,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -123,11 +149,11 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     args = build_parser().parse_args(argv)
-    if not args.random_weights and not args.checkpoint:
+    if not args.random_weights and not args.checkpoint and not args.estimate:
         logger.error("Give --checkpoint, or --random-weights for a full-size model with random weights.")
         return 2
     try:
-        report = run(args)
+        report = estimate(args) if args.estimate else run(args)
     except ValueError as exc:
         logger.error("%s", exc)
         return 1
@@ -138,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{report['resolution']} {report['height']}x{report['width']}, {report['frames']} frames, batch "
               f"{report['batch_size']}, {report['mode']}{rank}, "
               f"{report['precision']}, checkpointing {'on' if report['gradient_checkpointing'] else 'off'} on "
-              f"{report['device_name']}: {report['s_per_step']:.3f} s/step, peak {report['peak_mem_bytes'] / 2**30:.2f} GiB "
-              f"({report['peak_mem']})")
+              f"{report['device_name']}: "
+              + ("" if report["s_per_step"] is None else f"{report['s_per_step']:.3f} s/step, ")
+              + f"peak {report['peak_mem_bytes'] / 2**30:.2f} GiB ({report['peak_mem']})")
     return 0
 
 
