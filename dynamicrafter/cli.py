@@ -35,7 +35,7 @@ from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
 from .options import OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
 from .pipeline import DynamiCrafterImg2VideoPipeline, GenerationError
-from .runtime import configure_logging, resolve_device
+from .runtime import configure_logging
 
 __all__ = ["main", "build_parser", "is_user_error", "COMMANDS"]
 
@@ -161,11 +161,8 @@ def _prepare_output_dir(output_dir: Path) -> None:
 
 def _resolve_device(args: argparse.Namespace, ranks: distributed.Ranks) -> torch.device:
     """The requested device, checked; under torchrun ``cuda`` (or nothing) means ``cuda:LOCAL_RANK``."""
-    name = args.device
-    if ranks.distributed and name in (None, "cuda", "auto"):
-        name = ranks.default_device() or name
     try:
-        return resolve_device(name)
+        return ranks.device_for(args.device)
     except ValueError as exc:
         raise CliError(f"--device: {exc}", EXIT_USAGE) from None
 

@@ -62,6 +62,17 @@ class Ranks:
             return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
         return None
 
+    def device_for(self, name: str | torch.device | None) -> torch.device:
+        """This process's device for the user's choice (checked by :func:`~dynamicrafter.runtime.resolve_device`).
+
+        Under torchrun, no choice, ``auto`` or ``cuda`` means ``cuda:LOCAL_RANK``: one GPU per process.
+        """
+        from .runtime import resolve_device
+
+        if self.distributed and (name is None or str(name) in ("cuda", "auto")):
+            name = self.default_device() or name
+        return resolve_device(name)
+
 
 def init(ranks: Ranks) -> None:
     """Join the process group of a distributed run (no-op for one process)."""

@@ -58,3 +58,17 @@ def test_a_cuda_device_always_has_its_number(monkeypatch):
     assert runtime.resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="Device cuda:2 does not exist; this machine has 2 CUDA device"):
         runtime.resolve_device("cuda:2")
+
+
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
+    """Under torchrun, ``--device cuda`` (or none) is ``cuda:LOCAL_RANK``: the CLI and training share the rule."""
+    from dynamicrafter.distributed import Ranks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    third = Ranks(rank=6, world_size=8, local_rank=2)
+    for choice in (None, "auto", "cuda"):
+        assert third.device_for(choice) == torch.device("cuda:2")
+    assert third.device_for("cuda:3") == torch.device("cuda:3") and third.device_for("cpu") == torch.device("cpu")
+    assert Ranks().device_for("cuda") == torch.device("cuda:0")  # one process: the current GPU

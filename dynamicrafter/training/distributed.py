@@ -78,15 +78,8 @@ def init(device: str | None) -> tuple[Dist, torch.device]:
     Under torchrun each process takes ``cuda:<LOCAL_RANK>`` when CUDA is there and no device was
     asked for, else the CPU; one process takes the package's default device.
     """
-    from ..runtime import resolve_device
-
     ranks = distributed.Ranks.from_env()
-    if device is None or device == "auto":
-        dev = ranks.default_device() or resolve_device(None)
-    else:
-        dev = resolve_device(device)
-        if dev.type == "cuda" and ranks.distributed and dev.index is None:
-            dev = torch.device(f"cuda:{ranks.local_rank}")
+    dev = ranks.device_for(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     distributed.init(ranks)
