@@ -49,11 +49,16 @@ def test_unsupported_device_types(monkeypatch):
         runtime.resolve_device("xpu")
 
 
+def fake_gpus(monkeypatch, count: int, current: int = 0) -> None:
+    """Make this CPU-only process look like one with ``count`` CUDA devices, ``current`` selected."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+
 def test_a_cuda_device_always_has_its_number(monkeypatch):
     """``--device cuda`` reached ``torch.cuda.set_device`` without a number, which refuses it (seen on an H100)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    fake_gpus(monkeypatch, 2, current=1)
     assert runtime.resolve_device("cuda") == torch.device("cuda:1")
     assert runtime.resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="Device cuda:2 does not exist; this machine has 2 CUDA device"):
@@ -64,9 +69,7 @@ def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
     """Under torchrun, ``--device cuda`` (or none) is ``cuda:LOCAL_RANK``: the CLI and training share the rule."""
     from dynamicrafter.distributed import Ranks
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    fake_gpus(monkeypatch, 4)
     third = Ranks(rank=6, world_size=8, local_rank=2)
     for choice in (None, "auto", "cuda"):
         assert third.device_for(choice) == torch.device("cuda:2")
