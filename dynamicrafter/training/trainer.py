@@ -210,7 +210,8 @@ class Trainer:
             raise ValueError("This GPU has no bfloat16; use --precision fp32.")
         self.strategy = cfg.strategy
         if self.strategy == "auto":
-            self.strategy = "fsdp" if cfg.mode == "full" and mc.height * mc.width >= 576 * 1024 and self.dist.enabled else "ddp"
+            large = mc.height * mc.width >= 576 * 1024
+            self.strategy = "fsdp" if cfg.mode == "full" and large and self.dist.distributed else "ddp"
 
         # The clips first: bad data is reported before any model is loaded.
         clips = data_mod.find_clips(cfg.data, cfg.video_root)
@@ -253,7 +254,7 @@ class Trainer:
             self.dataset = self.clip_dataset
 
     def _wrap(self, module: LossModule) -> nn.Module:
-        if not self.dist.enabled:
+        if not self.dist.distributed:
             return module
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -285,10 +286,10 @@ class Trainer:
 
         cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
         cond_frames = self.frames if self.rand_cond_frame else 1
-        progress = (lambda xs: self._bar(xs, "Caching latents")) if self.dist.main else iter
+        progress = (lambda xs: self._bar(xs, "Caching latents")) if self.dist.is_main else iter
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         files = latent_cache.build_cache(self.model, self.clip_dataset, cache_dir, cond_frames, self.cfg.seed,
-                                         self.dist.rank, self.dist.world, progress, dtype)
+                                         self.dist.rank, self.dist.world_size, progress, dtype)
         self.dist.barrier()
         good, errors = latent_cache.finish(files)
         for error in errors:
@@ -316,7 +317,7 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Batches without end, from where the run stands (``self.epoch``, ``self.position``)."""
-        sampler = data_mod.StreamSampler(len(self.dataset), self.cfg.seed, self.dist.rank, self.dist.world,
+        sampler = data_mod.StreamSampler(len(self.dataset), self.cfg.seed, self.dist.rank, self.dist.world_size,
                                          self.epoch, self.position)
         self.samples_per_epoch = sampler.per_rank
         loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
@@ -342,7 +343,7 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Trained weights (full tensors on the CPU) and the optimizer state, gathered under FSDP."""
-        if self.strategy == "fsdp" and self.dist.enabled:
+        if self.strategy == "fsdp" and self.dist.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -357,7 +358,7 @@ class Trainer:
         final = self.out / f"checkpoint-{self.step:06d}"
         rng = self.dist.gather_objects(_rng_state(self.device, self.generator))
         weights, optim = self._state_dicts() if cfg.mode == "full" else ({}, self.optimizer.state_dict())
-        if self.dist.main:
+        if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             tmp = self.out / f".checkpoint-{self.step:06d}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -375,7 +376,7 @@ class Trainer:
                         if key.startswith(ours) and (ours == "unet." or cfg.train_image_proj):
                             tensors[theirs + key[len(ours):]] = value.detach().to("cpu", torch.float32).contiguous()
                 save_file(tensors, str(tmp / UNET_NAME), metadata={"step": str(self.step)})
-            state = {"step": self.step, "epoch": self.epoch, "position": self.position, "world": self.dist.world,
+            state = {"step": self.step, "epoch": self.epoch, "position": self.position, "world": self.dist.world_size,
                      "optimizer": optim, "scheduler": self.scheduler.state_dict(), "rng": rng,
                      "config": {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}}
             torch.save(state, tmp / STATE_NAME)
@@ -417,7 +418,7 @@ class Trainer:
             unet = {k.removeprefix("model.diffusion_model."): v for k, v in tensors.items()
                     if k.startswith("model.diffusion_model.")}
             proj = {k.removeprefix("image_proj_model."): v for k, v in tensors.items() if k.startswith("image_proj_model.")}
-            if self.strategy == "fsdp" and self.dist.enabled:
+            if self.strategy == "fsdp" and self.dist.distributed:
                 from torch.distributed.checkpoint.state_dict import (
                     StateDictOptions,
                     set_model_state_dict,
@@ -436,18 +437,18 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         rng = state["rng"]
-        if state.get("world") != self.dist.world:
+        if state.get("world") != self.dist.world_size:
             logger.warning("Checkpoint %s was written by %s process(es), this run has %d: the random draws will "
-                           "differ from an uninterrupted run.", path, state.get("world"), self.dist.world)
+                           "differ from an uninterrupted run.", path, state.get("world"), self.dist.world_size)
         _set_rng_state(rng[min(self.dist.rank, len(rng) - 1)], self.device, self.generator)
-        if self.dist.main:
+        if self.dist.is_main:
             logger.info("Resumed from %s at step %d.", path, self.step)
 
     # -- logging and samples ----------------------------------------------------------------
     def _open_logs(self) -> None:
         self.writer = None
         self.csv_file = None
-        if not self.dist.main:
+        if not self.dist.is_main:
             return
         log_dir = self.out / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -469,7 +470,7 @@ class Trainer:
             logger.warning("TensorBoard is not installed (pip install tensorboard); logging to CSV only.")
 
     def _log(self, loss: float, lr: float, elapsed: float) -> None:
-        if not self.dist.main:
+        if not self.dist.is_main:
             return
         self.csv.writerow([self.step, f"{loss:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
         self.csv_file.flush()
@@ -486,12 +487,12 @@ class Trainer:
     def _sample(self) -> Path | None:
         """Render the fixed sample (image + prompt) with the model as trained so far (main process)."""
         cfg = self.cfg
-        if self.strategy == "fsdp" and self.dist.enabled:
+        if self.strategy == "fsdp" and self.dist.distributed:
             if "fsdp-sample" not in self._warned:
                 self._warned.add("fsdp-sample")
                 logger.warning("Samples during training are not rendered under FSDP.")
             return None
-        if not self.dist.main:
+        if not self.dist.is_main:
             return None
         from ..images import load_image
         from ..pipeline import DynamiCrafterImg2VideoPipeline
@@ -530,7 +531,7 @@ class Trainer:
         """Ctrl-C (or SIGTERM, as torchrun and schedulers send): save after this step and stop."""
         self._stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        if self.dist.main:
+        if self.dist.is_main:
             logger.warning("Interrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving).")
 
     def run(self) -> TrainResult:
@@ -548,20 +549,20 @@ class Trainer:
     def _loop(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(self.step)
-        effective = cfg.batch_size * cfg.grad_accum * self.dist.world
-        if self.dist.main:
+        effective = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        if self.dist.is_main:
             trained = sum(p.numel() for p in self.params)
             logger.info("Training %s of the %s model: %.2fM parameters, %d clips, effective batch %d "
                         "(%d per process x %d accumulation x %d process(es)), %s, %s.",
                         "a LoRA" if cfg.mode == "lora" else "the UNet", self.model_config.name, trained / 1e6,
-                        len(self.dataset), effective, cfg.batch_size, cfg.grad_accum, self.dist.world,
-                        self.precision, self.strategy if self.dist.enabled else "1 process")
+                        len(self.dataset), effective, cfg.batch_size, cfg.grad_accum, self.dist.world_size,
+                        self.precision, self.strategy if self.dist.distributed else "1 process")
         self._open_logs()
         previous = None
         if _main_thread():
             previous = (signal.signal(signal.SIGINT, self._on_sigint), signal.signal(signal.SIGTERM, self._on_sigint))
         bar = None
-        if self.dist.main:
+        if self.dist.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="Training", unit="step", dynamic_ncols=True)
@@ -581,14 +582,16 @@ class Trainer:
                     for error in batch["errors"]:
                         self._warn_clip(error)
                     seen += batch["count"]
-                    lowest, highest = self.dist.all_min_max(1.0 if "index" in batch else 0.0, self.device)
+                    usable = 1.0 if "index" in batch else 0.0
+                    negated_lowest, highest = self.dist.reduce([-usable, usable], self.device, "max")
+                    lowest = -negated_lowest
                     found_usable = found_usable or highest > 0
                     if not found_usable and seen >= self.samples_per_epoch:
                         raise ValueError(self._no_usable_clip(sorted(self._warned)))
                     if lowest == 0:
                         continue  # some process has no usable sample in this batch: all skip it
                     micro += 1
-                    sync = micro == cfg.grad_accum or not self.dist.enabled or self.strategy == "fsdp"
+                    sync = micro == cfg.grad_accum or not self.dist.distributed or self.strategy == "fsdp"
                     with (nullcontext() if sync else self.ddp_module.no_sync()):
                         loss = self._micro_step(batch)
                         (loss / cfg.grad_accum).backward()
@@ -600,7 +603,7 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                step_loss = self.dist.all_sum(sum(losses) / len(losses), self.device) / self.dist.world
+                step_loss = self.dist.reduce([sum(losses) / len(losses)], self.device)[0] / self.dist.world_size
                 lr = self.scheduler.get_last_lr()[0]
                 result.losses.append(step_loss)
                 if self.device.type == "cuda":
@@ -611,7 +614,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-                stop = self.dist.all_max(1.0 if self._stop_requested else 0.0, self.device) > 0
+                stop = self.dist.reduce([1.0 if self._stop_requested else 0.0], self.device, "max")[0] > 0
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or stop:
                     result.checkpoint = self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
@@ -632,7 +635,7 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous[1])
         result.step = self.step
         result.skipped_clips = len([w for w in self._warned if w != "fsdp-sample"])
-        if result.skipped_clips and self.dist.main:
+        if result.skipped_clips and self.dist.is_main:
             logger.warning("%d clip(s) could not be used and were skipped.", result.skipped_clips)
         return result
 
