@@ -308,6 +308,7 @@ def test_benchmark_command_reports_step_time_and_memory(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["steps"] == 2 and report["s_per_step"] > 0 and report["peak_mem_bytes"] > 0
     assert report["mode"] == "lora" and report["lora_rank"] == 4 and report["peak_mem"] == "process peak RSS"
+    assert f"on cpu: {report['s_per_step']:.3f} s/step, peak " in bench.describe(report)
 
 
 def test_memory_estimate_without_a_gpu(capsys):
@@ -326,3 +327,7 @@ def test_memory_estimate_without_a_gpu(capsys):
     # Full fine-tuning adds, beyond the weights, at least float32 gradients and AdamW's two moments.
     assert full["peak_mem_bytes"] - full["weights_bytes"] >= 12 * full["trained_values"]
     assert lora["trained_values"] < full["trained_values"]
+    line = bench.describe(lora)  # what is printed without --json
+    assert line.startswith("tiny256 64x64, 4 frames, batch 1, lora r4, bf16, checkpointing on on meta: peak ")
+    assert line.endswith("GiB (estimated on the meta device (fused attention, no autocast; "
+                         "see dynamicrafter.training.memory))")

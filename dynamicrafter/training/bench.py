@@ -24,10 +24,11 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..configs import model_config
+from ..configs import ModelConfig, model_config
 from ..runtime import configure_logging, resolve_device
 from .config import TrainConfig
 
@@ -80,25 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_config(args: argparse.Namespace, config: ModelConfig, **run: Any) -> TrainConfig:
+    """The fine-tuning settings the benchmark's flags describe; ``run`` adds where and how it runs."""
+    return TrainConfig(resolution=args.resolution, model_config=args.config, frames=args.frames,
+                       height=args.height or config.height, width=args.width or config.width,
+                       batch_size=args.batch_size, mode=args.mode, lora_rank=args.lora_rank,
+                       train_image_proj=args.train_image_proj, gradient_checkpointing=args.gradient_checkpointing,
+                       **run)
+
+
+def _settings(cfg: TrainConfig, config: ModelConfig, precision: str) -> dict:
+    """The report's description of what was measured or estimated."""
+    return {
+        "resolution": config.name, "height": cfg.height, "width": cfg.width, "frames": cfg.frames,
+        "batch_size": cfg.batch_size, "mode": cfg.mode, "lora_rank": cfg.lora_rank if cfg.mode == "lora" else None,
+        "precision": precision, "gradient_checkpointing": cfg.gradient_checkpointing, "torch": torch.__version__,
+    }
+
+
 def estimate(args: argparse.Namespace) -> dict:
     """The ``--estimate`` report: :func:`~dynamicrafter.training.memory.estimate_step_memory`."""
     from .memory import estimate_step_memory
 
     config = model_config(args.resolution, args.config)
-    cfg = TrainConfig(data=".", output_dir=".", resolution=args.resolution, model_config=args.config,
-                      frames=args.frames, height=args.height, width=args.width, batch_size=args.batch_size,
-                      mode=args.mode, lora_rank=args.lora_rank, train_image_proj=args.train_image_proj,
-                      optimizer="adamw", precision=args.precision or "bf16",
-                      gradient_checkpointing=args.gradient_checkpointing)
+    cfg = _train_config(args, config, data=".", output_dir=".", optimizer="adamw", precision=args.precision or "bf16")
     result = estimate_step_memory(config, cfg)
     return {
-        "resolution": config.name, "height": args.height or config.height, "width": args.width or config.width,
-        "frames": args.frames, "batch_size": args.batch_size, "mode": args.mode,
-        "lora_rank": args.lora_rank if args.mode == "lora" else None, "precision": cfg.precision,
-        "gradient_checkpointing": args.gradient_checkpointing, "trained_values": result.trained_values,
+        **_settings(cfg, config, cfg.precision), "trained_values": result.trained_values,
         "weights_bytes": result.weights, "peak_mem_bytes": result.peak, "s_per_step": None,
         "peak_mem": "estimated on the meta device (fused attention, no autocast; see dynamicrafter.training.memory)",
-        "device_name": "meta", "torch": torch.__version__,
+        "device_name": "meta",
     }
 
 
@@ -108,19 +120,15 @@ def run(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     config = model_config(args.resolution, args.config)
-    height, width = args.height or config.height, args.width or config.width
     with tempfile.TemporaryDirectory(prefix="dc-train-bench-") as tmp:
         clips = Path(tmp) / "clips"
         clips.mkdir()
-        write_clip(clips / "clip.mp4", max(args.frames * 2, 32), height, width)
+        cfg = _train_config(args, config, data=str(clips), output_dir=str(Path(tmp) / "out"),
+                            checkpoint=args.checkpoint, optimizer=args.optimizer, precision=args.precision,
+                            compile=args.compile, max_steps=args.steps, save_every=10**9, num_workers=1,
+                            device=str(device), frame_stride_min=1, frame_stride_max=1)
+        write_clip(clips / "clip.mp4", max(args.frames * 2, 32), cfg.height, cfg.width)
         (clips / "clip.txt").write_text("a bright square moving over a gradient\n")
-        cfg = TrainConfig(data=str(clips), output_dir=str(Path(tmp) / "out"), resolution=args.resolution,
-                          model_config=args.config, checkpoint=args.checkpoint, frames=args.frames, height=height,
-                          width=width, batch_size=args.batch_size, mode=args.mode, lora_rank=args.lora_rank,
-                          train_image_proj=args.train_image_proj, optimizer=args.optimizer, precision=args.precision,
-                          gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
-                          max_steps=args.steps, save_every=10**9, num_workers=1, device=str(device),
-                          frame_stride_min=1, frame_stride_max=1)
         precision = resolve_precision(cfg, device)
         model = None
         if args.random_weights:
@@ -136,14 +144,22 @@ def run(args: argparse.Namespace) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         name = "cpu"
     return {
-        "resolution": config.name, "height": height, "width": width, "frames": args.frames,
-        "batch_size": args.batch_size, "mode": args.mode, "lora_rank": args.lora_rank if args.mode == "lora" else None,
-        "precision": precision, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
-        "optimizer": args.optimizer, "steps": result.step, "s_per_step": statistics.median(times),
-        "step_seconds": result.step_seconds, "losses": result.losses, "peak_mem_bytes": peak,
+        **_settings(cfg, config, precision), "compile": args.compile, "optimizer": args.optimizer,
+        "steps": result.step, "s_per_step": statistics.median(times), "step_seconds": result.step_seconds,
+        "losses": result.losses, "peak_mem_bytes": peak,
         "peak_mem": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        "device_name": name, "torch": torch.__version__,
+        "device_name": name,
     }
+
+
+def describe(report: dict) -> str:
+    """The one-line summary printed without ``--json``."""
+    rank = "" if report["lora_rank"] is None else f" r{report['lora_rank']}"
+    timing = "" if report["s_per_step"] is None else f"{report['s_per_step']:.3f} s/step, "
+    return (f"{report['resolution']} {report['height']}x{report['width']}, {report['frames']} frames, batch "
+            f"{report['batch_size']}, {report['mode']}{rank}, {report['precision']}, checkpointing "
+            f"{'on' if report['gradient_checkpointing'] else 'off'} on {report['device_name']}: {timing}"
+            f"peak {report['peak_mem_bytes'] / 2**30:.2f} GiB ({report['peak_mem']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,16 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 1
-    if args.json:
-        print(json.dumps(report))
-    else:
-        rank = "" if report["lora_rank"] is None else f" r{report['lora_rank']}"
-        print(f"{report['resolution']} {report['height']}x{report['width']}, {report['frames']} frames, batch "
-              f"{report['batch_size']}, {report['mode']}{rank}, "
-              f"{report['precision']}, checkpointing {'on' if report['gradient_checkpointing'] else 'off'} on "
-              f"{report['device_name']}: "
-              + ("" if report["s_per_step"] is None else f"{report['s_per_step']:.3f} s/step, ")
-              + f"peak {report['peak_mem_bytes'] / 2**30:.2f} GiB ({report['peak_mem']})")
+    print(json.dumps(report) if args.json else describe(report))
     return 0
 
 
