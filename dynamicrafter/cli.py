@@ -33,8 +33,9 @@ from .hub import CheckpointError
 from .images import load_image
 from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
+from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .options import OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
-from .pipeline import DynamiCrafterImg2VideoPipeline, GenerationError
+from .pipeline import MIN_INTERP_FRAMES, DynamiCrafterImg2VideoPipeline, GenerationError
 from .runtime import configure_logging
 
 __all__ = ["main", "build_parser", "is_user_error", "COMMANDS"]
@@ -138,10 +139,11 @@ def _defaults(args: argparse.Namespace, mode: str) -> tuple[int, Path, Path]:
 
 def _check_frames(frames: int, mode: str, config: ModelConfig) -> None:
     """Refuse, before the model loads, a frame count the mode or the model cannot make."""
-    least, reason = {"interp": (2, "--interp (a start and an end frame)"),
-                     "loop": (3, "--loop (two frames remain once the repeated last one is dropped)")}.get(mode, (1, ""))
-    if config.vae.dual_reference and least < 4:
-        least, reason = 4, "ToonCrafter's decoder"
+    least, reason = {"interp": (MIN_INTERP_FRAMES, "--interp (a start and an end frame)"),
+                     "loop": (MIN_INTERP_FRAMES + 1, "--loop (two frames remain once the repeated last one is dropped)"),
+                     }.get(mode, (1, ""))
+    if config.vae.dual_reference and least < DUAL_REFERENCE_MIN_FRAMES:
+        least, reason = DUAL_REFERENCE_MIN_FRAMES, "ToonCrafter's decoder"
     if frames < least:
         raise CliError(f"--video_length must be at least {least} for {reason}, got {frames}.", EXIT_USAGE)
 
@@ -181,13 +183,14 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
 def build_pipeline(args: argparse.Namespace, resolution: str, device: Any) -> Any:
     """The pipeline the model options of ``args`` describe (:data:`~dynamicrafter.options.MODEL_ARGUMENTS`), LoRA applied.
 
-    Shared by the command line, the app and the benchmark; raises the pipeline's one-sentence errors.
+    Shared by the command line and the app (the benchmark also builds random-weight models, so it
+    makes its own); raises the pipeline's one-sentence errors.
     """
     pipe = DynamiCrafterImg2VideoPipeline(
         resolution=resolution, device=device, checkpoint=args.checkpoint, config=args.config,
         dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
         clip_checkpoint=args.clip_checkpoint)
-    if getattr(args, "lora", None):
+    if args.lora:
         pipe.load_lora_weights(args.lora, scale=args.lora_scale)
     return pipe
 

@@ -21,6 +21,7 @@ from .diffusion.sampling import sample as run_sampler
 from .images import ImageInput, fit_image, load_image
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
+from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .offload import Offloader, offload_mode
 from .options import DEFAULTS, OPTIONS
 from .runtime import CompiledModule, compile_mode, resolve_device, resolve_dtype, vae_dtype_for
@@ -30,6 +31,8 @@ __all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationError", "load_image", "f
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pt", "np", "latent")
+#: Fewest frames of an interpolation: its start and its end frame.
+MIN_INTERP_FRAMES = 2
 #: What ``callback_on_step_end`` can be given: the latent after the step and the predicted clean latent.
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 GeneratorInput = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -262,10 +265,12 @@ class DynamiCrafterImg2VideoPipeline:
         if steps > self.model.schedule.num_timesteps:
             raise ValueError(f"num_inference_steps can be at most {self.model.schedule.num_timesteps}, got {steps}.")
         frames = OPTIONS["num_frames"].check(num_frames)
-        if end_images is not None and frames < 2:
-            raise ValueError("num_frames must be at least 2 for interpolation (a start and an end frame).")
-        if self.model.dual_reference and frames < 4 and output_type != "latent":
-            raise ValueError(f"ToonCrafter's decoding needs at least 4 frames, got num_frames={frames}.")
+        if end_images is not None and frames < MIN_INTERP_FRAMES:
+            raise ValueError(f"num_frames must be at least {MIN_INTERP_FRAMES} for interpolation "
+                             "(a start and an end frame).")
+        if self.model.dual_reference and frames < DUAL_REFERENCE_MIN_FRAMES and output_type != "latent":
+            raise ValueError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
+                             f"got num_frames={frames}.")
         height = cfg.height if height is None else OPTIONS["height"].check(height)
         width = cfg.width if width is None else OPTIONS["width"].check(width)
         for label, value in (("height", height), ("width", width)):
@@ -675,8 +680,9 @@ class DynamiCrafterImg2VideoPipeline:
         if reference is None:
             raise ValueError("ToonCrafter's decoder needs the key frames' encoder features (reference=); "
                              "get them from pipeline.model.encode_key_frames(start, end).")
-        if latents.shape[2] < 4:
-            raise ValueError(f"ToonCrafter's decoding needs at least 4 frames, got {latents.shape[2]}.")
+        if latents.shape[2] < DUAL_REFERENCE_MIN_FRAMES:
+            raise ValueError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
+                             f"got {latents.shape[2]}.")
         vae = self.model.vae
         with self._on_device(vae):
             reference = [r.to(self.device) for r in reference]

@@ -216,6 +216,10 @@ class DualRefDecoder(nn.Module):
         return self.conv_out(h, num_frames)
 
 
+#: Fewest frames the two-pass decoding can make (it leaves out the second and second-to-last frame).
+MIN_FRAMES = 4
+
+
 def splice_frames(num_frames: int) -> tuple[list[int], slice, slice]:
     """ToonCrafter's second decoding pass for ``num_frames`` frames.
 
@@ -224,8 +228,8 @@ def splice_frames(num_frames: int) -> tuple[list[int], slice, slice]:
     the second pass. For 16 frames: frames ``[0, 2, ..., 13, 15]``; frames 7 and 8 of the video
     are that pass's 6 and 7 (the latents of frames 7 and 8 decoded in a 14-frame window).
     """
-    if num_frames < 4:
-        raise ValueError(f"ToonCrafter's decoding needs at least 4 frames, got {num_frames}.")
+    if num_frames < MIN_FRAMES:
+        raise ValueError(f"ToonCrafter's decoding needs at least {MIN_FRAMES} frames, got {num_frames}.")
     keep = list(range(num_frames))
     del keep[1]
     del keep[-2]
