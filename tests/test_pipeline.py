@@ -270,7 +270,7 @@ def test_offload_modes():
         offload_mode("disk", cuda)
 
 
-def test_compiled_unet_gives_the_same_latents_and_compiles_once_per_size(pipes, tmp_path, monkeypatch):
+def test_compiled_unet_gives_the_same_latents_and_compiles_once_per_size(pipes, tmp_path, monkeypatch, caplog):
     """Dynamo's graph capture and guards, with its eager backend: Inductor's CPU code generation
     takes minutes on two cores and says nothing about the GPU kernels."""
     from torch._dynamo.utils import counters
@@ -283,8 +283,12 @@ def test_compiled_unet_gives_the_same_latents_and_compiles_once_per_size(pipes, 
     image = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(8))
     args = dict(latents=noise, eta=0.0, output_type="latent", **FAST)
-    ours = pipe(image, "x", **args)["videos"]
+    with caplog.at_level(logging.INFO, logger="dynamicrafter.runtime"):
+        ours = pipe(image, "x", **args)["videos"]
     ref = pipes["tiny256"](image, "x", **args)["videos"]
+    compiling = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling the UNet")]
+    assert compiling == [f"Compiling the UNet for input 2x8x3x8x8 (mode default): minutes, once per size; "
+                         f"kernels are cached in {tmp_path / 'inductor'}."]  # batch 2: both guidance branches
     assert pipe._unet_forward is not pipe.model.unet
     assert relative_error(ours, ref) < 1e-4
     graphs = counters["stats"]["unique_graphs"]
