@@ -35,6 +35,7 @@ from .models.dynamicrafter import DynamiCrafter
 from .offload import offload_mode
 from .options import add_arguments, add_model_arguments
 from .pipeline import DynamiCrafterImg2VideoPipeline
+from .profiling import profile_call
 from .runtime import COMPILE_MODES, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -61,17 +62,34 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
     return model.eval()
 
 
+def unet_inputs(config: ModelConfig, frames: int, batch: int = 2, device: torch.device | str = "meta",
+                dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random UNet inputs of one guided call: ``x`` ``[batch, C, frames, h, w]``, timesteps ``[batch]``,
+    context ``[batch, 77 + image tokens, D]``."""
+    down = config.latent_downscale
+    tokens = config.unet.text_context_len + config.resampler.num_queries * (config.resampler.video_length or 1)
+    gen = None if str(device) == "meta" else torch.Generator(device).manual_seed(seed)
+    x = torch.randn(batch, config.unet.in_channels, frames, config.height // down, config.width // down,
+                    generator=gen, device=device, dtype=dtype)
+    context = torch.randn(batch, tokens, config.unet.context_dim, generator=gen, device=device, dtype=dtype)
+    return x, torch.full((batch,), 999, dtype=torch.long, device=device), context
+
+
 def unet_flops(config: ModelConfig, frames: int, batch: int = 2) -> int:
     """FLOPs of one UNet call (``batch`` = 2: the conditional and unconditional branch)."""
     with torch.device("meta"):
         unet = DynamiCrafter(config).unet
-        down = config.latent_downscale
-        x = torch.empty(batch, config.unet.in_channels, frames, config.height // down, config.width // down)
-        context = torch.empty(batch, config.unet.text_context_len + config.resampler.num_queries
-                              * (config.resampler.video_length or 1), config.unet.context_dim)
         with FlopCounterMode(display=False) as counter:
-            unet(x, torch.zeros(batch, dtype=torch.long), context)
+            unet(*unet_inputs(config, frames, batch))
     return counter.get_total_flops()
+
+
+def profile_unet(pipe: DynamiCrafterImg2VideoPipeline, frames: int, batch: int) -> dict:
+    """:func:`~dynamicrafter.profiling.profile_call` of one UNet call as the sampler makes it (after a warm-up)."""
+    x, t, context = unet_inputs(pipe.config, frames, batch, pipe.device, pipe.dtype)
+    with torch.no_grad(), pipe._on_device(pipe.model.unet):
+        pipe._unet_forward(x, t, context)  # warm-up
+        return profile_call(lambda: pipe._unet_forward(x, t, context), pipe.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -150,12 +168,8 @@ def reference_step_seconds(original: nn.Module, config: ModelConfig, frames: int
     (float16) on CUDA, plain float32 elsewhere; one warm-up step, then ``steps - 1`` timed ones,
     like ours.
     """
-    down = config.latent_downscale
-    gen = torch.Generator(device).manual_seed(0)
-    x = torch.randn(1, config.unet.in_channels, frames, config.height // down, config.width // down,
-                    generator=gen, device=device)
-    tokens = config.unet.text_context_len + config.resampler.num_queries * (config.resampler.video_length or 1)
-    contexts = torch.randn(branches, 1, tokens, config.unet.context_dim, generator=gen, device=device)
+    x, _, contexts = unet_inputs(config, frames, branches, device)
+    x, contexts = x[:1], contexts[:, None]
     fs = torch.full((1,), config.unet.default_fs, dtype=torch.long, device=device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -200,6 +214,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.lora:
         pipe.load_lora_weights(args.lora, scale=args.lora_scale)
     config = pipe.config  # what is timed is what is counted
+    if args.channels_last != "auto":
+        pipe.model.unet.channels_last = args.channels_last == "on"
+        if args.channels_last == "on":
+            pipe.model.unet.channels_last_weights()
     call = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale, sampler=args.sampler,
                 image_guidance_scale=args.image_guidance_scale,
                 generator=torch.Generator(device).manual_seed(0))
@@ -237,12 +255,15 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
         "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
-        "offload": pipe.offload, "compile": pipe.compile_mode, "device_name": name,
+        "offload": pipe.offload, "compile": pipe.compile_mode, "device": device.type, "device_name": name,
         "warmup_s": warmup_seconds, "recompilations": _compilations() - compilations,
         "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
         "matmul_share": tflops / reference,
+        "channels_last": pipe.model.unet.use_channels_last(device),
     }
+    if args.profile:
+        result["profile"] = profile_unet(pipe, args.num_frames, branches)
     if args.compare_reference:
         original = reference_unet(pipe.model.unet, args.compare_reference, device)
         del pipe  # our weights are no longer needed: the original has its own float32 copy
@@ -284,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES,
                         help="compile the UNet in this torch.compile mode (reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="UNet activations (and, with on, convolution weights) channels-last; auto: on the CPU only")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one UNet call and report its time by kind of operation")
     parser.add_argument("--compare-reference", metavar="DIR",
                         help="also time the original implementation's guided step from a DynamiCrafter checkout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -315,8 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        profile = result.pop("profile", None)
         for key, value in result.items():
             print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+        if profile:
+            what = "GPU kernels" if result["device"] == "cuda" else "CPU time"
+            print(f"\nOne UNet call, {profile['total_ms']:.1f} ms of {what}:")
+            for kind, entry in profile["by_category"].items():
+                print(f"{kind:>22}: {entry['ms']:9.1f} ms {entry['share']:6.1%} ({entry['calls']} calls)")
     return 0
 
 

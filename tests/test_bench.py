@@ -99,3 +99,33 @@ def test_compare_reference_reports_an_unimportable_original_in_one_line(tmp_path
     assert "\n" not in message and str(tmp_path) in message
     assert "No module named 'a_module_that_is_not_installed'" in message
     assert str(tmp_path) not in sys.path
+
+
+def test_profile_and_layout_switch_in_the_report(capsys):
+    """--profile sums one UNet call's time by kind of operation; --channels-last off is what runs."""
+    code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--frames", "2", "--steps", "2", "--device", "cpu",
+                       "--dtype", "float32", "--channels-last", "off", "--profile", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["channels_last"] is False and report["device"] == "cpu"
+    profile = report["profile"]
+    kinds = profile["by_category"]
+    assert {"convolution", "matmul", "attention", "norm"} <= set(kinds)
+    assert sum(entry["ms"] for entry in kinds.values()) == pytest.approx(profile["total_ms"])
+    assert sum(entry["share"] for entry in kinds.values()) == pytest.approx(1.0)
+    assert profile["top"] and all(entry["ms"] > 0 for entry in profile["top"])
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("aten::cudnn_convolution", "convolution"), ("sm90_xmma_fprop_implicit_gemm_bf16bf16_f32", "convolution"),
+    ("aten::addmm", "matmul"), ("sm90_xmma_gemm_bf16bf16_bf16f32", "matmul"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>", "norm"),
+    ("aten::native_group_norm", "norm"), ("aten::silu", "activation"),
+    ("void at::native::direct_copy_kernel_cuda", "copy"), ("aten::cat", "copy"), ("aten::add", "elementwise"),
+    ("aten::view", "other"),
+])
+def test_profile_categories(name, kind):
+    from dynamicrafter.profiling import category
+
+    assert category(name) == kind
