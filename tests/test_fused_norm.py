@@ -4,7 +4,8 @@ The ``test_kernel_*`` tests launch the kernel: on CUDA when there is a GPU, else
 under Triton's interpreter (``TRITON_INTERPRET=1``, which runs each program in Python, so the
 tensors are small). Triton reads that variable when it is imported, so without a GPU
 :func:`test_interpreted_kernel_cases` runs those tests again in a child pytest with it set.
-The UNet's CPU path must stay the unfused modules, bit for bit.
+:func:`test_compiles_for_a_hopper_gpu_without_one` runs Triton's real compiler (to a cubin), which
+the interpreter skips. The UNet's CPU path must stay the unfused modules, bit for bit.
 """
 
 from __future__ import annotations
@@ -200,6 +201,35 @@ def test_kernel_in_a_resblock_matches_the_modules(device):
         expected = block(x, emb, 2)
         out = block(x, emb, 2, fused_norm=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "with_params"), [("bf16", True), ("fp32", False)])
+def test_compiles_for_a_hopper_gpu_without_one(monkeypatch, tmp_path, dtype, with_params):
+    """Triton's real compiler (not the interpreter) turns each phase into a cubin for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if fused_norm.interpreting():
+        pytest.skip("the interpreter replaces the compiler in this process")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    pointers = {name: f"*{dtype}" for name in ("x_ptr", "out_ptr", "shift_ptr", "weight_ptr", "bias_ptr")}
+    ints = ("S", "channels_per_group", "num_groups", "chunk", "num_chunks",
+            "x_sn", "x_sc", "x_ss", "o_sn", "o_sc", "o_ss", "shift_sn", "shift_sc")
+    signature = {**pointers, "partial_ptr": "*fp32", **{name: "i32" for name in ints}, "eps": "fp32"}
+    for phase in (0, 1, 2):
+        constants = dict(PHASE=phase, HAS_SHIFT=with_params, HAS_WEIGHT=with_params, HAS_BIAS=with_params,
+                         BLOCK_C=16, BLOCK_S=128, BLOCK_CHUNKS=4)
+        source = ASTSource(fn=fused_norm._kernel(), signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                           constexprs=constants)
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        except RuntimeError as exc:
+            if "ptxas" in str(exc):
+                pytest.skip(f"no usable ptxas: {exc}")
+            raise
+        assert compiled.asm["cubin"]
 
 
 @needs_triton
