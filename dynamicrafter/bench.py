@@ -7,6 +7,10 @@
 released one, no download). The UNet's FLOP count comes from PyTorch's flop counter run on the
 meta device; the achieved rate is compared with a large matmul measured on the same device.
 
+``--fused-norm {auto,on,off}`` sets the UNet's fused group norm + SiLU kernel
+(:attr:`~dynamicrafter.models.unet.UNet3D.fused_norm`; ``auto``: on CUDA with Triton), to time
+the UNet with and without it; the report says the setting and whether the kernel ran.
+
 ``--compare-reference DIR`` then times the original implementation's guided step from a
 DynamiCrafter checkout at ``DIR`` (never part of this package: imported from there only when
 asked) on the same device, shapes and weights, right after ours, and reports the ratio.
@@ -31,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import EXIT_USAGE, CliError, Parser, resolution_arg
 from .configs import PRESETS, ModelConfig, model_config
+from .models import fused_norm
 from .models.dynamicrafter import DynamiCrafter
 from .offload import offload_mode
 from .options import add_arguments, add_model_arguments
@@ -213,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     image = np.random.default_rng(0).integers(0, 255, (config.height, config.width, 3), dtype=np.uint8)
     if args.lora:
         pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+    pipe.model.unet.fused_norm = FUSED_NORM_SETTINGS[args.fused_norm]
     config = pipe.config  # what is timed is what is counted
     if args.channels_last != "auto":
         pipe.model.unet.channels_last = args.channels_last == "on"
@@ -255,7 +261,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
         "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
-        "offload": pipe.offload, "compile": pipe.compile_mode, "device": device.type, "device_name": name,
+        "offload": pipe.offload, "compile": pipe.compile_mode, "fused_norm": args.fused_norm,
+        "fused_norm_used": fused_norm_used(pipe, device), "device": device.type, "device_name": name,
         "warmup_s": warmup_seconds, "recompilations": _compilations() - compilations,
         "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
@@ -275,6 +282,20 @@ def run(args: argparse.Namespace) -> dict:
             "speedup_over_reference": seconds / s_per_step,
         })
     return result
+
+
+#: ``--fused-norm`` choices and the ``UNet3D.fused_norm`` value each sets.
+FUSED_NORM_SETTINGS = {"auto": None, "on": True, "off": False}
+
+
+def fused_norm_used(pipe: DynamiCrafterImg2VideoPipeline, device: torch.device) -> bool:
+    """Whether the UNet's norms ran as the fused kernel: switched on for ``device``, eager, Triton present.
+
+    Under ``torch.compile`` the kernel steps aside (Inductor fuses the ops itself), and off
+    CUDA it does not apply, whatever the switch says.
+    """
+    return (pipe.model.unet.use_fused_norm(device) and device.type == "cuda" and not pipe.compile_mode
+            and fused_norm.triton_available())
 
 
 def _compilations() -> int:
@@ -309,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="UNet activations (and, with on, convolution weights) channels-last; auto: on the CPU only")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one UNet call and report its time by kind of operation")
+    parser.add_argument("--fused-norm", choices=tuple(FUSED_NORM_SETTINGS), default="auto",
+                        help="the UNet's fused group norm + SiLU kernel: auto (on CUDA with Triton), on or off")
     parser.add_argument("--compare-reference", metavar="DIR",
                         help="also time the original implementation's guided step from a DynamiCrafter checkout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,9 +14,10 @@ from .conftest import DATA
 
 def test_json_report_on_the_tiny_model(capsys):
     code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--frames", "2", "--steps", "2",
-                       "--device", "cpu", "--dtype", "float32", "--json"])
+                       "--device", "cpu", "--dtype", "float32", "--fused-norm", "on", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["fused_norm"] == "on" and report["fused_norm_used"] is False  # the kernel is for CUDA
     for key in ("s_per_step", "s_per_video", "peak_mem_bytes", "tflops", "device_name"):
         assert key in report
     assert 0 < report["s_per_step"] < report["s_per_video"]
@@ -64,6 +65,30 @@ def test_flags_share_the_command_lines_names():
     assert (old.res, old.num_inference_steps, old.num_frames, old.compile) == ("512", 7, 3, False)
     graphs = bench.build_parser().parse_args(["--compile-mode", "reduce-overhead"])
     assert (graphs.compile, graphs.compile_mode) == (False, "reduce-overhead")
+
+
+def test_fused_norm_setting_and_whether_it_ran(monkeypatch):
+    import torch
+
+    from dynamicrafter.models import fused_norm
+
+    from .conftest import load_tiny
+
+    assert bench.build_parser().parse_args([]).fused_norm == "auto"
+    unet = load_tiny("tiny256").model.unet
+    monkeypatch.setattr(unet, "fused_norm", None)
+    pipe = type("Pipe", (), {"model": load_tiny("tiny256").model, "compile_mode": None})()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(fused_norm, "triton_available", lambda: True)
+    assert bench.fused_norm_used(pipe, cuda) and not bench.fused_norm_used(pipe, cpu)
+    pipe.compile_mode = "default"
+    assert not bench.fused_norm_used(pipe, cuda)  # Inductor's own fusion instead
+    pipe.compile_mode = None
+    for setting, used in (("on", True), ("off", False)):
+        unet.fused_norm = bench.FUSED_NORM_SETTINGS[setting]
+        assert bench.fused_norm_used(pipe, cuda) is used
+    monkeypatch.setattr(fused_norm, "triton_available", lambda: False)
+    assert not bench.fused_norm_used(pipe, cuda)
 
 
 def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):

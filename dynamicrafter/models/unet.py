@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..configs import UNetConfig
+from . import fused_norm
 from .attention import SpatialTransformer, TemporalTransformer, frames_to_time_major, time_major_to_frames
 
 
@@ -49,6 +50,23 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
+def norm_silu(layers: nn.Sequential, x: torch.Tensor, fused: bool = False,
+              shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``layers[1](layers[0](x + shift))``: the group norm and SiLU that open ``layers``.
+
+    ``x``: ``[N, C, *spatial]``; ``shift``: ``[N, C]`` or ``None``, added to every pixel of its
+    (sample, channel) first. With ``fused`` (see :meth:`UNet3D.use_fused_norm`), and where
+    :func:`fused_norm.kernel_applies` (CUDA, no autograd), one Triton kernel does it all
+    (float32 inside, one rounding); otherwise the modules themselves run, as they always did.
+    """
+    norm = layers[0]
+    if fused and fused_norm.kernel_applies(x, norm.weight, norm.bias, shift):
+        return fused_norm.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift)
+    if shift is not None:
+        x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
+    return layers[1](norm(x))
+
+
 class TemporalConvBlock(nn.Module):
     """Four (norm, SiLU, 3x1x1 conv) stages along time, added back to the input.
 
@@ -74,20 +92,24 @@ class TemporalConvBlock(nn.Module):
         self.conv4 = stage(True)
 
     @staticmethod
-    def _stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        for layer in stage[:-1]:  # norm, SiLU (and the dropout slot)
+    def _stage(stage: nn.Sequential, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        x = norm_silu(stage, x, fused)
+        for layer in stage[2:-1]:  # the dropout slot
             x = layer(x)
         conv = stage[-1]
         return F.conv2d(x, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, C, T, N]`` (``N`` = pixels of a frame; a 5-D ``[B, C, T, H, W]`` works too)."""
+    def forward(self, x: torch.Tensor, fused_norm: bool = False) -> torch.Tensor:
+        """``x``: ``[B, C, T, N]`` (``N`` = pixels of a frame; a 5-D ``[B, C, T, H, W]`` works too).
+
+        ``fused_norm``: run each stage's norm and SiLU as one kernel where it applies (:func:`norm_silu`).
+        """
         if x.ndim == 5:
             b, c, t, h, w = x.shape
-            return self.forward(x.flatten(3)).unflatten(3, (h, w))
+            return self.forward(x.flatten(3), fused_norm).unflatten(3, (h, w))
         h = x
         for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
-            h = self._stage(stage, h)
+            h = self._stage(stage, h, fused_norm)
         return x + h
 
 
@@ -106,13 +128,21 @@ class ResBlock(nn.Module):
         # The misspelling is the checkpoints' key name.
         self.temopral_conv = TemporalConvBlock(out_channels) if temporal_conv else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        h = self.skip_connection(x) + self.out_layers(h)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int, fused_norm: bool = False) -> torch.Tensor:
+        """``x``: ``[B*T, C, H, W]``, ``emb``: ``[B*T, E]`` -> ``[B*T, C_out, H, W]``.
+
+        ``fused_norm``: run each norm and SiLU (with the embedding added before the second) as
+        one kernel where it applies (:func:`norm_silu`); the layers and their keys are the same.
+        """
+        h = self.in_layers[2](norm_silu(self.in_layers, x, fused_norm))
+        h = norm_silu(self.out_layers, h, fused_norm, shift=self.emb_layers(emb).to(h.dtype))
+        for layer in self.out_layers[2:]:  # the dropout slot, the convolution
+            h = layer(h)
+        h = self.skip_connection(x) + h
         if self.temopral_conv is None:
             return h
-        return time_major_to_frames(self.temopral_conv(frames_to_time_major(h, num_frames)), *h.shape[2:])
+        time_major = frames_to_time_major(h, num_frames)
+        return time_major_to_frames(self.temopral_conv(time_major, fused_norm), *h.shape[2:])
 
 
 class Downsample(nn.Module):
@@ -140,10 +170,11 @@ class Upsample(nn.Module):
 class Stage(nn.ModuleList):
     """One entry of the UNet's block lists: layers applied in order, each given what it needs."""
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int,
+                fused_norm: bool = False) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                h = layer(h, emb, num_frames)
+                h = layer(h, emb, num_frames, fused_norm)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context)
             elif isinstance(layer, TemporalTransformer):
@@ -205,6 +236,8 @@ class UNet3D(nn.Module):
         self.gradient_checkpointing = False
         #: Activations channels-last: ``None`` decides by device (see :meth:`use_channels_last`).
         self.channels_last: bool | None = None
+        #: Norm + SiLU as one Triton kernel: ``None`` decides by device (see :meth:`use_fused_norm`).
+        self.fused_norm: bool | None = None
 
     def _attention_layers(self, ch: int) -> list[nn.Module]:
         cfg = self.config
@@ -225,6 +258,18 @@ class UNet3D(nn.Module):
         speed depends on it, never the values.
         """
         return self.channels_last if self.channels_last is not None else device.type == "cpu"
+
+    def use_fused_norm(self, device: torch.device) -> bool:
+        """Whether the group norms and the SiLUs after them run as one kernel (``fused_norm.py``).
+
+        ``self.fused_norm`` decides when set; ``None`` (the default) means on CUDA when Triton
+        is importable. Even when this says yes, each call falls back to the unfused layers where
+        the kernel does not apply: a tensor off CUDA, or autograd recording (training). The
+        values differ from the unfused path by at most about one rounding of the dtype.
+        """
+        if self.fused_norm is not None:
+            return self.fused_norm
+        return device.type == "cuda" and fused_norm.triton_available()
 
     def channels_last_weights(self) -> "UNet3D":
         """Store the convolution weights channels-last, for channels-last activations; returns ``self``.
@@ -271,12 +316,13 @@ class UNet3D(nn.Module):
         hidden = x.to(dtype).transpose(1, 2).reshape(b * t, -1, h, w)
         if self.use_channels_last(x.device):
             hidden = hidden.contiguous(memory_format=torch.channels_last)
+        fused = self.use_fused_norm(x.device)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             def run(block: Stage, h: torch.Tensor) -> torch.Tensor:
-                return checkpoint(block, h, emb, context, t, use_reentrant=False)
+                return checkpoint(block, h, emb, context, t, fused, use_reentrant=False)
         else:
             def run(block: Stage, h: torch.Tensor) -> torch.Tensor:
-                return block(h, emb, context, t)
+                return block(h, emb, context, t, fused)
         skips = []
         for i, block in enumerate(self.input_blocks):
             hidden = run(block, hidden)
@@ -286,5 +332,5 @@ class UNet3D(nn.Module):
         hidden = run(self.middle_block, hidden)
         for block in self.output_blocks:
             hidden = run(block, torch.cat([hidden, skips.pop()], dim=1))
-        out = self.out(hidden)
+        out = self.out[2](norm_silu(self.out, hidden, fused))
         return out.view(b, t, -1, h, w).transpose(1, 2).to(x.dtype)
