@@ -19,6 +19,12 @@ are both multiples of 16, which torchao's float8 matmul needs. The VAE, the CLIP
 image resampler and LoRA layers (peft's ``lora_A`` / ``lora_B``) stay as they are; the
 convolutions too. ``torchao`` is an optional dependency (``pip install torchao``), imported
 only when a mode other than ``"none"`` is asked for.
+
+torchao advises ``torch.compile`` for speed with ``fp8``: eagerly, each activation's per-row
+scaling and cast to float8 run as separate kernels before every matmul; compiled, Inductor fuses
+them (``compile=True``). torchao's own Inductor settings (coordinate-descent tuning and others,
+which lengthen compilation further) are not applied: they would change every later compilation in
+the process.
 """
 
 from __future__ import annotations
