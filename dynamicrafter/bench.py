@@ -11,6 +11,11 @@ meta device; the achieved rate is compared with a large matmul measured on the s
 (:attr:`~dynamicrafter.models.unet.UNet3D.fused_norm`; ``auto``: on CUDA with Triton), to time
 the UNet with and without it; the report says the setting and whether the kernel ran.
 
+``--quantize fp8|fp8_weights`` first samples the latents with the unquantized UNet, then quantizes
+it in place and samples them again from the same noise with the same settings; the report gives
+their relative L2 difference (``quantized_latent_rel_diff``) and the UNet's weight bytes before
+and after, besides the timings of the quantized model.
+
 ``--compare-reference DIR`` then times the original implementation's guided step from a
 DynamiCrafter checkout at ``DIR`` (never part of this package: imported from there only when
 asked) on the same device, shapes and weights, right after ours, and reports the ratio.
@@ -41,6 +46,7 @@ from .offload import offload_mode
 from .options import add_arguments, add_model_arguments
 from .pipeline import DynamiCrafterImg2VideoPipeline
 from .profiling import profile_call
+from .quantization import quantize_mode, weight_bytes
 from .runtime import COMPILE_MODES, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -203,10 +209,31 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def quantize_and_compare(pipe: DynamiCrafterImg2VideoPipeline, image: np.ndarray, mode: str, steps: int,
+                         **call: object) -> dict:
+    """Quantize ``pipe``'s UNet in place (``mode``) and measure what it changes on the same noise.
+
+    The latents ``[B, 4, T, h, w]`` are sampled before and after with ``steps`` steps, the call's
+    settings and a generator seeded 0 each time. Returns the layers quantized, the UNet's weight
+    bytes before and after and the relative L2 difference of the latents (float64).
+    """
+    def latents() -> torch.Tensor:
+        settings = {**call, "generator": torch.Generator(pipe.device).manual_seed(0)}
+        return pipe(image, "a benchmark", num_inference_steps=steps, output_type="latent", **settings)["videos"]
+
+    before = weight_bytes(pipe.model.unet)
+    reference = latents().double()
+    layers = pipe.quantize_unet(mode)
+    difference = (latents().double() - reference).norm() / reference.norm()
+    return {"quantized_layers": layers, "unquantized_unet_weight_bytes": before,
+            "quantized_latent_rel_diff": difference.item()}
+
+
 def run(args: argparse.Namespace) -> dict:
     config = model_config(args.resolution, args.config)
     device = resolve_device(args.device)
     dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
+    quantize = quantize_mode(args.quantize, device, dtype)  # before the model is built
     options = dict(offload=args.offload, compile=args.compile_mode or args.compile,
                    sequential_guidance=args.sequential_guidance)
     if args.checkpoint:
@@ -224,9 +251,12 @@ def run(args: argparse.Namespace) -> dict:
         pipe.model.unet.channels_last = args.channels_last == "on"
         if args.channels_last == "on":
             pipe.model.unet.channels_last_weights()
-    call = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                image_guidance_scale=args.image_guidance_scale,
-                generator=torch.Generator(device).manual_seed(0))
+    settings = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                    image_guidance_scale=args.image_guidance_scale)
+    quantized = {}
+    if quantize != "none":
+        quantized = quantize_and_compare(pipe, image, quantize, args.num_inference_steps, **settings)
+    call = dict(settings, generator=torch.Generator(device).manual_seed(0))
 
     _sync(device)
     start = time.perf_counter()
@@ -261,13 +291,14 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
         "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
-        "offload": pipe.offload, "compile": pipe.compile_mode, "fused_norm": args.fused_norm,
-        "fused_norm_used": fused_norm_used(pipe, device), "device": device.type, "device_name": name,
+        "offload": pipe.offload, "compile": pipe.compile_mode, "quantize": pipe.quantize,
+        "fused_norm": args.fused_norm, "fused_norm_used": fused_norm_used(pipe, device),
+        "device": device.type, "device_name": name,
         "warmup_s": warmup_seconds, "recompilations": _compilations() - compilations,
         "s_per_step": s_per_step, "s_per_video": s_per_video, "peak_mem_bytes": peak_memory(device),
         "unet_tflop_per_step": flops / 1e12, "tflops": tflops, "matmul_tflops": reference,
-        "matmul_share": tflops / reference,
-        "channels_last": pipe.model.unet.use_channels_last(device),
+        "matmul_share": tflops / reference, "channels_last": pipe.model.unet.use_channels_last(device),
+        "unet_weight_bytes": weight_bytes(pipe.model.unet), **quantized,
     }
     if args.profile:
         result["profile"] = profile_unet(pipe, args.num_frames, branches)
@@ -348,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)
         if args.num_inference_steps < 2:
             raise CliError("--num_inference_steps must be at least 2 (the first step is the warm-up).", EXIT_USAGE)
+        if args.compare_reference and args.quantize != "none":
+            raise CliError("--compare-reference runs the original on unquantized weights; leave out --quantize.",
+                           EXIT_USAGE)
         if args.compare_reference:
             try:
                 check_reference_checkout(args.compare_reference)

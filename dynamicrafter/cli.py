@@ -36,7 +36,8 @@ from .manifest import MANIFEST_NAME, append_record
 from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .options import OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
 from .pipeline import MIN_INTERP_FRAMES, DynamiCrafterImg2VideoPipeline, GenerationError
-from .runtime import configure_logging
+from .quantization import quantize_mode
+from .runtime import configure_logging, resolve_dtype
 
 __all__ = ["main", "build_parser", "is_user_error", "COMMANDS"]
 
@@ -169,6 +170,14 @@ def _resolve_device(args: argparse.Namespace, ranks: distributed.Ranks) -> torch
         raise CliError(f"--device: {exc}", EXIT_USAGE) from None
 
 
+def _check_quantize(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse, before the model loads, a ``--quantize`` mode this device, dtype or installation cannot run."""
+    try:
+        quantize_mode(args.quantize, device, resolve_dtype(None if args.dtype == "auto" else args.dtype, device))
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
 def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
     """Build the pipeline; a bad config or a missing checkpoint becomes a :class:`CliError`."""
     logger.info("Loading the %s model on %s.", args.resolution, device)
@@ -189,7 +198,7 @@ def build_pipeline(args: argparse.Namespace, resolution: str, device: Any) -> An
     pipe = DynamiCrafterImg2VideoPipeline(
         resolution=resolution, device=device, checkpoint=args.checkpoint, config=args.config,
         dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
-        clip_checkpoint=args.clip_checkpoint)
+        quantize=args.quantize, clip_checkpoint=args.clip_checkpoint)
     if args.lora:
         pipe.load_lora_weights(args.lora, scale=args.lora_scale)
     return pipe
@@ -295,6 +304,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_frames(args.num_frames, mode, config)
     seed, prompt_dir, output_dir = _defaults(args, mode)
     device = _resolve_device(args, ranks)
+    _check_quantize(args, device)
     try:
         images = find_images(args.image_path, prompt_dir)
         jobs = make_jobs(images, output_dir, mode=mode, prompt_text=args.prompt_text, seed=seed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -172,8 +173,9 @@ def _check_fits(path: Path, meta: dict[str, str], state: dict[str, torch.Tensor]
 def load_lora(unet: nn.Module, path: str | Path, config: ModelConfig, scale: float = 1.0) -> int:
     """Add the LoRA at ``path`` to ``unet`` (in place) at strength ``scale``; returns the layers adapted.
 
-    The LoRA layers take the device and dtype of the layers they wrap. Raises ``ValueError`` for
-    a missing or unreadable file or a LoRA of another model.
+    The LoRA layers take the device and dtype of the layers they wrap (the model's dtype over
+    float8 weights, which stay quantized). Raises ``ValueError`` for a missing or unreadable file
+    or a LoRA of another model.
     """
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
@@ -186,7 +188,11 @@ def load_lora(unet: nn.Module, path: str | Path, config: ModelConfig, scale: flo
     # Exact module names as targets (anchored regex): only the layers the file has weights for.
     pattern = "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
     lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, bias="none")
-    inject_adapter_in_model(lora_config, unet, adapter_name=ADAPTER)
+    with warnings.catch_warnings():
+        # Over float8 weights (dynamicrafter.quantization) peft warns, once per layer, that it could not
+        # merge the LoRA into them; the LoRA is never merged here, it runs beside the base layer.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        inject_adapter_in_model(lora_config, unet, adapter_name=ADAPTER)
     dtype = next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
     result = set_peft_model_state_dict(unet, {k.removeprefix(_PREFIX): v for k, v in state.items()}, adapter_name=ADAPTER)
     missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]

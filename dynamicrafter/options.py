@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from .diffusion.sampling import SAMPLERS as SAMPLER_SPECS
 from .diffusion.schedule import SPACINGS
 from .offload import OFFLOAD_MODES
+from .quantization import QUANTIZE_MODES
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
@@ -223,6 +224,10 @@ RUNTIME_OPTIONS: tuple[Option, ...] = (
            none_means="none"),
     Option("lora_scale", float, 1.0, "strength of the LoRA: 0 is the base model, 1 as trained", minimum=0,
            maximum=10),
+    Option("quantize", str, "none",
+           "float8 weights for the UNet's linear layers (torchao): fp8 (float8 matmuls; a CUDA GPU of compute "
+           "capability 8.9+ such as Ada or Hopper, with bfloat16) or fp8_weights (half the linear weight memory, "
+           "any device, not faster)", choices=QUANTIZE_MODES),
     Option("compile", bool, False, "torch.compile the UNet: the first video of each size compiles (minutes; "
            "cached on disk), later ones are faster"),
     Option("batch_size", int, 1, "videos per pipeline call; more is faster on a large GPU and needs more memory",
@@ -261,8 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str], *
 
 
 #: The runtime options every front end takes (the command line, the app, the benchmark).
-MODEL_ARGUMENTS = ("device", "dtype", "offload", "checkpoint", "config", "clip_checkpoint", "lora", "lora_scale",
-                   "compile")
+MODEL_ARGUMENTS = ("device", "dtype", "offload", "quantize", "checkpoint", "config", "clip_checkpoint", "lora",
+                   "lora_scale", "compile")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | Any) -> None:

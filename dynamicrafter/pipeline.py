@@ -24,6 +24,7 @@ from .models.encoders import prompt_token_count
 from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .offload import Offloader, offload_mode
 from .options import DEFAULTS, OPTIONS
+from .quantization import quantize_mode, quantize_unet
 from .runtime import CompiledModule, compile_mode, resolve_device, resolve_dtype, vae_dtype_for
 
 __all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationError", "load_image", "fit_image"]
@@ -122,6 +123,13 @@ class DynamiCrafterImg2VideoPipeline:
             (CUDA graphs), or ``False`` (default). The first video of each size compiles, which
             takes minutes for the full-size models; the kernels are cached on disk for the next
             process.
+        quantize: float8 weights for the UNet's linear layers through ``torchao`` (see
+            :mod:`dynamicrafter.quantization`): ``'fp8'`` (float8 weights and activations, float8
+            matmuls: CUDA GPUs of compute capability 8.9+ and ``dtype`` bfloat16), ``'fp8_weights'``
+            (float8 weights computed in ``dtype``: half the linear weight memory, any device) or
+            ``'none'``/``None`` (default). The VAE, CLIP towers, resampler and LoRA layers keep
+            their dtype. A quantized UNet has no float32 redo for non-finite output (it raises
+            :class:`GenerationError`); it stays quantized under ``offload`` and takes LoRAs.
 
     Example::
 
@@ -134,12 +142,14 @@ class DynamiCrafterImg2VideoPipeline:
                  checkpoint: str | Path | None = None, config: ModelConfig | str | Path | None = None,
                  dtype: str | torch.dtype | None = None, *, clip_checkpoint: str | Path | None = None,
                  offload: bool | str | None = None, compile: bool | str = False,
-                 sequential_guidance: bool = False, decode_chunk_size: int | None = None) -> None:
+                 quantize: str | bool | None = None, sequential_guidance: bool = False,
+                 decode_chunk_size: int | None = None) -> None:
         name = resolve_resolution(resolution)
         if not isinstance(config, ModelConfig):
             config = model_config(name, config)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        quantize = quantize_mode(quantize, device, dtype)  # before the download and the load
         if checkpoint is None:
             from .hub import ensure_checkpoint  # the download stack is only needed here
 
@@ -149,7 +159,7 @@ class DynamiCrafterImg2VideoPipeline:
         # load_model says in one sentence what is wrong with a missing, folder or malformed file.
         model = load_model(config, checkpoint, dtype=dtype, device=home, vae_dtype=vae_dtype_for(dtype, device),
                            clip_checkpoint=clip_checkpoint)
-        self._setup(model, device, dtype, offload, compile, sequential_guidance, decode_chunk_size)
+        self._setup(model, device, dtype, offload, compile, quantize, sequential_guidance, decode_chunk_size)
 
     @classmethod
     def from_model(cls, model: DynamiCrafter, device: str | torch.device | None = None,
@@ -164,6 +174,7 @@ class DynamiCrafterImg2VideoPipeline:
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        quantize_mode(options.get("quantize"), device, dtype)  # before the model is cast or moved
         if cast:
             model.to(dtype=dtype)
             model.vae.to(dtype=vae_dtype_for(dtype, device))
@@ -175,7 +186,7 @@ class DynamiCrafterImg2VideoPipeline:
 
     def _setup(self, model: DynamiCrafter, device: torch.device, dtype: torch.dtype,
                offload: bool | str | None = None,
-               compile: bool | str = False, sequential_guidance: bool = False,
+               compile: bool | str = False, quantize: str | bool | None = None, sequential_guidance: bool = False,
                decode_chunk_size: int | None = None) -> None:
         self.model = model
         self.config: ModelConfig = model.config
@@ -190,13 +201,40 @@ class DynamiCrafterImg2VideoPipeline:
         #: The ``torch.compile`` mode of the UNet, or None when it runs eagerly (see :func:`compile_mode`).
         self.compile_mode = compile_mode(compile)
         self._unet_forward: Callable = CompiledModule(model.unet, self.compile_mode) if self.compile_mode else model.unet
+        #: How the UNet's linear weights are stored: one of ``QUANTIZE_MODES`` (see :meth:`quantize_unet`).
+        self.quantize = "none"
+        self.quantize_unet(quantize)
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
         if device.type == "cuda" and dtype == torch.float32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        logger.info("Ready: %s model on %s in %s (offload: %s, compile: %s).", self.config.name, device,
-                    str(dtype).replace("torch.", ""), self.offload, self.compile_mode or "off")
+        logger.info("Ready: %s model on %s in %s (offload: %s, compile: %s, quantize: %s).", self.config.name,
+                    device, str(dtype).replace("torch.", ""), self.offload, self.compile_mode or "off", self.quantize)
+
+    def quantize_unet(self, mode: str | bool | None) -> int:
+        """Give the UNet float8 linear weights in place (see :mod:`dynamicrafter.quantization`); returns the layers.
+
+        ``mode`` is ``'fp8'``, ``'fp8_weights'`` or ``'none'``/``None`` (nothing happens). The
+        weights are quantized where the UNet is (on the device, or in host memory when it is
+        offloaded, where they are then pinned again); a compiled UNet compiles again. Once
+        quantized, the UNet stays so: load the pipeline again for other weights.
+
+        Raises:
+            ValueError: one sentence: the mode cannot run here, or the UNet is already quantized.
+        """
+        mode = quantize_mode(mode, self.device, self.dtype)
+        if mode == "none":
+            return 0
+        if self.quantize != "none":
+            raise ValueError(f"The UNet is already quantized ({self.quantize}); load the pipeline again "
+                             "to quantize it otherwise.")
+        count = quantize_unet(self.model.unet, mode, self.device, self.dtype)
+        self.quantize = mode
+        self._place(self.offload)  # pins the new host tensors of an offloaded UNet
+        unet = self.model.unet
+        self._unet_forward = CompiledModule(unet, self.compile_mode) if self.compile_mode else unet
+        return count
 
     def _place(self, mode: str) -> None:
         """Put each component on the device or in host memory according to the offload mode."""
@@ -636,6 +674,9 @@ class DynamiCrafterImg2VideoPipeline:
 
         with self._on_device(self.model.unet):
             samples = sample()
+            if not torch.isfinite(samples).all() and self.quantize != "none":
+                raise GenerationError(f"The float8 UNet (quantize={self.quantize}) produced NaN or infinite "
+                                      "values; run without quantize.")
             if not torch.isfinite(samples).all() and self.dtype != torch.float32:
                 logger.warning("Sampling in %s gave non-finite values; redoing it in float32 from the same noise.",
                                str(self.dtype).replace("torch.", ""))

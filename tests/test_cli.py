@@ -206,13 +206,13 @@ def test_every_flag_reaches_the_pipeline(fake, tmp_path, monkeypatch):
         "--video_length", "4", "--frame_stride", "7", "--negative_prompt", "blurry", "--fps", "12",
         "--checkpoint", "ck.ckpt", "--config", "model.yaml", "--dtype", "bfloat16", "--guidance_rescale", "0.3",
         "--timestep_spacing", "uniform_trailing", "--offload", "model", "--compile", "--clip_checkpoint", "clip.bin",
-        "--sampler", "unipc", "--cfg_img", "2.5", "--height", "128", "--width", "192",
+        "--sampler", "unipc", "--cfg_img", "2.5", "--height", "128", "--width", "192", "--quantize", "fp8_weights",
     ])
     assert code == 0
     (pipe,) = fake
     assert pipe.init == dict(resolution="512", device=torch.device("cpu"), checkpoint="ck.ckpt",
                              config="model.yaml", dtype="bfloat16", offload="model", compile=True,
-                             clip_checkpoint="clip.bin")
+                             quantize="fp8_weights", clip_checkpoint="clip.bin")
     (call,) = pipe.calls
     expected = dict(num_inference_steps=3, guidance_scale=2.5, eta=0.0, num_frames=4, frame_stride=7,
                     negative_prompt=["blurry"], guidance_rescale=0.3, timestep_spacing="uniform_trailing",
@@ -449,6 +449,8 @@ def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
     (["256", "--dtype", "int8"], 2, "--dtype: invalid choice"),
     (["256", "--timestep_spacing", "leading"], 2, "--timestep_spacing: invalid choice"),
     (["256", "--device", "banana"], 2, "'banana' is not a torch device"),
+    (["256", "--device", "cpu", "--quantize", "fp8"], 2, "needs a CUDA GPU of compute capability 8.9 or newer"),
+    (["256", "--quantize", "int8"], 2, "--quantize: invalid choice"),
     (["256", "--prompt_dir", "{tmp}/missing"], 1, "missing does not exist"),
     (["256", "--prompt_dir", "{tmp}/empty"], 1, "No images"),
     (["256", "--image_path", "{tmp}/missing.png"], 1, "missing.png does not exist"),
