@@ -102,7 +102,7 @@ def test_single_image_with_prompt_text(fake, tmp_path):
     assert code == 0
     (pipe,) = fake
     assert pipe.init == dict(resolution="256", device=torch.device("cpu"), checkpoint=None, config=None, dtype=None,
-                             offload=None, compile=False, clip_checkpoint=None)
+                             offload=None, compile=False, clip_checkpoint=None, quantize="none")
     (call,) = pipe.calls
     assert call["prompt"] == ["a person walking in a beautiful garden"]
     assert [item.size for item in call["image"]] == [(64, 64)]
