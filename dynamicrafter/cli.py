@@ -172,6 +172,8 @@ def _resolve_device(args: argparse.Namespace, ranks: distributed.Ranks) -> torch
 
 def _check_quantize(args: argparse.Namespace, device: torch.device) -> None:
     """Refuse, before the model loads, a ``--quantize`` mode this device, dtype or installation cannot run."""
+    if args.quantize in (None, "none"):
+        return
     try:
         quantize_mode(args.quantize, device, resolve_dtype(None if args.dtype == "auto" else args.dtype, device))
     except ValueError as exc:
