@@ -12,6 +12,7 @@ downloaded once and shared with every other program that uses that cache.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -19,7 +20,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     FileMetadataError,
@@ -33,6 +33,25 @@ from huggingface_hub.errors import (
 from .configs import PRESETS, resolve_resolution
 
 logger = logging.getLogger(__name__)
+
+
+def _http_client_errors() -> tuple[type[Exception], ...]:
+    """The base error class of the HTTP client huggingface_hub uses: httpx2 (2.x) or httpx (1.x).
+
+    Both are dependencies of the hub version that uses them, not of this package; whichever is
+    installed is caught, so the 1.x line that ``transformers`` pins works as well as 2.x.
+    """
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+#: Network errors (no connection, timeouts, protocol errors) of the Hub's HTTP client.
+HTTP_ERRORS = _http_client_errors()
 
 REPOS: dict[str, str] = {name: str(config.repo_id) for name, config in PRESETS.items()}
 FILENAME = "model.ckpt"
@@ -100,7 +119,7 @@ def ensure_checkpoint(name: str, path: str | Path | None = None) -> Path:
             token=os.environ.get("HF_TOKEN") or None, cache_dir=_hub_cache_dir(),
         )
         os.replace(downloaded, target)
-    except (OSError, httpx2.HTTPError) as error:
+    except (OSError, *HTTP_ERRORS) as error:
         raise CheckpointError(_explain(error, repo_id, endpoint, FILENAME, target)) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -137,7 +156,7 @@ def ensure_clip_weights(arch: str = "ViT-H-14") -> Path:
         try:
             return Path(hf_hub_download(repo_id, filename, endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None,
                                         cache_dir=cache_dir))
-        except (OSError, httpx2.HTTPError) as error:
+        except (OSError, *HTTP_ERRORS) as error:
             if filename != CLIP_FILENAMES[-1] and any(isinstance(c, RemoteEntryNotFoundError) for c in _chain(error)):
                 continue  # try the next name
             message = _explain(error, repo_id, endpoint, filename, None, flag="--clip_checkpoint")
@@ -190,7 +209,7 @@ def _explain(error: BaseException, repo_id: str, endpoint: str, filename: str, t
                 return (f"{endpoint} refused access to {repo_id} (HTTP {status}); set HF_TOKEN to a token "
                         "that can read it.")
             return f"Downloading {filename} from {repo_id} failed with HTTP {status} from {endpoint}; try again later."
-        if isinstance(cause, httpx2.HTTPError):
+        if isinstance(cause, HTTP_ERRORS):
             return (f"Could not reach {endpoint} to download {filename} from {repo_id} ({type(cause).__name__}); "
                     f"check your connection or HF_ENDPOINT, or download it yourself and pass {flag}.")
         if isinstance(cause, FileMetadataError):
