@@ -3,11 +3,12 @@
 ``python -m dynamicrafter.bench_suite --out DIR [--budget SECONDS] [--only NAME ...] [--list]``
 
 Each item is one benchmark command (``dynamicrafter.bench`` or ``dynamicrafter.training.bench``
-with ``--json``) run in its own process, so one that fails or runs out of time does not stop
-the others. Items run in the order of :data:`SUITE` (the most wanted first) while the budget
-lasts; each gets at most its own limit and what is left of the budget. Every item adds one line
-to ``DIR/results.jsonl`` (name, command, exit status, seconds, the JSON report or the end of the
-error output) as soon as it ends; the full output goes to ``DIR/log.txt``. A lent GPU with a
+with ``--json``: its last output line is a JSON report) run in its own process, so one that
+fails or runs out of time does not stop the others. Items run in the order of :data:`SUITE`
+(the most wanted first) while the budget lasts; each gets at most its own limit and what is
+left of the budget. Every item adds one line to ``DIR/results.jsonl`` (name, command, exit
+status, seconds, the JSON report or the end of the error output) as soon as it ends; the full
+output goes to ``DIR/log.txt``. A lent GPU with a
 fixed allowance is used best by one prepared call of this command.
 """
 
@@ -34,10 +35,10 @@ class Item:
     limit: float = 150.0
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", self.module, *self.args, "--json"]
+        return [sys.executable, "-m", self.module, *self.args]
 
 
-_GPU = ("--device", "cuda", "--random-weights")
+_GPU = ("--device", "cuda", "--random-weights", "--json")
 _SAMPLING = (*_GPU, "--dtype", "bfloat16", "--frames", "16", "--steps", "50")
 _TRAINING = ("--resolution", "512", "--frames", "16", *_GPU, "--steps", "5")
 

@@ -13,17 +13,24 @@ from .conftest import DATA
 
 
 def test_json_report_on_the_tiny_model(capsys):
+    """The report's figures; --profile sums one UNet call's time by kind; --channels-last off is what runs."""
     code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--frames", "2", "--steps", "2",
-                       "--device", "cpu", "--dtype", "float32", "--fused-norm", "on", "--json"])
+                       "--device", "cpu", "--dtype", "float32", "--channels-last", "off", "--profile", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["fused_norm"] == "on" and report["fused_norm_used"] is False  # the kernel is for CUDA
     for key in ("s_per_step", "s_per_video", "peak_mem_bytes", "tflops", "device_name"):
         assert key in report
     assert 0 < report["s_per_step"] < report["s_per_video"]
     assert report["peak_mem_bytes"] > 0 and report["tflops"] > 0 and 0 < report["matmul_share"]
     assert report["dtype"] == "float32" and report["offload"] == "none"
     assert report["compile"] is None and report["recompilations"] == 0 and report["warmup_s"] > 0
+    assert report["channels_last"] is False and report["device"] == "cpu"
+    profile = report["profile"]
+    kinds = profile["by_category"]
+    assert {"convolution", "matmul", "attention", "norm"} <= set(kinds)
+    assert sum(entry["ms"] for entry in kinds.values()) == pytest.approx(profile["total_ms"])
+    assert sum(entry["share"] for entry in kinds.values()) == pytest.approx(1.0)
+    assert profile["top"] and all(entry["ms"] > 0 for entry in profile["top"])
 
 
 @pytest.mark.parametrize(("resolution", "tflop"), [("256", 4.90), ("512", 12.6), ("1024", 52.3)])
@@ -124,21 +131,6 @@ def test_compare_reference_reports_an_unimportable_original_in_one_line(tmp_path
     assert "\n" not in message and str(tmp_path) in message
     assert "No module named 'a_module_that_is_not_installed'" in message
     assert str(tmp_path) not in sys.path
-
-
-def test_profile_and_layout_switch_in_the_report(capsys):
-    """--profile sums one UNet call's time by kind of operation; --channels-last off is what runs."""
-    code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--frames", "2", "--steps", "2", "--device", "cpu",
-                       "--dtype", "float32", "--channels-last", "off", "--profile", "--json"])
-    assert code == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["channels_last"] is False and report["device"] == "cpu"
-    profile = report["profile"]
-    kinds = profile["by_category"]
-    assert {"convolution", "matmul", "attention", "norm"} <= set(kinds)
-    assert sum(entry["ms"] for entry in kinds.values()) == pytest.approx(profile["total_ms"])
-    assert sum(entry["share"] for entry in kinds.values()) == pytest.approx(1.0)
-    assert profile["top"] and all(entry["ms"] > 0 for entry in profile["top"])
 
 
 @pytest.mark.parametrize(("name", "kind"), [
