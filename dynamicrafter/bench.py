@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one UNet call and report its time by kind of operation")
     parser.add_argument("--fused-norm", choices=tuple(FUSED_NORM_SETTINGS), default="auto",
-                        help="the UNet's fused group norm + SiLU kernel: auto (on CUDA with Triton), on or off")
+                        help="the UNet's fused group norm + SiLU kernel on CUDA: on, off, or auto (the library's "
+                             "default, off until measured)")
     parser.add_argument("--compare-reference", metavar="DIR",
                         help="also time the original implementation's guided step from a DynamiCrafter checkout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -47,7 +47,7 @@ SUITE: tuple[Item, ...] = (
     Item("train-lora-512", "dynamicrafter.training.bench", (*_TRAINING, "--mode", "lora", "--lora_rank", "64")),
     Item("train-full-512", "dynamicrafter.training.bench", (*_TRAINING, "--mode", "full")),
     Item("sample-512-profile", "dynamicrafter.bench", ("512", *_SAMPLING, "--profile")),
-    Item("sample-512-fused-norm-off", "dynamicrafter.bench", ("512", *_SAMPLING, "--fused-norm", "off")),
+    Item("sample-512-fused-norm", "dynamicrafter.bench", ("512", *_SAMPLING, "--fused-norm", "on")),
     Item("sample-512-channels-last", "dynamicrafter.bench", ("512", *_SAMPLING, "--channels-last", "on")),
     Item("sample-512-fp8", "dynamicrafter.bench", ("512", *_SAMPLING, "--quantize", "fp8")),
     Item("sample-256", "dynamicrafter.bench", ("256", *_SAMPLING)),

@@ -78,6 +78,7 @@ def test_fused_norm_setting_and_whether_it_ran(monkeypatch):
     import torch
 
     from dynamicrafter.models import fused_norm
+    from dynamicrafter.models import unet as unet_module
 
     from .conftest import load_tiny
 
@@ -87,6 +88,8 @@ def test_fused_norm_setting_and_whether_it_ran(monkeypatch):
     pipe = type("Pipe", (), {"model": load_tiny("tiny256").model, "compile_mode": None})()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(fused_norm, "triton_available", lambda: True)
+    assert not bench.fused_norm_used(pipe, cuda)  # auto: the library's default, off until timed on a GPU
+    monkeypatch.setattr(unet_module, "FUSED_NORM_BY_DEFAULT", True)
     assert bench.fused_norm_used(pipe, cuda) and not bench.fused_norm_used(pipe, cpu)
     pipe.compile_mode = "default"
     assert not bench.fused_norm_used(pipe, cuda)  # Inductor's own fusion instead

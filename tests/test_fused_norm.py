@@ -136,12 +136,16 @@ def test_applies_only_without_autograd_and_on_a_supported_device(monkeypatch):
 
 
 def test_use_fused_norm_picks_by_device_and_switch(monkeypatch):
+    from dynamicrafter.models import unet as unet_module
+
     model = copy.deepcopy(load_tiny("tiny256").model.unet)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert model.fused_norm is None
     assert not model.use_fused_norm(cpu)
     monkeypatch.setattr(fused_norm, "triton_available", lambda: True)
-    assert model.use_fused_norm(cuda)
+    assert not model.use_fused_norm(cuda)  # off by default until timed on a GPU
+    monkeypatch.setattr(unet_module, "FUSED_NORM_BY_DEFAULT", True)
+    assert model.use_fused_norm(cuda) and not model.use_fused_norm(cpu)
     monkeypatch.setattr(fused_norm, "triton_available", lambda: False)
     assert not model.use_fused_norm(cuda)
     model.fused_norm = False

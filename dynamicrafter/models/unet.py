@@ -21,6 +21,11 @@ from ..configs import UNetConfig
 from . import fused_norm
 from .attention import SpatialTransformer, TemporalTransformer, frames_to_time_major, time_major_to_frames
 
+#: Whether the UNet uses the fused group norm + SiLU kernel on CUDA unless told (``UNet3D.fused_norm``).
+#: Off: the kernel is tested under Triton's interpreter and compiled for sm_90, but not yet timed
+#: or run on a GPU; ``fused_norm = True`` (or the benchmark's ``--fused-norm on``) opts in.
+FUSED_NORM_BY_DEFAULT = False
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding ``[cos(t * f), sin(t * f)]`` of a batch of (integer) timesteps."""
@@ -262,14 +267,16 @@ class UNet3D(nn.Module):
     def use_fused_norm(self, device: torch.device) -> bool:
         """Whether the group norms and the SiLUs after them run as one kernel (``fused_norm.py``).
 
-        ``self.fused_norm`` decides when set; ``None`` (the default) means on CUDA when Triton
-        is importable. Even when this says yes, each call falls back to the unfused layers where
+        ``self.fused_norm`` decides when set; ``None`` (the default) means
+        :data:`FUSED_NORM_BY_DEFAULT` on CUDA when Triton is importable: off, until the kernel
+        has been timed on a GPU (``python -m dynamicrafter.bench --fused-norm on|off``). Even
+        when this says yes, each call falls back to the unfused layers where
         the kernel does not apply: a tensor off CUDA, or autograd recording (training). The
         values differ from the unfused path by at most about one rounding of the dtype.
         """
         if self.fused_norm is not None:
             return self.fused_norm
-        return device.type == "cuda" and fused_norm.triton_available()
+        return FUSED_NORM_BY_DEFAULT and device.type == "cuda" and fused_norm.triton_available()
 
     def channels_last_weights(self) -> "UNet3D":
         """Store the convolution weights channels-last, for channels-last activations; returns ``self``.
