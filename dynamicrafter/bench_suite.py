@@ -2,14 +2,14 @@
 
 ``python -m dynamicrafter.bench_suite --out DIR [--budget SECONDS] [--only NAME ...] [--list]``
 
-Each item is one benchmark command (``dynamicrafter.bench`` or ``dynamicrafter.training.bench``
-with ``--json``: its last output line is a JSON report) run in its own process, so one that
-fails or runs out of time does not stop the others. Items run in the order of :data:`SUITE`
-(the most wanted first) while the budget lasts; each gets at most its own limit and what is
-left of the budget. Every item adds one line to ``DIR/results.jsonl`` (name, command, exit
-status, seconds, the JSON report or the end of the error output) as soon as it ends; the full
-output goes to ``DIR/log.txt``. A lent GPU with a
-fixed allowance is used best by one prepared call of this command.
+Each item is one command run in its own process (mostly ``dynamicrafter.bench`` or
+``dynamicrafter.training.bench`` with ``--json``, whose last output line is a JSON report; a few
+tests and checks), so one that fails or runs out of time does not stop the others. Items run in
+the order of :data:`SUITE` (the most wanted first) while the budget lasts; each gets at most its
+own limit and what is left of the budget. Every item adds one line to ``DIR/results.jsonl``
+(name, command, exit status, seconds, the JSON report or the end of the error output) as soon
+as it ends; the full output goes to ``DIR/log.txt``. A lent GPU with a fixed allowance is used
+best by one prepared call of this command.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ SUITE: tuple[Item, ...] = (
     Item("train-lora-512", "dynamicrafter.training.bench", (*_TRAINING, "--mode", "lora", "--lora_rank", "64")),
     Item("train-full-512", "dynamicrafter.training.bench", (*_TRAINING, "--mode", "full")),
     Item("sample-512-profile", "dynamicrafter.bench", ("512", *_SAMPLING, "--profile")),
+    # The fused norm's kernel tests run on the GPU itself there (under the interpreter elsewhere).
+    Item("fused-norm-tests", "pytest", ("tests/test_fused_norm.py", "-q", "-p", "no:cacheprovider"), limit=120.0),
+    Item("fused-norm-kernel", "dynamicrafter.models.fused_norm", ("--bench",), limit=90.0),
     Item("sample-512-fused-norm", "dynamicrafter.bench", ("512", *_SAMPLING, "--fused-norm", "on")),
     Item("sample-512-channels-last", "dynamicrafter.bench", ("512", *_SAMPLING, "--channels-last", "on")),
     Item("sample-512-fp8", "dynamicrafter.bench", ("512", *_SAMPLING, "--quantize", "fp8")),
