@@ -48,7 +48,8 @@ SUITE: tuple[Item, ...] = (
     Item("train-full-512", "dynamicrafter.training.bench", (*_TRAINING, "--mode", "full")),
     Item("sample-512-profile", "dynamicrafter.bench", ("512", *_SAMPLING, "--profile")),
     # The fused norm's kernel tests run on the GPU itself there (under the interpreter elsewhere).
-    Item("fused-norm-tests", "pytest", ("tests/test_fused_norm.py", "-q", "-p", "no:cacheprovider"), limit=120.0),
+    Item("fused-norm-tests", "pytest", ("tests/test_fused_norm.py", "-k", "kernel", "-q", "-p", "no:cacheprovider"),
+         limit=120.0),
     Item("fused-norm-kernel", "dynamicrafter.models.fused_norm", ("--bench",), limit=90.0),
     Item("sample-512-fused-norm", "dynamicrafter.bench", ("512", *_SAMPLING, "--fused-norm", "on")),
     Item("sample-512-channels-last", "dynamicrafter.bench", ("512", *_SAMPLING, "--channels-last", "on")),
