@@ -291,7 +291,9 @@ class _Runner:
             "seed": job.seed, "sample": job.sample, "frames": int(frames), "fps": self.args.fps,
             "settings": self.settings,
             "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
-            "dtype": str(self.pipe.dtype).replace("torch.", ""), "seconds": round(seconds, 3),
+            "dtype": str(self.pipe.dtype).replace("torch.", ""), "quantize": self.pipe.quantize,
+            "lora": self.args.lora, "lora_scale": self.args.lora_scale if self.args.lora else None,
+            "seconds": round(seconds, 3),
             "rank": self.ranks.rank, "host": socket.gethostname(),
         })
 

@@ -50,6 +50,7 @@ class FakePipeline:
         self.config = get_config(resolution)
         self.checkpoint = checkpoint
         self.dtype = torch.float32
+        self.quantize = options.get("quantize", "none")
         self.calls: list[dict] = []
         self.saved: list[tuple[Path, int]] = []
         self.frames_saved: list[int] = []
@@ -397,6 +398,7 @@ def test_manifest_and_resume(fake, tmp_path, caplog):
     first = records[0]
     assert (first["prompt"], first["seed"], first["model"], first["rank"]) == ("go", 123, "256", 0)
     assert first["settings"]["num_inference_steps"] == 50 and first["image"].endswith("p.png")
+    assert (first["quantize"], first["lora"], first["lora_scale"], first["dtype"]) == ("none", None, None, "float32")
     (out / "q.mp4").unlink()  # as if the run had been interrupted before q
     caplog.clear()
     assert cli.main(argv) == 0
