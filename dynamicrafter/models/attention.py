@@ -54,6 +54,11 @@ class CrossAttention(nn.Module):
     ``text_context_len`` tokens go through ``to_k``/``to_v``, the rest through
     ``to_k_ip``/``to_v_ip``, and the two results are added, the image branch weighted by
     ``1 + tanh(alpha)`` when that weight is learnable.
+
+    The branches stay two attention calls: each normalises its own softmax over its own keys, and
+    one call over the concatenated keys would normalise over both, a different function. (Stacking
+    the branches as extra heads would need the image keys padded to the text's 77 with a mask,
+    which rules out the flash kernels and costs more than the second call's launch.)
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
