@@ -39,7 +39,7 @@ def _http_client_errors() -> tuple[type[Exception], ...]:
     """The base error class of the HTTP client huggingface_hub uses: httpx2 (2.x) or httpx (1.x).
 
     Both are dependencies of the hub version that uses them, not of this package; whichever is
-    installed is caught, so the 1.x line that ``transformers`` pins works as well as 2.x.
+    installed is caught, so the 1.x line (which older ``transformers`` releases pin) works as well as 2.x.
     """
     errors = []
     for name in ("httpx2", "httpx"):
