@@ -255,7 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str], *
         text = shown.get(name, option.none_means if default is None else default)
         kwargs: dict[str, Any] = dict(dest=option.name, default=default, help=f"{option.help} (default: {text})")
         if option.type is bool:
-            parser.add_argument(*option.flags, dest=option.name, action="store_true", help=option.help)
+            parser.add_argument(*option.flags, dest=option.name, action=argparse.BooleanOptionalAction,
+                                default=bool(default), help=f"{option.help} (default: {'on' if default else 'off'})")
             continue
         if option.choices is not None:
             kwargs["choices"] = option.choices

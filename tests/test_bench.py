@@ -70,6 +70,7 @@ def test_flags_share_the_command_lines_names():
         "512", 7, 3, "model", True)
     old = bench.build_parser().parse_args(["--resolution", "320_512", "--steps", "7", "--frames", "3"])
     assert (old.res, old.num_inference_steps, old.num_frames, old.compile) == ("512", 7, 3, False)
+    assert bench.build_parser().parse_args(["--compile", "--no-compile"]).compile is False
     graphs = bench.build_parser().parse_args(["--compile-mode", "reduce-overhead"])
     assert (graphs.compile, graphs.compile_mode) == (False, "reduce-overhead")
 
