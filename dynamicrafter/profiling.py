@@ -41,8 +41,9 @@ def category(op: str) -> str:
 def profile_call(fn: Callable[[], object], device: torch.device, top: int = 12) -> dict:
     """Profile one call of ``fn`` (already warmed up) and sum its time by :func:`category`.
 
-    On CUDA the GPU kernels' time is counted (each kernel by its own name); elsewhere each
-    operator's self CPU time (so nested operators are not counted twice). Returns
+    On CUDA the GPU kernels' time is counted (each kernel by its own name; where the profiler
+    recorded no kernel, each operator's own device time); elsewhere each operator's self CPU time
+    (so nested operators are not counted twice). Returns
     ``{"total_ms", "by_category": {kind: {"ms", "share", "calls"}}, "top": [{"name", "ms", "calls"}]}``,
     categories sorted by time.
     """
@@ -57,12 +58,14 @@ def profile_call(fn: Callable[[], object], device: torch.device, top: int = 12) 
     if cuda:  # kernels: the events that ran on the device
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CUDA:
-                times[event.name] += event.device_time_total / 1e3
+                times[event.name] += event.time_range.elapsed_us() / 1e3
                 calls[event.name] += 1
-    else:
+    if not times:  # the CPU, or no kernel events (then each operator's own device or CPU time)
         for event in prof.key_averages():
-            if event.self_cpu_time_total > 0:
-                times[event.key] += event.self_cpu_time_total / 1e3
+            own = getattr(event, "self_device_time_total", 0) if cuda else 0
+            own = own or event.self_cpu_time_total
+            if own > 0:
+                times[event.key] += own / 1e3
                 calls[event.key] += event.count
     total = sum(times.values()) or 1e-12
     kinds: dict[str, dict] = {}

@@ -150,3 +150,41 @@ def test_profile_categories(name, kind):
     from dynamicrafter.profiling import category
 
     assert category(name) == kind
+
+
+def test_profile_on_cuda_sums_the_kernels_by_kind(monkeypatch):
+    """On CUDA the kernels' own times are summed (the CPU-side operators that launched them are not)."""
+    import types
+
+    import torch
+
+    from dynamicrafter import profiling
+
+    def event(name, us, device_type):
+        return types.SimpleNamespace(name=name, device_type=device_type,
+                                     time_range=types.SimpleNamespace(elapsed_us=lambda: us))
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    class FakeProfile:
+        def __init__(self, activities):
+            assert profiling.ProfilerActivity.CUDA in activities
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return [event("sm90_xmma_fprop_implicit_gemm_bf16", 300, cuda), event("aten::conv2d", 999, cpu),
+                    event("pytorch_flash::flash_fwd_kernel", 100, cuda), event("sm90_xmma_fprop_implicit_gemm_bf16",
+                                                                               200, cuda)]
+
+    monkeypatch.setattr(profiling, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    report = profiling.profile_call(lambda: None, torch.device("cuda", 0))
+    assert report["total_ms"] == pytest.approx(0.6)
+    assert report["by_category"] == {"convolution": {"ms": pytest.approx(0.5), "share": pytest.approx(5 / 6), "calls": 2},
+                                     "attention": {"ms": pytest.approx(0.1), "share": pytest.approx(1 / 6), "calls": 1}}
+    assert report["top"][0] == {"name": "sm90_xmma_fprop_implicit_gemm_bf16", "ms": pytest.approx(0.5), "calls": 2}
