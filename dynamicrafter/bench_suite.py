@@ -56,6 +56,9 @@ SUITE: tuple[Item, ...] = (
     Item("sample-512-fp8", "dynamicrafter.bench", ("512", *_SAMPLING, "--quantize", "fp8")),
     Item("sample-256", "dynamicrafter.bench", ("256", *_SAMPLING)),
     Item("sample-1024-profile", "dynamicrafter.bench", ("1024", *_SAMPLING, "--profile"), limit=180.0),
+    Item("train-lora-1024", "dynamicrafter.training.bench",
+         ("--resolution", "1024", "--frames", "16", *_GPU, "--steps", "5", "--mode", "lora", "--lora_rank", "64"),
+         limit=240.0),
     Item("sample-256-cuda-graphs", "dynamicrafter.bench", ("256", *_SAMPLING, "--compile-mode", "reduce-overhead"),
          limit=420.0),
 )
