@@ -8,8 +8,11 @@ released one, no download). The UNet's FLOP count comes from PyTorch's flop coun
 meta device; the achieved rate is compared with a large matmul measured on the same device.
 
 ``--fused-norm {auto,on,off}`` sets the UNet's fused group norm + SiLU kernel
-(:attr:`~dynamicrafter.models.unet.UNet3D.fused_norm`; ``auto``: on CUDA with Triton), to time
-the UNet with and without it; the report says the setting and whether the kernel ran.
+(:attr:`~dynamicrafter.models.unet.UNet3D.fused_norm`; ``auto``: the library's default,
+:data:`~dynamicrafter.models.unet.FUSED_NORM_BY_DEFAULT`), to time the UNet with and without it;
+the report says the setting and whether the kernel ran. ``--channels-last {auto,on,off}`` does
+the same for the UNet's memory layout, and ``--profile`` adds one UNet call's time by kind of
+operation (:mod:`dynamicrafter.profiling`).
 
 ``--quantize fp8|fp8_weights`` first samples the latents with the unquantized UNet, then quantizes
 it in place and samples them again from the same noise with the same settings; the report gives

@@ -200,7 +200,7 @@ class DynamiCrafterImg2VideoPipeline:
         self._interrupt = False
         #: The ``torch.compile`` mode of the UNet, or None when it runs eagerly (see :func:`compile_mode`).
         self.compile_mode = compile_mode(compile)
-        self._unet_forward: Callable = CompiledModule(model.unet, self.compile_mode) if self.compile_mode else model.unet
+        self._wrap_unet()
         #: How the UNet's linear weights are stored: one of ``QUANTIZE_MODES`` (see :meth:`quantize_unet`).
         self.quantize = "none"
         self.quantize_unet(quantize)
@@ -232,9 +232,13 @@ class DynamiCrafterImg2VideoPipeline:
         count = quantize_unet(self.model.unet, mode, self.device, self.dtype)
         self.quantize = mode
         self._place(self.offload)  # pins the new host tensors of an offloaded UNet
-        unet = self.model.unet
-        self._unet_forward = CompiledModule(unet, self.compile_mode) if self.compile_mode else unet
+        self._wrap_unet()
         return count
+
+    def _wrap_unet(self) -> None:
+        """What the sampler calls: the UNet, or its ``torch.compile`` wrapper in :attr:`compile_mode`."""
+        unet = self.model.unet
+        self._unet_forward: Callable = CompiledModule(unet, self.compile_mode) if self.compile_mode else unet
 
     def _place(self, mode: str) -> None:
         """Put each component on the device or in host memory according to the offload mode."""

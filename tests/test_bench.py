@@ -188,3 +188,29 @@ def test_profile_on_cuda_sums_the_kernels_by_kind(monkeypatch):
     assert report["by_category"] == {"convolution": {"ms": pytest.approx(0.5), "share": pytest.approx(5 / 6), "calls": 2},
                                      "attention": {"ms": pytest.approx(0.1), "share": pytest.approx(1 / 6), "calls": 1}}
     assert report["top"][0] == {"name": "sm90_xmma_fprop_implicit_gemm_bf16", "ms": pytest.approx(0.5), "calls": 2}
+
+
+def test_text_report_ends_with_the_profile_table(monkeypatch, capsys):
+    """Without --json: one aligned line per figure, then the profile by kind of operation."""
+    profile = {"total_ms": 12.5, "by_category": {"convolution": {"ms": 10.0, "share": 0.8, "calls": 4},
+                                                 "norm": {"ms": 2.5, "share": 0.2, "calls": 3}}, "top": []}
+    monkeypatch.setattr(bench, "run", lambda args: {"device": "cuda", "s_per_step": 0.1372, "profile": profile})
+    assert bench.main(["--profile"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "                device: cuda",
+        "            s_per_step: 0.1372",
+        "",
+        "One UNet call, 12.5 ms of GPU kernels:",
+        "           convolution:      10.0 ms  80.0% (4 calls)",
+        "                  norm:       2.5 ms  20.0% (3 calls)",
+    ]
+
+
+def test_fused_norm_micro_benchmark_says_what_it_needs(capsys, monkeypatch):
+    import torch
+
+    from dynamicrafter.models import fused_norm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fused_norm.main(["--bench"]) == 1
+    assert capsys.readouterr().err == "fused_norm --bench needs a CUDA GPU and Triton; none here.\n"

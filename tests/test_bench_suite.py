@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dynamicrafter import bench_suite
 from dynamicrafter.bench_suite import Item, run_suite
 
@@ -38,6 +40,24 @@ def test_list_and_unknown_items(capsys):
     assert out.startswith("sample-256 ") and "-m dynamicrafter.bench 256 --device cuda" in out and "--json" in out
     names = [item.name for item in bench_suite.SUITE]
     assert len(set(names)) == len(names) and names[0] == "train-lora-512"
+    for argv, message in ((["--list", "--only", "sample-256", "sample-4096"], "unknown item sample-4096; --list shows them"),
+                          ([], "--out is needed to run the suite")):
+        with pytest.raises(SystemExit) as info:
+            bench_suite.main(argv)
+        assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+
+
+def test_a_run_names_its_results_and_fails_when_an_item_failed(tmp_path, monkeypatch, capsys):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    monkeypatch.setattr(bench_suite, "SUITE", (Item("ok", "json.tool", ("--compact", str(report))),
+                                              Item("bad", "json.tool", (str(tmp_path / "missing.json"),))))
+    assert bench_suite.main(["--out", str(tmp_path / "out"), "--only", "ok"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"1 of 1 items ran without error; results in {tmp_path / 'out' / 'results.jsonl'}")
+    assert bench_suite.main(["--out", str(tmp_path / "out")]) == 1
+    assert "1 of 2 items ran without error" in capsys.readouterr().out
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 3  # appended, never overwritten
 
 
 def test_every_item_parses_with_its_benchmarks_flags():
