@@ -235,7 +235,7 @@ def quantize_and_compare(pipe: DynamiCrafterImg2VideoPipeline, image: np.ndarray
 def run(args: argparse.Namespace) -> dict:
     config = model_config(args.resolution, args.config)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)  # "auto" picks per device
     quantize = quantize_mode(args.quantize, device, dtype)  # before the model is built
     options = dict(offload=args.offload, compile=args.compile_mode or args.compile,
                    sequential_guidance=args.sequential_guidance)

@@ -175,7 +175,7 @@ def _check_quantize(args: argparse.Namespace, device: torch.device) -> None:
     if args.quantize in (None, "none"):
         return
     try:
-        quantize_mode(args.quantize, device, resolve_dtype(None if args.dtype == "auto" else args.dtype, device))
+        quantize_mode(args.quantize, device, resolve_dtype(args.dtype, device))
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 
