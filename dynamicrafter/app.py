@@ -28,13 +28,11 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from .cli import EXIT_USAGE, CliError, Parser, build_pipeline, resolution_arg
 from .configs import PRESETS, ModelConfig
-from .hub import CheckpointError
+from .errors import GenerationError, UserError
+from .frontend import EXIT_USAGE, CliError, Parser, build_pipeline, configure_logging, resolution_arg, run_command
 from .images import IMAGE_EXTENSIONS, load_image
 from .options import MAX_SEED, OPTIONS, Option, add_model_arguments, check_number, motion_control, number_arg
-from .pipeline import GenerationError
-from .runtime import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +143,7 @@ class _VideoMaker:
             if loop:
                 videos = videos[:, :-1]  # the last frame repeats the first: drop it to loop seamlessly
             path = self._publish(videos, fps)
-        except (ValueError, GenerationError) as exc:
+        except (UserError, GenerationError) as exc:
             raise _fail(str(exc)) from None
         except Exception:
             logger.exception("Generation failed")
@@ -364,16 +362,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Load one model and serve the page until interrupted; returns the exit status."""
     configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check from gradio
+    return run_command(lambda: _serve(argv))
+
+
+def _serve(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    resolution = args.res or args.resolution or "256"
     try:
-        args = _parser().parse_args(argv)
-        resolution = args.res or args.resolution or "256"
-        try:
-            pipeline = build_pipeline(args, resolution, args.device)
-        except (ValueError, CheckpointError) as exc:  # bad config, missing or undownloadable checkpoint
-            raise CliError(str(exc), EXIT_USAGE) from None
-    except CliError as exc:
-        logger.error("%s", exc)
-        return exc.code
+        pipeline = build_pipeline(args, resolution, args.device)
+    except UserError as exc:  # bad config, LoRA, missing or undownloadable checkpoint: a start-up usage error
+        raise CliError(str(exc), EXIT_USAGE) from None
     demo = build_demo(pipeline, max_upload_mb=args.max_upload_mb, keep_minutes=args.keep_minutes)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -41,8 +41,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import EXIT_USAGE, CliError, Parser, resolution_arg
 from .configs import PRESETS, ModelConfig, model_config
+from .errors import UserError
+from .frontend import EXIT_USAGE, CliError, Parser, resolution_arg
 from .models import fused_norm
 from .models.dynamicrafter import DynamiCrafter
 from .offload import offload_mode
@@ -132,7 +133,7 @@ def check_reference_checkout(directory: str | Path) -> Path:
     """``directory`` as a path, or a ``ValueError`` when it holds no original DynamiCrafter code."""
     root = Path(directory).expanduser()
     if not (root / REFERENCE_UNET).is_file():
-        raise ValueError(f"--compare-reference: {directory} is not a DynamiCrafter checkout "
+        raise UserError(f"--compare-reference: {directory} is not a DynamiCrafter checkout "
                          f"(it has no {REFERENCE_UNET.as_posix()}).")
     return root
 
@@ -148,12 +149,12 @@ def reference_unet(unet: nn.Module, directory: str | Path, device: torch.device)
     try:
         module = importlib.import_module("lvdm.modules.networks.openaimodel3d")
     except Exception as exc:  # research code: any failure to import is reported in one line
-        raise ValueError(f"--compare-reference: the original's UNet in {directory} cannot be imported "
+        raise UserError(f"--compare-reference: the original's UNet in {directory} cannot be imported "
                          f"({type(exc).__name__}: {exc}); install what it needs (einops, opencv-python).") from None
     finally:
         sys.path.remove(str(root))
     if Path(module.__file__).resolve() != root / REFERENCE_UNET:
-        raise ValueError(f"--compare-reference: a module 'lvdm' from {Path(module.__file__).parents[2]} "
+        raise UserError(f"--compare-reference: a module 'lvdm' from {Path(module.__file__).parents[2]} "
                          f"is already imported; run the benchmark in a fresh process.")
     c = unet.config
     options = dict(in_channels=c.in_channels, out_channels=c.out_channels, model_channels=c.model_channels,

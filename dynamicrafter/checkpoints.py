@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from .configs import ModelConfig
 from .diffusion.schedule import checkpoint_buffers
+from .errors import UserError
 
 if TYPE_CHECKING:  # the model stack (open_clip, kornia) is imported only to build a model
     from .models.dynamicrafter import DynamiCrafter
@@ -53,7 +54,7 @@ _DEEPSPEED_PREFIX = "_forward_module."
 _SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint cannot be read, or does not fit the model built from the config."""
 
 

@@ -6,92 +6,46 @@ prompt and becomes ``<output_dir>/<image stem>.mp4``. Under ``torchrun`` the vid
 out over the processes. docs/cli.md describes every option, how prompts are found, how videos
 are named, seeds, resuming and the exit codes.
 
-The ``dynamicrafter`` command runs this too, and ``dynamicrafter <command>`` runs the others
-(``dynamicrafter app``, ``dynamicrafter bench``; see :data:`COMMANDS`).
+``dynamicrafter`` with no command name runs this too (see :mod:`dynamicrafter.__main__`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import re
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
-from .configs import PRESETS, ModelConfig, model_config, resolve_resolution
-from .hub import CheckpointError
+from .configs import PRESETS, ModelConfig, model_config
+from .errors import GenerationError
+from .frontend import EXIT_FAILED, EXIT_USAGE, CliError, Parser, build_pipeline, configure_logging, resolution_arg, run_command
 from .images import load_image
 from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
 from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .options import OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
-from .pipeline import MIN_INTERP_FRAMES, DynamiCrafterImg2VideoPipeline, GenerationError
+from .pipeline import MIN_INTERP_FRAMES
 from .quantization import quantize_mode
-from .runtime import configure_logging, resolve_dtype
+from .runtime import resolve_dtype
 
-__all__ = ["main", "build_parser", "is_user_error", "COMMANDS"]
+__all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-#: ``dynamicrafter <command> ...``: the module whose ``main(argv)`` runs it.
-COMMANDS = {
-    "app": "dynamicrafter.app",
-    "bench": "dynamicrafter.bench",
-    "convert": "dynamicrafter.convert",
-    "train": "dynamicrafter.training.cli",
-}
 #: Sampling options handed to every pipeline call; the others (seed, fps, samples) shape the jobs.
 PIPELINE_OPTIONS = tuple(o.name for o in SAMPLING_OPTIONS
                          if o.name not in ("seed", "fps", "num_videos_per_prompt", "negative_prompt"))
 #: The original's application defaults (run_application.sh): seed per mode.
 MODE_SEEDS = {"interp": 12306, "loop": 234}
-
-
-class CliError(Exception):
-    """A problem the user can fix: ``str(error)`` is one sentence, ``code`` the exit status."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """Whether a pipeline exception is the user's to fix: a bad input or a missing checkpoint."""
-    return isinstance(exc, (ValueError, CheckpointError))
-
-
-class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are a single sentence and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        # "argument --video_length/--num_frames/--frames: ..." names the option by its first flag only
-        message = re.sub(r"^argument (-[^/:\s]+)(/[^:]+)?:", r"\1:", message)
-        raise CliError(f"{message[:1].upper()}{message[1:]}.", EXIT_USAGE)
-
-
-def resolution_arg(text: str) -> str:
-    """An argparse type: any accepted spelling of a resolution, returned as the preset name."""
-    try:
-        return resolve_resolution(text)
-    except ValueError:
-        choices = ", ".join(PRESETS)
-        raise argparse.ArgumentTypeError(
-            f"unknown resolution {text!r}; choose one of {choices} (or an alias such as 256_256 or 320_512)"
-        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,27 +137,7 @@ def _check_quantize(args: argparse.Namespace, device: torch.device) -> None:
 def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
     """Build the pipeline; a bad config or a missing checkpoint becomes a :class:`CliError`."""
     logger.info("Loading the %s model on %s.", args.resolution, device)
-    try:
-        return build_pipeline(args, args.resolution, device)
-    except Exception as exc:
-        if is_user_error(exc):
-            raise CliError(str(exc)) from None
-        raise
-
-
-def build_pipeline(args: argparse.Namespace, resolution: str, device: Any) -> Any:
-    """The pipeline the model options of ``args`` describe (:data:`~dynamicrafter.options.MODEL_ARGUMENTS`), LoRA applied.
-
-    Shared by the command line and the app (the benchmark also builds random-weight models, so it
-    makes its own); raises the pipeline's one-sentence errors.
-    """
-    pipe = DynamiCrafterImg2VideoPipeline(
-        resolution=resolution, device=device, checkpoint=args.checkpoint, config=args.config,
-        dtype=None if args.dtype == "auto" else args.dtype, offload=args.offload, compile=args.compile,
-        quantize=args.quantize, clip_checkpoint=args.clip_checkpoint)
-    if args.lora:
-        pipe.load_lora_weights(args.lora, scale=args.lora_scale)
-    return pipe
+    return build_pipeline(args, args.resolution, device)
 
 
 class _Runner:
@@ -341,30 +275,10 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _dispatch(argv: list[str]) -> int | None:
-    """Run ``dynamicrafter <command>`` when the first argument names one; ``None`` otherwise."""
-    if not argv or argv[0] not in COMMANDS:
-        return None
-    module = importlib.import_module(COMMANDS[argv[0]])
-    result = module.main(argv[1:])
-    return int(result or 0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``run_pipeline.py`` with ``argv`` (default: the command line); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    dispatched = _dispatch(argv)
-    if dispatched is not None:
-        return dispatched
     configure_logging()
-    try:
-        return _run(build_parser().parse_args(argv))
-    except CliError as exc:
-        logger.error("%s", exc)
-        return exc.code
-    except torch.cuda.OutOfMemoryError:
-        logger.error("Out of GPU memory; try a smaller --batch_size, a shorter --video_length or a lower resolution.")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        logger.error("Interrupted.")
-        return EXIT_INTERRUPTED
+    return run_command(lambda: _run(build_parser().parse_args(argv)),
+                       out_of_memory="Out of GPU memory; try a smaller --batch_size, a shorter --video_length "
+                                     "or a lower resolution.")

@@ -22,6 +22,8 @@ from typing import Any, Callable, Literal
 
 import yaml
 
+from .errors import UserError
+
 __all__ = [
     "UNetConfig",
     "VAEConfig",
@@ -42,7 +44,7 @@ Spacing = Literal["uniform", "uniform_trailing"]
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise UserError(message)
 
 
 def _positive_ints(obj: Any, name: str, values: Any, allow_empty: bool = False) -> tuple[int, ...]:
@@ -50,7 +52,7 @@ def _positive_ints(obj: Any, name: str, values: Any, allow_empty: bool = False) 
     try:
         values = tuple(values)
     except TypeError:
-        raise ValueError(f"{type(obj).__name__}.{name} must be a list of positive integers, got {values!r}.") from None
+        raise UserError(f"{type(obj).__name__}.{name} must be a list of positive integers, got {values!r}.") from None
     _require(all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
              and (allow_empty or values),
              f"{type(obj).__name__}.{name} must be a {'' if allow_empty else 'non-empty '}list of positive "
@@ -344,7 +346,7 @@ def resolve_resolution(resolution: str | int) -> str:
     key = str(resolution).strip().lower()
     if key not in RESOLUTION_ALIASES:
         choices = ", ".join(sorted(set(RESOLUTION_ALIASES)))
-        raise ValueError(f"Unknown resolution {resolution!r}; choose one of: {choices}.")
+        raise UserError(f"Unknown resolution {resolution!r}; choose one of: {choices}.")
     return RESOLUTION_ALIASES[key]
 
 
@@ -520,7 +522,7 @@ class _Reader:
         self.values: dict[str, Any] = {}
 
     def fail(self, message: str) -> None:
-        raise ValueError(f"{self.path}: {message}")
+        raise UserError(f"{self.path}: {message}")
 
     def mapping(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -583,9 +585,9 @@ def load_config(path: str | Path, name: str | None = None) -> ModelConfig:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"Config file {path} does not exist.") from None
+        raise UserError(f"Config file {path} does not exist.") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a readable YAML file ({type(exc).__name__}: {str(exc).splitlines()[0]}).") from None
+        raise UserError(f"{path} is not a readable YAML file ({type(exc).__name__}: {str(exc).splitlines()[0]}).") from None
     reader = _Reader(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
         reader.fail("this is not a DynamiCrafter model config (no 'model' mapping at the top).")
@@ -651,4 +653,4 @@ def load_config(path: str | Path, name: str | None = None) -> ModelConfig:
     except ValueError as exc:
         if str(exc).startswith(f"{path}:"):
             raise
-        raise ValueError(f"{path}: {exc}") from None
+        raise UserError(f"{path}: {exc}") from None

@@ -28,10 +28,11 @@ from typing import Callable, Sequence
 import torch
 
 from .checkpoints import CLIP_TOWERS, CheckpointMismatchError, read_release_state_dict, release_mapped_pages, wrong_file_message
-from .cli import CliError, Parser
 from .configs import DiffusionConfig
 from .diffusion.schedule import checkpoint_buffers
+from .errors import UserError
 from .files import write_atomically
+from .frontend import Parser, configure_logging, run_command
 
 __all__ = ["DTYPES", "convert", "main", "write_safetensors"]
 
@@ -45,7 +46,6 @@ _SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-EXIT_FAILED = 1
 
 
 def write_safetensors(path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -64,7 +64,7 @@ def write_safetensors(path: Path, layout: Sequence[tuple[str, torch.dtype, tuple
     offset = 0
     for name, dtype, shape in layout:
         if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: safetensors cannot store {dtype}.")
+            raise UserError(f"{name}: safetensors cannot store {dtype}.")
         size = dtype.itemsize
         for dim in shape:
             size *= dim
@@ -121,13 +121,13 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
     """
     source, target = Path(source), Path(target)
     if dtype not in DTYPES.values():
-        raise ValueError(f"Unsupported dtype {dtype}; choose one of: {', '.join(DTYPES)}.")
+        raise UserError(f"Unsupported dtype {dtype}; choose one of: {', '.join(DTYPES)}.")
     if target.suffix != ".safetensors":
-        raise ValueError(f"The output {target} must be a .safetensors file.")
+        raise UserError(f"The output {target} must be a .safetensors file.")
     if target.is_dir():
-        raise ValueError(f"The output {target} is a folder; give a file name ending in .safetensors.")
+        raise UserError(f"The output {target} is a folder; give a file name ending in .safetensors.")
     if target.exists() and not overwrite:
-        raise ValueError(f"{target} already exists; pass --overwrite to replace it.")
+        raise UserError(f"{target} already exists; pass --overwrite to replace it.")
     started = time.perf_counter()
     state, mapped = read_release_state_dict(source)
     problem = wrong_file_message(state, source)
@@ -137,11 +137,11 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
         update, _ = read_release_state_dict(path)
         unknown = [k for k in update if k not in state]
         if unknown:
-            raise ValueError(f"{path} has {len(unknown)} tensor(s) the checkpoint {source} lacks, such as "
+            raise UserError(f"{path} has {len(unknown)} tensor(s) the checkpoint {source} lacks, such as "
                              f"{unknown[0]}; is it for another model?")
         wrong = [k for k, v in update.items() if tuple(v.shape) != tuple(state[k].shape)]
         if wrong:
-            raise ValueError(f"{path} has {wrong[0]} of shape {tuple(update[wrong[0]].shape)} where the checkpoint "
+            raise UserError(f"{path} has {wrong[0]} of shape {tuple(update[wrong[0]].shape)} where the checkpoint "
                              f"{source} has {tuple(state[wrong[0]].shape)}; is it for another model?")
         state.update(update)
         logger.info("Taking %d tensors from %s.", len(update), path)
@@ -155,7 +155,7 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
         out = value.to(_target_dtype(key, value, dtype))
         if out.is_floating_point() and out.dtype != value.dtype and torch.isinf(out).any() and \
                 not torch.isinf(value).any():
-            raise ValueError(f"{key} has values beyond the range of {str(dtype).replace('torch.', '')} "
+            raise UserError(f"{key} has values beyond the range of {str(dtype).replace('torch.', '')} "
                              f"(largest {value.abs().max().item():.3g}); convert with --dtype bfloat16 or float32.")
         if mapped and out.data_ptr() != value.data_ptr():
             release_mapped_pages(value)  # converted: the file's pages are no longer needed
@@ -170,7 +170,7 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
         write_atomically(target, lambda temporary: sizes.append(
             write_safetensors(temporary, layout, cast, {"format": "pt"}, written)))
     except OSError as exc:
-        raise ValueError(f"Cannot write {target} ({exc.strerror or exc}).") from None
+        raise UserError(f"Cannot write {target} ({exc.strerror or exc}).") from None
     size = sizes[0]
     logger.info("Wrote %s: %d tensors, %s, %s%s, in %.1f s.", target, len(layout), _size(size),
                 str(dtype).replace("torch.", ""), ", without the CLIP towers" if without_clip else "",
@@ -196,23 +196,13 @@ def build_parser(prog: str = "dynamicrafter convert") -> argparse.ArgumentParser
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dynamicrafter convert`` with ``argv`` (default: the command line); returns the exit status."""
-    from .runtime import configure_logging
-
     configure_logging()
-    try:
+
+    def body() -> None:
         args = build_parser().parse_args(argv)
-    except CliError as exc:
-        logger.error("%s", exc)
-        return exc.code
-    try:
         convert(args.input, args.output, DTYPES[args.dtype], args.without_clip, args.overwrite, args.merge)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        logger.error("Interrupted; nothing was written.")
-        return 130
-    return 0
+
+    return run_command(body, interrupted="Interrupted; nothing was written.")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Sequence, TypeVar
 
 import torch
 
+from .errors import UserError
+
 __all__ = ["Ranks", "init", "barrier", "sum_counts", "shutdown"]
 
 T = TypeVar("T")
@@ -39,9 +41,9 @@ class Ranks:
             rank = int(os.environ.get("RANK", "0"))
             local = int(os.environ.get("LOCAL_RANK", str(rank)))
         except ValueError:
-            raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (as torchrun sets them).") from None
+            raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (as torchrun sets them).") from None
         if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
+            raise UserError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
         return cls(rank, world, local)
 
     @property

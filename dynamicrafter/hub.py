@@ -31,6 +31,7 @@ from huggingface_hub.errors import (
 )
 
 from .configs import PRESETS, resolve_resolution
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ CLIP_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 CLIP_GB = {"ViT-H-14": 3.9}  # 986e6 float32 parameters
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing and could not be downloaded."""
+class CheckpointError(UserError):
+    """A checkpoint is missing and could not be downloaded (a :class:`~dynamicrafter.errors.UserError`)."""
 
 
 def default_checkpoint_path(name: str, root: str | Path = "checkpoints") -> Path:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 __all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "ImageInput",
            "load_image", "fit_image", "cover_geometry"]
 
@@ -44,12 +46,12 @@ ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike]
 
 def _check_geometry(width: int, height: int, name: str) -> None:
     if width < 1 or height < 1:
-        raise ValueError(f"{name} is empty ({width}x{height} pixels).")
+        raise UserError(f"{name} is empty ({width}x{height} pixels).")
     if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{name} has {width * height / 1e6:.0f} megapixels ({width}x{height}); "
+        raise UserError(f"{name} has {width * height / 1e6:.0f} megapixels ({width}x{height}); "
                          f"the limit is {MAX_IMAGE_PIXELS / 1e6:.0f}.")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise ValueError(f"{name} is {width}x{height} pixels, too narrow a strip to animate; the longer side "
+        raise UserError(f"{name} is {width}x{height} pixels, too narrow a strip to animate; the longer side "
                          f"may be at most {MAX_ASPECT_RATIO} times the shorter.")
 
 
@@ -76,16 +78,16 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ValueError(f"{name} must be HxW, HxWx3 or HxWx4, got shape {array.shape}.")
+        raise UserError(f"{name} must be HxW, HxWx3 or HxWx4, got shape {array.shape}.")
     _check_geometry(array.shape[1], array.shape[0], name)
     if array.dtype == np.uint16:
         array = np.round(array / 257.0)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise ValueError(f"{name} holds NaN or infinite values.")
+            raise UserError(f"{name} holds NaN or infinite values.")
         array = np.round(np.clip(array, 0.0, 1.0) * 255.0)
     elif array.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8, uint16 or float in [0, 1], got {array.dtype}.")
+        raise UserError(f"{name} must be uint8, uint16 or float in [0, 1], got {array.dtype}.")
     mode = "L" if array.ndim == 2 else ("RGB" if array.shape[2] == 3 else "RGBA")
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode))
 
@@ -93,26 +95,26 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
 def _open_file(path: Path, name: str) -> Image.Image:
     """Decode an image file after checking its format and size from the header alone."""
     if path.is_dir():
-        raise ValueError(f"{name} is a folder, not an image file.")
+        raise UserError(f"{name} is a folder, not an image file.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 if opened.format not in IMAGE_FORMATS:
-                    raise ValueError(f"{name} is a {opened.format} file; use a {IMAGE_KINDS} image.")
+                    raise UserError(f"{name} is a {opened.format} file; use a {IMAGE_KINDS} image.")
                 _check_geometry(opened.width, opened.height, name)
                 image = ImageOps.exif_transpose(opened)
                 image.load()
                 return image
     except FileNotFoundError:
-        raise ValueError(f"{name} does not exist.") from None
+        raise UserError(f"{name} does not exist.") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"{name} is too large to decode safely.") from None
+        raise UserError(f"{name} is too large to decode safely.") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{name} is not an image file ({IMAGE_KINDS}).") from None
+        raise UserError(f"{name} is not an image file ({IMAGE_KINDS}).") from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise ValueError(f"{name} cannot be read ({reason.rstrip('.')}).") from None
+        raise UserError(f"{name} cannot be read ({reason.rstrip('.')}).") from None
 
 
 def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
@@ -130,9 +132,9 @@ def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         name = name or f"Image {image}"
         if str(image).startswith(("http://", "https://")):
-            raise ValueError(f"{name} is a URL; download it and give the file.")
+            raise UserError(f"{name} is a URL; download it and give the file.")
         return _to_rgb(_open_file(Path(image), name))
-    raise ValueError(f"Unsupported image type {type(image).__name__}; give a PIL image, a numpy array or a path.")
+    raise UserError(f"Unsupported image type {type(image).__name__}; give a PIL image, a numpy array or a path.")
 
 
 def cover_geometry(width: int, height: int, out_width: int, out_height: int
@@ -165,7 +167,7 @@ def fit_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
     """
     if image.size != (width, height):
         if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
-            raise ValueError(f"The image is {image.width}x{image.height} pixels, too narrow a strip to animate.")
+            raise UserError(f"The image is {image.width}x{image.height} pixels, too narrow a strip to animate.")
         scaled, (left, top) = cover_geometry(image.width, image.height, width, height)
         image = image.resize(scaled, Image.BILINEAR).crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .images import IMAGE_EXTENSIONS
 
 __all__ = ["Job", "MODES", "PROMPT_LIST_NAME", "list_images", "find_images", "make_jobs", "output_names"]
@@ -57,7 +58,7 @@ def list_images(folder: Path) -> list[Path]:
     try:
         entries = list(folder.iterdir())
     except OSError as exc:
-        raise ValueError(f"Cannot read folder {folder} ({exc.strerror}).") from None
+        raise UserError(f"Cannot read folder {folder} ({exc.strerror}).") from None
     return sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_dir(p))
 
 
@@ -72,16 +73,16 @@ def find_images(image_path: Path | None, prompt_dir: Path) -> list[Path]:
     """``image_path`` alone when given, else every image in ``prompt_dir``; ``ValueError`` if there are none."""
     if image_path is not None:
         if image_path.is_dir():
-            raise ValueError(f"Image {image_path} is a folder; pass it as --prompt_dir.")
+            raise UserError(f"Image {image_path} is a folder; pass it as --prompt_dir.")
         if not image_path.is_file():
-            raise ValueError(f"Image {image_path} does not exist.")
+            raise UserError(f"Image {image_path} does not exist.")
         return [image_path]
     if not prompt_dir.is_dir():
         what = "is a file, not a folder" if prompt_dir.exists() else "does not exist"
-        raise ValueError(f"Prompt folder {prompt_dir} {what}; pass --prompt_dir or --image_path.")
+        raise UserError(f"Prompt folder {prompt_dir} {what}; pass --prompt_dir or --image_path.")
     images = list_images(prompt_dir)
     if not images:
-        raise ValueError(f"No images ({' '.join(IMAGE_EXTENSIONS)}) in {prompt_dir}.")
+        raise UserError(f"No images ({' '.join(IMAGE_EXTENSIONS)}) in {prompt_dir}.")
     return images
 
 
@@ -90,7 +91,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"Cannot read prompt file {path} ({exc}).") from None
+        raise UserError(f"Cannot read prompt file {path} ({exc}).") from None
 
 
 def _units(images: list[Path], mode: str) -> list[tuple[Path, Path | None]]:
@@ -143,7 +144,7 @@ def make_jobs(images: list[Path], output_dir: Path, *, mode: str = "single", pro
     are paired in order; an odd image out becomes a job with a ``problem``.
     """
     if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}.")
+        raise UserError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}.")
     units = _units(images, mode)
     listed = {} if prompt_text is not None else _listed_prompts(images[0].parent, mode)
     names = output_names([(first.stem, first.suffix) for first, _ in units])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .configs import ModelConfig
+from .errors import UserError
 from .files import write_atomically
 
 __all__ = [
@@ -65,7 +66,7 @@ def _lora_config(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str
 
     matched = [(n, m) for n, m in unet.named_modules() if _matches(n, targets)]
     if not any(isinstance(m, nn.Linear) for _, m in matched):
-        raise ValueError(f"No linear layer of the UNet matches the LoRA targets {', '.join(targets)}.")
+        raise UserError(f"No linear layer of the UNet matches the LoRA targets {', '.join(targets)}.")
     exclude = sorted(n for n, m in matched if not isinstance(m, nn.Linear))
     return LoraConfig(r=int(rank), lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                       bias="none", init_lora_weights=True, exclude_modules=exclude or None)
@@ -80,7 +81,7 @@ def add_lora(unet: nn.Module, rank: int = 64, alpha: float | None = None, target
     from peft import inject_adapter_in_model
 
     if rank < 1:
-        raise ValueError(f"The LoRA rank must be at least 1, got {rank}.")
+        raise UserError(f"The LoRA rank must be at least 1, got {rank}.")
     config = _lora_config(unet, rank, float(rank if alpha is None else alpha), targets, dropout)
     unet.requires_grad_(False)
     inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
@@ -123,15 +124,15 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     path = Path(path)
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"LoRA {path} does not exist" + (f" (no {WEIGHTS_NAME} in it)." if path.is_dir() else "."))
+        raise UserError(f"LoRA {path} does not exist" + (f" (no {WEIGHTS_NAME} in it)." if path.is_dir() else "."))
     try:
         with safe_open(str(file), "pt") as f:
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{file} is not a readable LoRA file ({exc}).") from None
+        raise UserError(f"{file} is not a readable LoRA file ({exc}).") from None
     if not state or not all(".lora_A." in k or ".lora_B." in k for k in state):
-        raise ValueError(f"{file} holds no LoRA weights (expected peft's lora_A / lora_B keys).")
+        raise UserError(f"{file} holds no LoRA weights (expected peft's lora_A / lora_B keys).")
     if "lora_rank" not in meta:  # a plain peft adapter: settings from its adapter_config.json
         cfg_file = file.parent / CONFIG_NAME
         if cfg_file.is_file():
@@ -150,7 +151,7 @@ def _check_fits(path: Path, meta: dict[str, str], state: dict[str, torch.Tensor]
     """Refuse a LoRA of another model; return the UNet module names it adapts."""
     ours = model_signature(config)
     if "dynamicrafter_size" in meta and any(meta.get(k) != v for k, v in ours.items() if k != "dynamicrafter_model"):
-        raise ValueError(f"LoRA {path} was trained on {_describe_model(meta)}, "
+        raise UserError(f"LoRA {path} was trained on {_describe_model(meta)}, "
                          f"but this pipeline runs {_describe_model(ours)}.")
     modules = dict(unet.named_modules())
     targets = set()
@@ -159,12 +160,12 @@ def _check_fits(path: Path, meta: dict[str, str], state: dict[str, torch.Tensor]
         module = modules.get(name)
         base = getattr(module, "base_layer", module)
         if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoRA {path} does not fit the {config.name} model: it adapts {name}, "
+            raise UserError(f"LoRA {path} does not fit the {config.name} model: it adapts {name}, "
                              "which is not a linear layer of this UNet.")
         expected = base.in_features if kind.startswith("A") else base.out_features
         got = tensor.shape[1] if kind.startswith("A") else tensor.shape[0]
         if got != expected:
-            raise ValueError(f"LoRA {path} does not fit the {config.name} model: {name} has {expected} "
+            raise UserError(f"LoRA {path} does not fit the {config.name} model: {name} has {expected} "
                              f"features, the LoRA {got}.")
         targets.add(name)
     return sorted(targets)
@@ -198,7 +199,7 @@ def load_lora(unet: nn.Module, path: str | Path, config: ModelConfig, scale: flo
     missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
     if missing:
         unload_lora(unet)
-        raise ValueError(f"LoRA {path} lacks weights for {len(missing)} adapted layer(s), e.g. {missing[0]}.")
+        raise UserError(f"LoRA {path} lacks weights for {len(missing)} adapted layer(s), e.g. {missing[0]}.")
     for name, param in unet.named_parameters():
         if ".lora_" in name:
             param.data = param.data.to(dtype)

@@ -12,6 +12,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .errors import UserError
+
 #: ``none``: everything on the device. ``encoders``: the CLIP towers and the resampler (used
 #: once per call) stay in host memory. ``model``: every component does.
 OFFLOAD_MODES = ("none", "encoders", "model")
@@ -26,7 +28,7 @@ def offload_mode(offload: bool | str | None, device: torch.device) -> str:
     if isinstance(offload, bool):
         return "model" if offload else "none"
     if offload not in OFFLOAD_MODES:
-        raise ValueError(f"Unknown offload mode {offload!r}; choose one of: {', '.join(OFFLOAD_MODES)}.")
+        raise UserError(f"Unknown offload mode {offload!r}; choose one of: {', '.join(OFFLOAD_MODES)}.")
     return offload
 
 

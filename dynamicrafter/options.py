@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .diffusion.sampling import SAMPLERS as SAMPLER_SPECS
 from .diffusion.schedule import SPACINGS
+from .errors import UserError
 from .offload import OFFLOAD_MODES
 from .quantization import QUANTIZE_MODES
 
@@ -100,9 +101,9 @@ class Option:
             return None
         if self.type is str:
             if not isinstance(value, str):
-                raise ValueError(f"{what} must be a string, got {type(value).__name__}.")
+                raise UserError(f"{what} must be a string, got {type(value).__name__}.")
             if self.choices is not None and value not in self.choices:
-                raise ValueError(f"Unknown {what} {value!r}; choose one of: {', '.join(self.choices)}.")
+                raise UserError(f"Unknown {what} {value!r}; choose one of: {', '.join(self.choices)}.")
             return value
         return check_number(value, what, integer=self.type is int, minimum=self.minimum, maximum=self.maximum)
 
@@ -136,21 +137,21 @@ def check_number(value: Any, what: str, *, integer: bool = False, minimum: float
     """
     kind = "a whole number" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what} must be {kind}, got {type(value).__name__} {value!r}.")
+        raise UserError(f"{what} must be {kind}, got {type(value).__name__} {value!r}.")
     if integer:
         if not isinstance(value, numbers.Integral):
-            raise ValueError(f"{what} must be {kind}, got {value!r}.")
+            raise UserError(f"{what} must be {kind}, got {value!r}.")
         value = int(value)
     else:
         value = float(value)
         if not math.isfinite(value):
-            raise ValueError(f"{what} must be a finite number, got {value}.")
+            raise UserError(f"{what} must be a finite number, got {value}.")
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"{what} must be between {_show(minimum)} and {_show(maximum)}, got {_show(value)}.")
+        raise UserError(f"{what} must be between {_show(minimum)} and {_show(maximum)}, got {_show(value)}.")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be at least {_show(minimum)}, got {_show(value)}.")
+        raise UserError(f"{what} must be at least {_show(minimum)}, got {_show(value)}.")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{what} must be at most {_show(maximum)}, got {_show(value)}.")
+        raise UserError(f"{what} must be at most {_show(maximum)}, got {_show(value)}.")
     return value
 
 

@@ -18,6 +18,7 @@ from .diffusion.denoiser import ModelDenoiser
 from .diffusion.guidance import guided, two_scale_guided
 from .diffusion.sampling import StepInfo
 from .diffusion.sampling import sample as run_sampler
+from .errors import GenerationError, UserError
 from .images import ImageInput, fit_image, load_image
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
@@ -37,10 +38,6 @@ MIN_INTERP_FRAMES = 2
 #: What ``callback_on_step_end`` can be given: the latent after the step and the predicted clean latent.
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 GeneratorInput = Union[torch.Generator, Sequence[torch.Generator], None]
-
-
-class GenerationError(RuntimeError):
-    """The model produced NaN or infinite values even in float32 (nothing is written)."""
 
 
 @dataclass
@@ -227,7 +224,7 @@ class DynamiCrafterImg2VideoPipeline:
         if mode == "none":
             return 0
         if self.quantize != "none":
-            raise ValueError(f"The UNet is already quantized ({self.quantize}); load the pipeline again "
+            raise UserError(f"The UNet is already quantized ({self.quantize}); load the pipeline again "
                              "to quantize it otherwise.")
         count = quantize_unet(self.model.unet, mode, self.device, self.dtype)
         self.quantize = mode
@@ -295,41 +292,41 @@ class DynamiCrafterImg2VideoPipeline:
         cfg = self.config
         images = self._as_list(image, "image")
         if not images:
-            raise ValueError("No image given; pass an image or a non-empty list of images.")
+            raise UserError("No image given; pass an image or a non-empty list of images.")
         prompts = [self._text(p, "prompt") for p in self._broadcast(prompt, len(images), "prompt")]
         negative = None if negative_prompt is None else [
             self._text(n, "negative_prompt") for n in self._broadcast(negative_prompt, len(images), "negative_prompt")]
         if end_image is not None and not cfg.interp:
-            raise ValueError(f"end_image needs an interpolation model (512_interp or tooncrafter), not {cfg.name}.")
+            raise UserError(f"end_image needs an interpolation model (512_interp or tooncrafter), not {cfg.name}.")
         end_images = None if end_image is None else self._broadcast(end_image, len(images), "end_image")
 
         steps = OPTIONS["num_inference_steps"].check(num_inference_steps)
         if steps > self.model.schedule.num_timesteps:
-            raise ValueError(f"num_inference_steps can be at most {self.model.schedule.num_timesteps}, got {steps}.")
+            raise UserError(f"num_inference_steps can be at most {self.model.schedule.num_timesteps}, got {steps}.")
         frames = OPTIONS["num_frames"].check(num_frames)
         if end_images is not None and frames < MIN_INTERP_FRAMES:
-            raise ValueError(f"num_frames must be at least {MIN_INTERP_FRAMES} for interpolation "
+            raise UserError(f"num_frames must be at least {MIN_INTERP_FRAMES} for interpolation "
                              "(a start and an end frame).")
         if self.model.dual_reference and frames < DUAL_REFERENCE_MIN_FRAMES and output_type != "latent":
-            raise ValueError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
+            raise UserError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
                              f"got num_frames={frames}.")
         height = cfg.height if height is None else OPTIONS["height"].check(height)
         width = cfg.width if width is None else OPTIONS["width"].check(width)
         for label, value in (("height", height), ("width", width)):
             if value % cfg.size_multiple:
-                raise ValueError(f"{label} must be a multiple of {cfg.size_multiple} pixels, got {value}.")
+                raise UserError(f"{label} must be a multiple of {cfg.size_multiple} pixels, got {value}.")
         fs = cfg.default_fs if frame_stride is None else OPTIONS["frame_stride"].check(frame_stride)
         rescale = OPTIONS["guidance_rescale"].check(guidance_rescale)
         per_prompt = OPTIONS["num_videos_per_prompt"].check(num_videos_per_prompt)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"Unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}.")
+            raise UserError(f"Unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}.")
         if callback is not None and not callable(callback):
-            raise ValueError(f"callback must be callable, got {type(callback).__name__}.")
+            raise UserError(f"callback must be callable, got {type(callback).__name__}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise ValueError("callback_on_step_end must be a function (pipe, step, t, tensors) -> dict or None.")
+            raise UserError("callback_on_step_end must be a function (pipe, step, t, tensors) -> dict or None.")
         tensor_inputs = callback_on_step_end_tensor_inputs
         if isinstance(tensor_inputs, str) or any(name not in CALLBACK_TENSOR_INPUTS for name in tensor_inputs):
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be a list drawn from "
+            raise UserError(f"callback_on_step_end_tensor_inputs must be a list drawn from "
                              f"{', '.join(CALLBACK_TENSOR_INPUTS)}; got {tensor_inputs!r}.")
         guidance_scale = OPTIONS["guidance_scale"].check(guidance_scale)
         image_guidance_scale = OPTIONS["image_guidance_scale"].check(image_guidance_scale)
@@ -355,7 +352,7 @@ class DynamiCrafterImg2VideoPipeline:
         if isinstance(value, (list, tuple)):
             return list(value)
         if value is None:
-            raise ValueError(f"{name} is required.")
+            raise UserError(f"{name} is required.")
         return [value]
 
     @classmethod
@@ -364,7 +361,7 @@ class DynamiCrafterImg2VideoPipeline:
         if not isinstance(value, (list, tuple)):
             return [value] * count
         if len(value) != count:
-            raise ValueError(f"Got {count} image(s) but {len(value)} {name}(s); give one {name} per image.")
+            raise UserError(f"Got {count} image(s) but {len(value)} {name}(s); give one {name} per image.")
         return list(value)
 
     @staticmethod
@@ -372,7 +369,7 @@ class DynamiCrafterImg2VideoPipeline:
         if value is None:
             return ""
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string (or a list of strings), got {type(value).__name__}.")
+            raise UserError(f"{name} must be a string (or a list of strings), got {type(value).__name__}.")
         return value
 
     def _warn_long_prompts(self, prompts: list[str]) -> None:
@@ -389,10 +386,10 @@ class DynamiCrafterImg2VideoPipeline:
             return generator
         if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
             if len(generator) != batch:
-                raise ValueError(f"Got {len(generator)} generators for {batch} video(s); give one per video "
+                raise UserError(f"Got {len(generator)} generators for {batch} video(s); give one per video "
                                  "(images x num_videos_per_prompt) or a single generator.")
             return list(generator)
-        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}; "
+        raise UserError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}; "
                          "for a seed use torch.Generator().manual_seed(seed).")
 
     @staticmethod
@@ -400,13 +397,13 @@ class DynamiCrafterImg2VideoPipeline:
         if latents is None:
             return None
         if not isinstance(latents, torch.Tensor):
-            raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}.")
+            raise UserError(f"latents must be a torch.Tensor, got {type(latents).__name__}.")
         if not latents.is_floating_point():
-            raise ValueError(f"latents must be a floating-point tensor, got {latents.dtype}.")
+            raise UserError(f"latents must be a floating-point tensor, got {latents.dtype}.")
         if tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}.")
+            raise UserError(f"latents must have shape {list(shape)}, got {list(latents.shape)}.")
         if not torch.isfinite(latents).all():
-            raise ValueError("latents hold NaN or infinite values.")
+            raise UserError("latents hold NaN or infinite values.")
         return latents
 
     def _latent_shape(self, request: _Request) -> tuple[int, ...]:
@@ -516,7 +513,7 @@ class DynamiCrafterImg2VideoPipeline:
         if outputs is not None and "latents" in outputs:
             latents = outputs["latents"]
             if not isinstance(latents, torch.Tensor) or latents.shape != info.x.shape:
-                raise ValueError(f"callback_on_step_end must return latents of shape {list(info.x.shape)}.")
+                raise UserError(f"callback_on_step_end must return latents of shape {list(info.x.shape)}.")
             info.x = latents.to(info.x.device, info.x.dtype)
 
     @contextmanager
@@ -723,10 +720,10 @@ class DynamiCrafterImg2VideoPipeline:
 
     def _decode_dual_reference(self, latents: torch.Tensor, reference: list[torch.Tensor] | None) -> torch.Tensor:
         if reference is None:
-            raise ValueError("ToonCrafter's decoder needs the key frames' encoder features (reference=); "
+            raise UserError("ToonCrafter's decoder needs the key frames' encoder features (reference=); "
                              "get them from pipeline.model.encode_key_frames(start, end).")
         if latents.shape[2] < DUAL_REFERENCE_MIN_FRAMES:
-            raise ValueError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
+            raise UserError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
                              f"got {latents.shape[2]}.")
         vae = self.model.vae
         with self._on_device(vae):

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
+
 __all__ = ["QUANTIZE_MODES", "FEATURE_MULTIPLE", "quantize_mode", "quantize_unet", "quantizable", "is_quantized",
            "tensor_bytes", "weight_bytes"]
 
@@ -63,27 +65,27 @@ def quantize_mode(quantize: str | bool | None, device: torch.device, dtype: torc
     if quantize is None or quantize is False:
         return "none"
     if not isinstance(quantize, str) or quantize not in QUANTIZE_MODES:
-        raise ValueError(f"Unknown quantize mode {quantize!r}; choose one of: {', '.join(QUANTIZE_MODES)}.")
+        raise UserError(f"Unknown quantize mode {quantize!r}; choose one of: {', '.join(QUANTIZE_MODES)}.")
     if quantize == "none":
         return quantize
     if quantize == "fp8":
         _check_fp8_device(device)
         if dtype != torch.bfloat16:
-            raise ValueError(f"quantize='fp8' computes in bfloat16 (per-row float8 matmuls), not "
+            raise UserError(f"quantize='fp8' computes in bfloat16 (per-row float8 matmuls), not "
                              f"{str(dtype).replace('torch.', '')}; use dtype bfloat16, or quantize='fp8_weights'.")
     if device.type == "mps":
-        raise ValueError("Apple's mps backend has no float8 tensors; use quantize='none' on mps.")
+        raise UserError("Apple's mps backend has no float8 tensors; use quantize='none' on mps.")
     _torchao()
     return quantize
 
 
 def _check_fp8_device(device: torch.device) -> None:
     if device.type != "cuda":
-        raise ValueError(f"quantize='fp8' needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, "
+        raise UserError(f"quantize='fp8' needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, "
                          f"Blackwell), not {device}; quantize='fp8_weights' works on any device.")
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_CAPABILITY:
-        raise ValueError(f"quantize='fp8' needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+        raise UserError(f"quantize='fp8' needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
                          f"{device} ({torch.cuda.get_device_name(device)}) has {capability[0]}.{capability[1]}; "
                          "use quantize='fp8_weights'.")
 
@@ -93,7 +95,7 @@ def _torchao() -> Any:
     try:
         import torchao.quantization as quantization
     except ImportError:
-        raise ValueError(f"Float8 quantization needs the torchao package; {INSTALL}.") from None
+        raise UserError(f"Float8 quantization needs the torchao package; {INSTALL}.") from None
     return quantization
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -45,18 +47,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"{device!r} is not a torch device; use for example cuda:0, mps or cpu.") from None
+        raise UserError(f"{device!r} is not a torch device; use for example cuda:0, mps or cpu.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"Device {device} needs CUDA, which is not available here; use cpu.")
+            raise UserError(f"Device {device} needs CUDA, which is not available here; use cpu.")
         if (dev.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"Device {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s).")
+            raise UserError(f"Device {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s).")
         if dev.index is None:  # "cuda" is the current GPU; torch.cuda.set_device and others need its number
             dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type == "mps" and not mps_available():
-        raise ValueError(f"Device {device} needs Apple's Metal backend, which is not available here; use cpu.")
+        raise UserError(f"Device {device} needs Apple's Metal backend, which is not available here; use cpu.")
     elif dev.type not in ("cpu", "mps", "cuda"):
-        raise ValueError(f"Device type {dev.type!r} is not supported; use cuda, mps or cpu.")
+        raise UserError(f"Device type {dev.type!r} is not supported; use cuda, mps or cpu.")
     return dev
 
 
@@ -74,11 +76,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """The compute dtype: the user's, else bf16 where the hardware does it fast, else fp16 on CUDA, else fp32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"Unsupported dtype {dtype}; use float32, float16 or bfloat16.")
+            raise UserError(f"Unsupported dtype {dtype}; use float32, float16 or bfloat16.")
         return dtype
     if dtype is not None and str(dtype) != "auto":
         if str(dtype).lower() not in DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}; use float32, float16, bfloat16 or auto.")
+            raise UserError(f"Unknown dtype {dtype!r}; use float32, float16, bfloat16 or auto.")
         return DTYPES[str(dtype).lower()]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -106,13 +108,6 @@ def vae_dtype_for(dtype: torch.dtype, device: torch.device | None = None) -> tor
     return dtype
 
 
-def configure_logging(fmt: str = "%(levelname)s: %(message)s") -> None:
-    """INFO logging for the command-line tools, without a line per HTTP request."""
-    logging.basicConfig(level=logging.INFO, format=fmt)
-    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 #: ``torch.compile`` modes the pipeline accepts (``compile="reduce-overhead"`` adds CUDA graphs).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -129,7 +124,7 @@ def compile_mode(compile: bool | str | None) -> str | None:
     if compile is True:
         return "default"
     if compile not in COMPILE_MODES:
-        raise ValueError(f"Unknown compile mode {compile!r}; use True, False or one of: {', '.join(COMPILE_MODES)}.")
+        raise UserError(f"Unknown compile mode {compile!r}; use True, False or one of: {', '.join(COMPILE_MODES)}.")
     return compile
 
 

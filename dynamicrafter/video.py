@@ -11,6 +11,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
 from .files import write_atomically
 
 logger = logging.getLogger(__name__)
@@ -31,13 +32,13 @@ def to_uint8_frames(frames: Any) -> np.ndarray:
         frames = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
     array = np.asarray(frames)
     if array.ndim != 4 or 3 not in (array.shape[1], array.shape[-1]) or array.shape[0] == 0:
-        raise ValueError(f"Expected one video shaped [T, 3, H, W] or [T, H, W, 3], got shape {tuple(array.shape)}.")
+        raise UserError(f"Expected one video shaped [T, 3, H, W] or [T, H, W, 3], got shape {tuple(array.shape)}.")
     if array.shape[-1] != 3:
         array = array.transpose(0, 2, 3, 1)
     if np.issubdtype(array.dtype, np.floating):
         return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
     if array.dtype != np.uint8:
-        raise ValueError(f"Expected float frames in [0, 1] or uint8 frames, got dtype {array.dtype}.")
+        raise UserError(f"Expected float frames in [0, 1] or uint8 frames, got dtype {array.dtype}.")
     return np.ascontiguousarray(array)
 
 
@@ -87,9 +88,9 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8) -> Path:
     path = Path(path)
     writer = WRITERS.get(path.suffix.lower())
     if writer is None:
-        raise ValueError(f"Unsupported video extension '{path.suffix}'; use .mp4 or .gif.")
+        raise UserError(f"Unsupported video extension '{path.suffix}'; use .mp4 or .gif.")
     if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}.")
+        raise UserError(f"fps must be positive, got {fps}.")
     video = to_uint8_frames(frames)
     write_atomically(path, lambda temporary: writer(video, temporary, fps))
     logger.debug("Saved %d frames to %s", len(video), path)

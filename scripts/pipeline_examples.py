@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from dynamicrafter.cli import is_user_error  # noqa: E402
+from dynamicrafter.errors import UserError  # noqa: E402
 from dynamicrafter.images import load_image  # noqa: E402
 from scripts.gradio.dynamicrafter_pipeline import DynamiCrafterImg2VideoPipeline  # noqa: E402
 
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         for example in EXAMPLES:
             logger.info("Example %s: %s", example.__name__, example.__doc__.splitlines()[0])
             example(ex)
-    except Exception as exc:
-        if not is_user_error(exc):
-            raise
+    except UserError as exc:
         logger.error("%s", exc)
         return 1
     return 0

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .denoiser import ModelDenoiser, ModelFn
 from .guidance import guided, rescale_guidance
 from .sampling import NoiseSampler, ddim_sigmas, sample_ddim
@@ -30,7 +31,7 @@ class DDIMSampler:
 
     def __init__(self, schedule: NoiseSchedule, parameterization: str = "eps") -> None:
         if parameterization not in ("eps", "v"):
-            raise ValueError(f"Unknown parameterization {parameterization!r}; expected 'eps' or 'v'.")
+            raise UserError(f"Unknown parameterization {parameterization!r}; expected 'eps' or 'v'.")
         self.schedule = schedule
         self.parameterization = parameterization
 

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..errors import UserError
 from .schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,7 +45,7 @@ class ModelDenoiser:
 
     def __init__(self, model_fn: ModelFn, schedule: NoiseSchedule, parameterization: str = "eps") -> None:
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"Unknown parameterization {parameterization!r}; expected 'eps' or 'v'.")
+            raise UserError(f"Unknown parameterization {parameterization!r}; expected 'eps' or 'v'.")
         self.model_fn = model_fn
         self.schedule = schedule
         self.parameterization = parameterization

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+
 
 def rescale_guidance(guided_out: torch.Tensor, cond_out: torch.Tensor, rescale: float) -> torch.Tensor:
     """Match the guided output's std to the conditional one's, mixed by ``rescale`` (Lin et al. 2024, 3.4).
@@ -42,7 +44,7 @@ def two_scale_guided(cond_out: torch.Tensor, image_out: torch.Tensor, uncond_out
     """
     if uncond_out is None:
         if image_scale != 1.0:
-            raise ValueError("The unconditional branch is needed unless image_scale is 1.")
+            raise UserError("The unconditional branch is needed unless image_scale is 1.")
         out = image_out + scale * (cond_out - image_out)
     else:
         out = uncond_out + image_scale * (image_out - uncond_out) + scale * (cond_out - image_out)

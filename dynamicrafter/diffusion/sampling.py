@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .denoiser import Prediction
 from .schedule import NoiseLevels, NoiseSchedule, ddim_timesteps
 
@@ -161,7 +162,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, levels: NoiseLevels, order
     updates. The last step is not corrected (that would cost an extra evaluation).
     """
     if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}.")
+        raise UserError(f"UniPC order must be 1, 2 or 3, got {order}.")
     lam = levels.log_snrs
     sigmas = levels.sigmas
     alphas = levels.alphas
@@ -236,7 +237,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
 def get_sampler(name: str) -> SamplerSpec:
     """The :class:`SamplerSpec` called ``name``; a ``ValueError`` naming the choices otherwise."""
     if name not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}.")
+        raise UserError(f"Unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}.")
     return SAMPLERS[name]
 
 

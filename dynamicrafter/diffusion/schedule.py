@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..configs import DiffusionConfig
+from ..errors import UserError
 
 SPACINGS = ("uniform", "uniform_trailing")
 
@@ -71,9 +72,9 @@ class NoiseSchedule:
         """
         steps = np.sort(np.asarray(timesteps, dtype=np.int64))[::-1].copy()
         if steps.ndim != 1 or len(steps) == 0:
-            raise ValueError("A sampler needs at least one timestep.")
+            raise UserError("A sampler needs at least one timestep.")
         if steps[0] >= self.num_timesteps or steps[-1] < 0:
-            raise ValueError(f"Timesteps must lie in [0, {self.num_timesteps - 1}], got {steps[-1]}..{steps[0]}.")
+            raise UserError(f"Timesteps must lie in [0, {self.num_timesteps - 1}], got {steps[-1]}..{steps[0]}.")
         ac = np.append(self.alphas_cumprod[steps], self.alphas_cumprod[0])
         if self.scale_arr is None:
             scales = np.ones(len(steps) + 1)
@@ -132,9 +133,9 @@ def ddim_timesteps(num_steps: int, spacing: str, num_train_timesteps: int = 1000
     62 counts where the original's float arithmetic yields an extra ``-1`` step, it is dropped.
     """
     if spacing not in SPACINGS:
-        raise ValueError(f"Unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}.")
+        raise UserError(f"Unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}.")
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"The number of steps must be between 1 and {num_train_timesteps}, got {num_steps}.")
+        raise UserError(f"The number of steps must be between 1 and {num_train_timesteps}, got {num_steps}.")
     if spacing == "uniform":
         first = 1 if num_steps < num_train_timesteps else 0  # T steps: every timestep, 0 included
         return np.arange(num_steps) * num_train_timesteps // num_steps + first

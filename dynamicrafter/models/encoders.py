@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..configs import CLIPConfig
+from ..errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,7 +35,7 @@ def build_clip(config: CLIPConfig) -> nn.Module:
     """An untrained ``open_clip.CLIP`` of the configured architecture."""
     model_cfg = config.model_cfg or open_clip.get_model_config(config.arch)
     if model_cfg is None:
-        raise ValueError(f"open_clip knows no architecture {config.arch!r} and the config defines none.")
+        raise UserError(f"open_clip knows no architecture {config.arch!r} and the config defines none.")
     return open_clip.CLIP(**model_cfg)
 
 

@@ -35,6 +35,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 #: Input dtypes the kernel handles.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -220,7 +222,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         return group_norm_silu_torch(x, num_groups, weight, bias, eps, shift)
     n, c = x.shape[:2]
     if c % num_groups:
-        raise ValueError(f"group_norm_silu: {c} channels do not split into {num_groups} groups")
+        raise UserError(f"group_norm_silu: {c} channels do not split into {num_groups} groups")
     xv = _as_ncs(x)
     out = torch.empty_like(x if xv.data_ptr() == x.data_ptr() else xv.view(x.shape))
     ov = _as_ncs(out)
@@ -236,7 +238,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     chunks = triton.cdiv(length, chunk)
     if shift is not None:
         if shift.shape != (n, c):
-            raise ValueError(f"group_norm_silu: shift must be [N, C] = {[n, c]}, got {list(shift.shape)}")
+            raise UserError(f"group_norm_silu: shift must be [N, C] = {[n, c]}, got {list(shift.shape)}")
         shift_strides = shift.stride()
     else:
         shift_strides = (0, 0)

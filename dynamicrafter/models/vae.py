@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from dynamicrafter.configs import VAEConfig
 
+from ..errors import UserError
+
 __all__ = ["AutoencoderKL"]
 
 
@@ -188,7 +190,7 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         if not config.double_z:
-            raise ValueError("AutoencoderKL needs double_z=True: the encoder must output a mean and a log-variance.")
+            raise UserError("AutoencoderKL needs double_z=True: the encoder must output a mean and a log-variance.")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = self.decoder_class(config)

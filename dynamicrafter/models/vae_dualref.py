@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configs import VAEConfig
+from ..errors import UserError
 from .attention import attention
 from .unet import GroupNorm32
 from .vae import AttnBlock, AutoencoderKL, ResnetBlock, Upsample, group_norm
@@ -229,7 +230,7 @@ def splice_frames(num_frames: int) -> tuple[list[int], slice, slice]:
     are that pass's 6 and 7 (the latents of frames 7 and 8 decoded in a 14-frame window).
     """
     if num_frames < MIN_FRAMES:
-        raise ValueError(f"ToonCrafter's decoding needs at least {MIN_FRAMES} frames, got {num_frames}.")
+        raise UserError(f"ToonCrafter's decoding needs at least {MIN_FRAMES} frames, got {num_frames}.")
     keep = list(range(num_frames))
     del keep[1]
     del keep[-2]

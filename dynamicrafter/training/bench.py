@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ..configs import ModelConfig, model_config
-from ..runtime import configure_logging, resolve_device
+from ..frontend import configure_logging
+from ..runtime import resolve_device
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)

@@ -17,10 +17,7 @@ import sys
 import typing
 from typing import Any, Sequence
 
-import torch
-
-from ..cli import EXIT_FAILED, EXIT_INTERRUPTED, CliError, Parser
-from ..runtime import configure_logging
+from ..frontend import EXIT_INTERRUPTED, Parser, configure_logging, run_command
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -127,29 +124,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Sequence[str] | None = None, prog: str = "dynamicrafter train") -> int:
     """Run a fine-tuning job from command-line arguments; returns the exit status."""
     configure_logging()
+    return run_command(lambda: _train(argv, prog),
+                       out_of_memory="Out of GPU memory; try --gradient_checkpointing, a smaller --batch_size, "
+                                     "fewer --frames or a lower --lora_rank.")
+
+
+def _train(argv: Sequence[str] | None, prog: str) -> int:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only the first process reports progress
         logging.getLogger().setLevel(logging.WARNING)
-    try:
-        cfg = config_from_args(build_parser(prog).parse_args(argv))
-        from .trainer import train  # after parsing: --help stays fast
+    cfg = config_from_args(build_parser(prog).parse_args(argv))
+    from .trainer import train  # after parsing: --help stays fast
 
-        result = train(cfg)
-    except CliError as exc:
-        logger.error("%s", exc)
-        return exc.code
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return EXIT_FAILED
-    except torch.cuda.OutOfMemoryError:
-        logger.error("Out of GPU memory; try --gradient_checkpointing, a smaller --batch_size, fewer --frames "
-                     "or a lower --lora_rank.")
-        return EXIT_FAILED
-    except OSError as exc:
-        logger.error("%s", exc)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        logger.error("Interrupted.")
-        return EXIT_INTERRUPTED
+    result = train(cfg)
     where = f"; checkpoint: {result.checkpoint}" if result.checkpoint else ""
     if result.interrupted:
         logger.warning("Interrupted at step %d%s (continue with --resume %s).", result.step, where,

@@ -7,6 +7,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..errors import UserError
 from ..lora import DEFAULT_TARGETS
 
 Mode = Literal["lora", "full"]
@@ -108,39 +109,39 @@ class TrainConfig:
                     "sample_steps": self.sample_steps, "frame_stride_min": self.frame_stride_min}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}.")
+                raise UserError(f"{name} must be a whole number of at least 1, got {value!r}.")
         for name in ("frames", "height", "width", "sample_frames"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}.")
+                raise UserError(f"{name} must be a whole number of at least 1, got {value!r}.")
         if self.frame_stride_max < self.frame_stride_min:
-            raise ValueError(f"frame_stride_max ({self.frame_stride_max}) is below frame_stride_min ({self.frame_stride_min}).")
+            raise UserError(f"frame_stride_max ({self.frame_stride_max}) is below frame_stride_min ({self.frame_stride_min}).")
         if self.mode not in ("lora", "full"):
-            raise ValueError(f"Unknown mode {self.mode!r}; choose lora or full.")
+            raise UserError(f"Unknown mode {self.mode!r}; choose lora or full.")
         if self.mode == "lora" and self.train_image_proj:
-            raise ValueError("train_image_proj is for full fine-tuning (mode full), not LoRA.")
+            raise UserError("train_image_proj is for full fine-tuning (mode full), not LoRA.")
         if not 0 <= self.uncond_prob <= 1 / 3:
-            raise ValueError(f"uncond_prob must be between 0 and 1/3, got {self.uncond_prob}.")
+            raise UserError(f"uncond_prob must be between 0 and 1/3, got {self.uncond_prob}.")
         if not 0 <= self.unet_dropout < 1:
-            raise ValueError(f"unet_dropout must be in [0, 1), got {self.unet_dropout}.")
+            raise UserError(f"unet_dropout must be in [0, 1), got {self.unet_dropout}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+            raise UserError(f"learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"Unknown lr_schedule {self.lr_schedule!r}; choose constant, cosine or linear.")
+            raise UserError(f"Unknown lr_schedule {self.lr_schedule!r}; choose constant, cosine or linear.")
         if self.lr_warmup_steps < 0 or self.sample_every < 0 or self.num_workers < 0 or self.max_grad_norm < 0:
-            raise ValueError("lr_warmup_steps, sample_every, num_workers and max_grad_norm must not be negative.")
+            raise UserError("lr_warmup_steps, sample_every, num_workers and max_grad_norm must not be negative.")
         if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose adamw or adamw8bit.")
+            raise UserError(f"Unknown optimizer {self.optimizer!r}; choose adamw or adamw8bit.")
         if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("The 8-bit optimizer needs bitsandbytes: pip install bitsandbytes.")
+            raise UserError("The 8-bit optimizer needs bitsandbytes: pip install bitsandbytes.")
         if self.precision not in (None, "bf16", "fp32"):
-            raise ValueError(f"Unknown precision {self.precision!r}; choose bf16 or fp32.")
+            raise UserError(f"Unknown precision {self.precision!r}; choose bf16 or fp32.")
         if self.strategy not in ("auto", "ddp", "fsdp"):
-            raise ValueError(f"Unknown strategy {self.strategy!r}; choose auto, ddp or fsdp.")
+            raise UserError(f"Unknown strategy {self.strategy!r}; choose auto, ddp or fsdp.")
         if self.strategy == "fsdp" and self.mode != "full":
-            raise ValueError("FSDP is for full fine-tuning; LoRA runs data-parallel (ddp).")
+            raise UserError("FSDP is for full fine-tuning; LoRA runs data-parallel (ddp).")
         if not self.lora_targets:
-            raise ValueError("lora_targets must name at least one module.")
+            raise UserError("lora_targets must name at least one module.")
 
     @property
     def lr(self) -> float:

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..errors import UserError
 from ..images import fit_image
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def find_clips(source: str | Path, video_root: str | Path | None = None) -> list
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
         if not files:
-            raise ValueError(f"No video clips ({', '.join(VIDEO_SUFFIXES)}) in {source}.")
+            raise UserError(f"No video clips ({', '.join(VIDEO_SUFFIXES)}) in {source}.")
         clips, uncaptioned = [], 0
         for path in files:
             caption_file = path.with_suffix(".txt")
@@ -65,8 +66,8 @@ def find_clips(source: str | Path, video_root: str | Path | None = None) -> list
     if source.suffix.lower() == ".csv" and source.is_file():
         return _read_csv(source, Path(video_root) if video_root else source.parent)
     if not source.exists():
-        raise ValueError(f"Training data {source} does not exist.")
-    raise ValueError(f"Training data {source} must be a folder of clips or a .csv file.")
+        raise UserError(f"Training data {source} does not exist.")
+    raise UserError(f"Training data {source} must be a folder of clips or a .csv file.")
 
 
 def _read_csv(path: Path, root: Path) -> list[Clip]:
@@ -82,11 +83,11 @@ def _read_csv(path: Path, root: Path) -> list[Clip]:
         def clip(row: dict[str, str]) -> Clip:
             return Clip(root / row["path"], row["caption"] or "")
     else:
-        raise ValueError(f"{path} needs the columns videoid,name (WebVid) or path,caption; "
+        raise UserError(f"{path} needs the columns videoid,name (WebVid) or path,caption; "
                          f"it has {', '.join(sorted(columns)) or 'none'}.")
     clips = [clip(row) for row in rows if row.get("videoid") or row.get("path")]
     if not clips:
-        raise ValueError(f"{path} lists no clips.")
+        raise UserError(f"{path} lists no clips.")
     return clips
 
 
@@ -179,7 +180,7 @@ class ClipDataset(Dataset):
     def __init__(self, clips: Sequence[Clip], frames: int, height: int, width: int, stride_min: int,
                  stride_max: int, fs_kind: str) -> None:
         if not clips:
-            raise ValueError("The training data has no clips.")
+            raise UserError("The training data has no clips.")
         self.clips = list(clips)
         self.frames, self.height, self.width = frames, height, width
         self.stride_min, self.stride_max = stride_min, stride_max

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..models.dynamicrafter import DynamiCrafter
 
 __all__ = [
@@ -249,9 +250,9 @@ def diffusion_loss(model: DynamiCrafter, videos: torch.Tensor, prompts: Sequence
         The scalar mean squared error of the UNet's output against the eps / v target.
     """
     if videos.ndim != 5 or videos.shape[1] != 3:
-        raise ValueError(f"videos must be [B, 3, T, H, W], got {list(videos.shape)}.")
+        raise UserError(f"videos must be [B, 3, T, H, W], got {list(videos.shape)}.")
     if len(prompts) != videos.shape[0]:
-        raise ValueError(f"Got {videos.shape[0]} video(s) but {len(prompts)} prompt(s).")
+        raise UserError(f"Got {videos.shape[0]} video(s) but {len(prompts)} prompt(s).")
     encoded = encode_batch(model, videos, prompts, cond_frame, latents, generator)
     null = null_conditioning(model, videos.device)
     return loss_on_encoded(model, encoded, frame_stride, timesteps=timesteps, noise=noise, cond_frame=cond_frame,

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoints import load_model
 from ..configs import ModelConfig, model_config, resolve_resolution
+from ..errors import UserError
 from ..lora import add_lora, lora_state_dict, save_lora
 from ..models.dynamicrafter import DynamiCrafter
 from ..models.unet import ResBlock, TemporalConvBlock
@@ -133,7 +134,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError("The 8-bit optimizer needs bitsandbytes: pip install bitsandbytes.") from None
+            raise UserError("The 8-bit optimizer needs bitsandbytes: pip install bitsandbytes.") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     fused = all(p.is_cuda for p in params)  # one kernel for all parameters; else the multi-tensor path
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
@@ -160,11 +161,11 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
         found = sorted(output_dir.glob("checkpoint-*[0-9]"))
         found = [p for p in found if (p / STATE_NAME).is_file()]
         if not found:
-            raise ValueError(f"There is no checkpoint in {output_dir} to resume from.")
+            raise UserError(f"There is no checkpoint in {output_dir} to resume from.")
         return found[-1]
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
-        raise ValueError(f"{resume} is not a training checkpoint (no {STATE_NAME} in it).")
+        raise UserError(f"{resume} is not a training checkpoint (no {STATE_NAME} in it).")
     return path
 
 
@@ -203,11 +204,11 @@ class Trainer:
         self.height, self.width = cfg.height or mc.height, cfg.width or mc.width
         for label, value in (("height", self.height), ("width", self.width)):
             if value % mc.size_multiple:
-                raise ValueError(f"{label} must be a multiple of {mc.size_multiple} pixels for this model, got {value}.")
+                raise UserError(f"{label} must be a multiple of {mc.size_multiple} pixels for this model, got {value}.")
         self.rand_cond_frame = (not mc.interp) if cfg.rand_cond_frame is None else cfg.rand_cond_frame
         self.precision = resolve_precision(cfg, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("This GPU has no bfloat16; use --precision fp32.")
+            raise UserError("This GPU has no bfloat16; use --precision fp32.")
         self.strategy = cfg.strategy
         if self.strategy == "auto":
             large = mc.height * mc.width >= 576 * 1024
@@ -228,7 +229,7 @@ class Trainer:
 
                 checkpoint = ensure_checkpoint(resolve_resolution(cfg.resolution))
             elif not Path(checkpoint).is_file():
-                raise ValueError(f"Checkpoint {checkpoint} does not exist.")
+                raise UserError(f"Checkpoint {checkpoint} does not exist.")
             self.model = load_model(mc, checkpoint, dtype=frozen_dtype, device=self.device,
                                     clip_checkpoint=cfg.clip_checkpoint)
         self.model.to(self.device)
@@ -295,7 +296,7 @@ class Trainer:
         for error in errors:
             self._warn_clip(error)
         if not good:
-            raise ValueError(self._no_usable_clip(errors))
+            raise UserError(self._no_usable_clip(errors))
         self.dataset = latent_cache.CachedDataset(good)
         logger.info("Latent cache: %d clips in %s.", len(good), cache_dir)
 
@@ -396,7 +397,7 @@ class Trainer:
         saved = state.get("config", {})
         for key in ("mode", "lora_rank", "resolution", "train_image_proj"):
             if key in saved and saved[key] != getattr(cfg, key):
-                raise ValueError(f"Checkpoint {path} was trained with {key}={saved[key]!r}, "
+                raise UserError(f"Checkpoint {path} was trained with {key}={saved[key]!r}, "
                                  f"this run has {key}={getattr(cfg, key)!r}.")
         if cfg.mode == "lora":
             from peft import set_peft_model_state_dict
@@ -407,7 +408,7 @@ class Trainer:
             result = set_peft_model_state_dict(self.model.unet, {k.removeprefix("base_model.model."): v
                                                                  for k, v in weights.items()})
             if [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]:
-                raise ValueError(f"Checkpoint {path} lacks LoRA weights this run trains (different targets?).")
+                raise UserError(f"Checkpoint {path} lacks LoRA weights this run trains (different targets?).")
             for p in self.params:
                 p.data = p.data.float()
             self.optimizer.load_state_dict(state["optimizer"])
@@ -587,7 +588,7 @@ class Trainer:
                     lowest = -negated_lowest
                     found_usable = found_usable or highest > 0
                     if not found_usable and seen >= self.samples_per_epoch:
-                        raise ValueError(self._no_usable_clip(sorted(self._warned)))
+                        raise UserError(self._no_usable_clip(sorted(self._warned)))
                     if lowest == 0:
                         continue  # some process has no usable sample in this batch: all skip it
                     micro += 1
