@@ -33,6 +33,7 @@ from .errors import GenerationError, UserError
 from .frontend import EXIT_USAGE, CliError, Parser, build_pipeline, configure_logging, resolution_arg, run_command
 from .images import IMAGE_EXTENSIONS, load_image
 from .options import MAX_SEED, OPTIONS, Option, add_model_arguments, check_number, motion_control, number_arg
+from .request import check_frames, close_loop
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +89,14 @@ class _VideoMaker:
             raise _fail(f"The {noun} is larger than the {self.max_upload_mb:g} MB upload limit.")
         try:
             return load_image(path, f"The {noun}")
-        except ValueError as exc:
+        except UserError as exc:
             raise _fail(str(exc)) from None
 
-    def check(self, values: dict[str, Any], loop: bool) -> dict[str, Any]:
-        """The controls' values checked against the page's ranges (a page error names the control)."""
+    def check(self, values: dict[str, Any], mode: str) -> dict[str, Any]:
+        """The controls' values checked against the page's ranges and the request rules of ``mode``.
+
+        A page error names the control.
+        """
         checked: dict[str, Any] = {}
         for name in CONTROLS:
             option, value = OPTIONS[name], values[name]
@@ -100,7 +104,7 @@ class _VideoMaker:
             if option.choices is not None:
                 try:
                     checked[name] = option.check(value, label.lower())
-                except ValueError as exc:
+                except UserError as exc:
                     raise _fail(str(exc)) from None
                 continue
             if option.type is str:
@@ -108,23 +112,28 @@ class _VideoMaker:
                 continue
             if name == "seed":
                 label, (low, high) = "Seed", (0, MAX_SEED)
-            if name == "num_frames" and loop:
-                low = max(low, 2)
             if isinstance(value, float) and value.is_integer() and option.type is int:
                 value = int(value)  # numbers arrive from the page as JSON
             try:
                 checked[name] = check_number(value, label.split(" (")[0], integer=option.type is int,
                                              minimum=low, maximum=high)
-            except ValueError as exc:
+            except UserError as exc:
                 raise _fail(str(exc)) from None
         if checked.get("image_guidance_scale") == 0:  # the slider's "off"
             checked["image_guidance_scale"] = None
+        try:
+            check_frames(self.config, checked["num_frames"], mode, OPTIONS["num_frames"].label)
+        except UserError as exc:
+            raise _fail(str(exc)) from None
         return checked
 
-    def run(self, image: Image.Image, end_image: Image.Image | None, loop: bool, prompt: Any,
+    def run(self, image: Image.Image, end_image: Image.Image | None, mode: str, prompt: Any,
             values: dict[str, Any], random_seed: Any, progress: gr.Progress) -> tuple[str, int, str]:
-        """Generate one video; returns (mp4 path in Gradio's cache, seed used, timing message)."""
-        settings = self.check(values, loop)
+        """Generate one video of ``mode`` (see :data:`~dynamicrafter.request.MODES`).
+
+        Returns (mp4 path in Gradio's cache, seed used, timing message).
+        """
+        settings = self.check(values, mode)
         seed = random.randint(0, MAX_SEED) if random_seed else settings.pop("seed")
         settings.pop("seed", None)
         fps = settings.pop("fps")
@@ -140,8 +149,8 @@ class _VideoMaker:
         try:
             videos = self.pipeline(image, prompt=str(prompt or ""), generator=generator, end_image=end_image,
                                    callback=report, **settings)["videos"]
-            if loop:
-                videos = videos[:, :-1]  # the last frame repeats the first: drop it to loop seamlessly
+            if mode == "loop":
+                videos = close_loop(videos)
             path = self._publish(videos, fps)
         except (UserError, GenerationError) as exc:
             raise _fail(str(exc)) from None
@@ -165,14 +174,14 @@ class _VideoMaker:
     def generate(self, image: Any, prompt: Any, random_seed: Any, progress: gr.Progress, **values: Any
                  ) -> tuple[str, int, str]:
         """Animate one image (the ``/generate`` endpoint)."""
-        return self.run(self.load_image(image, "input image"), None, False, prompt, values, random_seed, progress)
+        return self.run(self.load_image(image, "input image"), None, "single", prompt, values, random_seed, progress)
 
     def interpolate(self, start_image: Any, end_image: Any, loop: Any, prompt: Any, random_seed: Any,
                     progress: gr.Progress, **values: Any) -> tuple[str, int, str]:
         """Fill the motion between two images, or loop one (the ``/interpolate`` endpoint)."""
         start = self.load_image(start_image, "start image")
         end = start if loop else self.load_image(end_image, "end image")
-        return self.run(start, end, bool(loop), prompt, values, random_seed, progress)
+        return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress)
 
 
 def _endpoint(method: Any, leading: Sequence[str]) -> Any:

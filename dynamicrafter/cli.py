@@ -26,16 +26,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
 from .configs import PRESETS, ModelConfig, model_config
-from .errors import GenerationError
+from .errors import GenerationError, UserError
 from .frontend import EXIT_FAILED, EXIT_USAGE, CliError, Parser, build_pipeline, configure_logging, resolution_arg, run_command
 from .images import load_image
 from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
-from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .options import OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
-from .pipeline import MIN_INTERP_FRAMES
 from .quantization import quantize_mode
+from .request import check_frames, check_mode, close_loop
 from .runtime import resolve_dtype
+from .video import is_complete_video
 
 __all__ = ["main", "build_parser"]
 
@@ -77,7 +77,7 @@ def _mode(args: argparse.Namespace) -> str:
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     try:
         return model_config(args.resolution, args.config)
-    except ValueError as exc:
+    except UserError as exc:
         raise CliError(str(exc)) from None
 
 
@@ -92,15 +92,31 @@ def _defaults(args: argparse.Namespace, mode: str) -> tuple[int, Path, Path]:
     return seed, prompt_dir, output_dir
 
 
-def _check_frames(frames: int, mode: str, config: ModelConfig) -> None:
-    """Refuse, before the model loads, a frame count the mode or the model cannot make."""
-    least, reason = {"interp": (MIN_INTERP_FRAMES, "--interp (a start and an end frame)"),
-                     "loop": (MIN_INTERP_FRAMES + 1, "--loop (two frames remain once the repeated last one is dropped)"),
-                     }.get(mode, (1, ""))
-    if config.vae.dual_reference and least < DUAL_REFERENCE_MIN_FRAMES:
-        least, reason = DUAL_REFERENCE_MIN_FRAMES, "ToonCrafter's decoder"
-    if frames < least:
-        raise CliError(f"--video_length must be at least {least} for {reason}, got {frames}.", EXIT_USAGE)
+def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> None:
+    """Refuse, before the model loads, a mode or a frame count the model cannot make (the request rules)."""
+    try:
+        check_mode(config, mode, f"--{mode}")
+        check_frames(config, args.num_frames, mode, "--video_length")
+    except UserError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _frames_written(job: Job, frames: int) -> int:
+    """How many frames the video of ``job`` has once written (a loop drops its repeated last frame)."""
+    return frames - 1 if job.loop else frames
+
+
+def _still_to_make(jobs: list[Job], frames: int, overwrite: bool) -> list[Job]:
+    """The jobs whose video is not yet a complete, playable file of the expected frame count."""
+    todo = []
+    for job in jobs:
+        if overwrite or not job.output.exists():
+            todo.append(job)
+        elif not is_complete_video(job.output, _frames_written(job, frames)):
+            logger.warning("Making %s again: it is not a complete video of %d frames.", job.output,
+                           _frames_written(job, frames))
+            todo.append(job)
+    return todo
 
 
 def _prepare_output_dir(output_dir: Path) -> None:
@@ -120,7 +136,7 @@ def _resolve_device(args: argparse.Namespace, ranks: distributed.Ranks) -> torch
     """The requested device, checked; under torchrun ``cuda`` (or nothing) means ``cuda:LOCAL_RANK``."""
     try:
         return ranks.device_for(args.device)
-    except ValueError as exc:
+    except UserError as exc:
         raise CliError(f"--device: {exc}", EXIT_USAGE) from None
 
 
@@ -130,7 +146,7 @@ def _check_quantize(args: argparse.Namespace, device: torch.device) -> None:
         return
     try:
         quantize_mode(args.quantize, device, resolve_dtype(args.dtype, device))
-    except ValueError as exc:
+    except UserError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 
 
@@ -172,7 +188,7 @@ class _Runner:
                 continue
             try:
                 images = (load_image(job.image), None if job.end_image is None else load_image(job.end_image))
-            except ValueError as exc:
+            except UserError as exc:
                 self._fail(job, exc)
             else:
                 ready.append((job, images))
@@ -194,7 +210,7 @@ class _Runner:
                 generator=[torch.Generator(device=self.pipe.device).manual_seed(job.seed) for job in jobs],
                 **self.settings,
             )["videos"]
-        except (ValueError, GenerationError) as exc:
+        except (UserError, GenerationError) as exc:
             if len(ready) == 1:
                 self._fail(jobs[0], exc)
                 return
@@ -206,15 +222,20 @@ class _Runner:
         for index, job in enumerate(jobs):
             video = videos[index : index + 1]
             if job.loop:
-                video = video[:, :-1]  # the last frame repeats the first: drop it so the video loops seamlessly
+                video = close_loop(video)
             try:
-                self.pipe.save_video(video, job.output, fps=self.args.fps)
+                self.pipe.save_video(video, job.output, fps=self.args.fps)  # written aside, checked, renamed
             except OSError as exc:
-                self._fail(job, f"cannot write {job.output} ({exc})")
+                self._fail(job, exc)
+                continue
+            try:
+                self._record(job, seconds, frames=video.shape[1])
+            except OSError as exc:
+                self._fail(job, f"{job.output} was written but its line in {self.manifest} was not "
+                                f"({exc.strerror or exc})")
                 continue
             self.done += 1
             logger.info("%s -> %s", job.image, job.output)
-            self._record(job, seconds, frames=video.shape[1])
 
     def _record(self, job: Job, seconds: float, frames: int) -> None:
         config = self.pipe.config
@@ -237,9 +258,7 @@ def _run(args: argparse.Namespace) -> int:
     ranks = distributed.Ranks.from_env()
     mode = _mode(args)
     config = _model_config(args)
-    if mode != "single" and not config.interp:
-        raise CliError(f"--{mode} needs an interpolation model such as 512_interp, not {args.resolution}.", EXIT_USAGE)
-    _check_frames(args.num_frames, mode, config)
+    _check_request(args, mode, config)
     seed, prompt_dir, output_dir = _defaults(args, mode)
     device = _resolve_device(args, ranks)
     _check_quantize(args, device)
@@ -247,14 +266,14 @@ def _run(args: argparse.Namespace) -> int:
         images = find_images(args.image_path, prompt_dir)
         jobs = make_jobs(images, output_dir, mode=mode, prompt_text=args.prompt_text, seed=seed,
                          n_samples=args.num_videos_per_prompt)
-    except ValueError as exc:
+    except UserError as exc:
         raise CliError(str(exc)) from None
     created = not output_dir.exists()
     _prepare_output_dir(output_dir)
     distributed.init(ranks)
     try:
         mine = ranks.share(jobs)
-        todo = [job for job in mine if args.overwrite or not job.output.is_file()]
+        todo = _still_to_make(mine, args.num_frames, args.overwrite)
         skipped = len(mine) - len(todo)
         done = failed = 0
         if todo:

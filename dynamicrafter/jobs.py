@@ -22,13 +22,13 @@ from pathlib import Path
 
 from .errors import UserError
 from .images import IMAGE_EXTENSIONS
+from .request import MODES
 
 __all__ = ["Job", "MODES", "PROMPT_LIST_NAME", "list_images", "find_images", "make_jobs", "output_names"]
 
 logger = logging.getLogger(__name__)
 
 PROMPT_LIST_NAME = "test_prompts.txt"
-MODES = ("single", "interp", "loop")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def list_images(folder: Path) -> list[Path]:
     """The entries directly inside ``folder`` with an image extension, sorted by name.
 
     Broken links and other unreadable entries are kept, so that the run reports them instead of
-    dropping them silently. Raises ``ValueError`` when the folder cannot be listed.
+    dropping them silently. Raises ``UserError`` when the folder cannot be listed.
     """
     try:
         entries = list(folder.iterdir())
@@ -70,7 +70,7 @@ def _is_dir(path: Path) -> bool:
 
 
 def find_images(image_path: Path | None, prompt_dir: Path) -> list[Path]:
-    """``image_path`` alone when given, else every image in ``prompt_dir``; ``ValueError`` if there are none."""
+    """``image_path`` alone when given, else every image in ``prompt_dir``; ``UserError`` if there are none."""
     if image_path is not None:
         if image_path.is_dir():
             raise UserError(f"Image {image_path} is a folder; pass it as --prompt_dir.")
@@ -143,7 +143,7 @@ def make_jobs(images: list[Path], output_dir: Path, *, mode: str = "single", pro
     ``images`` share one folder (or are a single ``--image_path``). With ``mode="interp"`` they
     are paired in order; an odd image out becomes a job with a ``problem``.
     """
-    if mode not in MODES:
+    if mode not in MODES:  # a programming error: the command line offers only these
         raise UserError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}.")
     units = _units(images, mode)
     listed = {} if prompt_text is not None else _listed_prompts(images[0].parent, mode)

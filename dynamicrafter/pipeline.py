@@ -1,12 +1,17 @@
-"""Image-to-video pipeline: image + prompt -> encoders -> sampler <-> UNet -> VAE -> frames."""
+"""Image-to-video pipeline: image + prompt -> encoders -> sampler <-> UNet -> VAE -> frames.
+
+:class:`DynamiCrafterImg2VideoPipeline` holds the model components and runs a call as five named
+steps: check the inputs (:mod:`.request`), encode the prompts and images, prepare the noise,
+denoise (a sampler of :mod:`.diffusion.sampling` over the guided UNet of
+:func:`.diffusion.guidance.guided_model`) and decode. Device, precision, offload and the float32
+redo of an overflowing half-precision run follow :mod:`.runtime` and :mod:`.offload`.
+"""
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoints import load_model
 from .configs import ModelConfig, model_config, resolve_resolution
 from .diffusion.denoiser import ModelDenoiser
-from .diffusion.guidance import guided, two_scale_guided
+from .diffusion.guidance import GuidanceBranches, guided_model
 from .diffusion.sampling import StepInfo
 from .diffusion.sampling import sample as run_sampler
 from .errors import GenerationError, UserError
@@ -26,60 +31,27 @@ from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .offload import Offloader, offload_mode
 from .options import DEFAULTS, OPTIONS
 from .quantization import quantize_mode, quantize_unet
-from .runtime import CompiledModule, compile_mode, resolve_device, resolve_dtype, vae_dtype_for
+from .request import GenerationRequest, GeneratorInput
+from .runtime import (
+    CompiledModule,
+    allow_tf32,
+    compile_mode,
+    finite_or_redo_in_float32,
+    resolve_device,
+    resolve_dtype,
+    vae_dtype_for,
+)
 
-__all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationError", "load_image", "fit_image"]
+__all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationRequest", "GenerationError", "load_image", "fit_image"]
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pt", "np", "latent")
-#: Fewest frames of an interpolation: its start and its end frame.
-MIN_INTERP_FRAMES = 2
-#: What ``callback_on_step_end`` can be given: the latent after the step and the predicted clean latent.
-CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
-GeneratorInput = Union[torch.Generator, Sequence[torch.Generator], None]
-
-
-@dataclass
-class _Conditioning:
-    """What the denoiser needs besides the noisy latent, for the conditional and unconditional branch."""
-
-    context: torch.Tensor  # [B, 77 + image tokens, D]
-    uncond_context: torch.Tensor | None  # None without guidance
-    concat: torch.Tensor  # [B, 4, T, h, w] image latents concatenated to the noisy latent
-    fs: torch.Tensor  # [B] frame stride / frame rate
-    reference: list[torch.Tensor] | None = None  # ToonCrafter: the key frames' encoder features, for decoding
-    # Two-scale guidance: the negative (default empty) prompt with the real image tokens.
-    image_context: torch.Tensor | None = None
-
-
-@dataclass
-class _Request:
-    """One call's inputs, checked and with the model's defaults filled in (batch = images x videos per prompt)."""
-
-    images: list  # PIL images, one per input image
-    end_images: list | None
-    prompts: list[str]
-    negative: list[str] | None
-    steps: int
-    guidance_scale: float
-    eta: float
-    fs: int
-    frames: int
-    height: int
-    width: int
-    rescale: float
-    spacing: str
-    sampler: str
-    image_guidance_scale: float | None
-    per_prompt: int
-    generator: torch.Generator | list[torch.Generator] | None
-    latents: torch.Tensor | None
-    output_type: str
-
-    @property
-    def batch(self) -> int:
-        return len(self.images) * self.per_prompt
+#: The option-table rows a call takes, and its other checked arguments (see :meth:`check_inputs`).
+REQUEST_OPTIONS = ("num_inference_steps", "guidance_scale", "image_guidance_scale", "guidance_rescale", "eta",
+                   "sampler", "timestep_spacing", "frame_stride", "num_frames", "height", "width",
+                   "num_videos_per_prompt")
+REQUEST_ARGUMENTS = ("generator", "latents", "output_type", "callback", "callback_on_step_end",
+                     "callback_on_step_end_tensor_inputs")
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None,
@@ -203,9 +175,7 @@ class DynamiCrafterImg2VideoPipeline:
         self.quantize_unet(quantize)
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
-        if device.type == "cuda" and dtype == torch.float32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        allow_tf32(device, dtype)
         logger.info("Ready: %s model on %s in %s (offload: %s, compile: %s, quantize: %s).", self.config.name,
                     device, str(dtype).replace("torch.", ""), self.offload, self.compile_mode or "off", self.quantize)
 
@@ -276,257 +246,7 @@ class DynamiCrafterImg2VideoPipeline:
     def _on_device(self, *modules: torch.nn.Module) -> Any:
         return self._offloader.on_device(*modules)
 
-    # ------------------------------------------------------------------ inputs
-    def check_inputs(self, image: Any, prompt: Any, negative_prompt: Any, end_image: Any, *,
-                     num_inference_steps: Any, guidance_scale: Any, eta: Any, frame_stride: Any,
-                     num_frames: Any, height: Any, width: Any, guidance_rescale: Any, timestep_spacing: Any,
-                     num_videos_per_prompt: Any, generator: Any, latents: Any, output_type: Any,
-                     callback: Any, sampler: Any = DEFAULTS.sampler, image_guidance_scale: Any = None,
-                     callback_on_step_end: Any = None,
-                     callback_on_step_end_tensor_inputs: Any = ("latents",)) -> _Request:
-        """Check every input before any model work and fill in the model's defaults.
-
-        Images are read here (see :func:`~dynamicrafter.images.load_image`), so an unreadable
-        file fails before the encoders run. Raises one ``ValueError`` sentence per problem.
-        """
-        cfg = self.config
-        images = self._as_list(image, "image")
-        if not images:
-            raise UserError("No image given; pass an image or a non-empty list of images.")
-        prompts = [self._text(p, "prompt") for p in self._broadcast(prompt, len(images), "prompt")]
-        negative = None if negative_prompt is None else [
-            self._text(n, "negative_prompt") for n in self._broadcast(negative_prompt, len(images), "negative_prompt")]
-        if end_image is not None and not cfg.interp:
-            raise UserError(f"end_image needs an interpolation model (512_interp or tooncrafter), not {cfg.name}.")
-        end_images = None if end_image is None else self._broadcast(end_image, len(images), "end_image")
-
-        steps = OPTIONS["num_inference_steps"].check(num_inference_steps)
-        if steps > self.model.schedule.num_timesteps:
-            raise UserError(f"num_inference_steps can be at most {self.model.schedule.num_timesteps}, got {steps}.")
-        frames = OPTIONS["num_frames"].check(num_frames)
-        if end_images is not None and frames < MIN_INTERP_FRAMES:
-            raise UserError(f"num_frames must be at least {MIN_INTERP_FRAMES} for interpolation "
-                             "(a start and an end frame).")
-        if self.model.dual_reference and frames < DUAL_REFERENCE_MIN_FRAMES and output_type != "latent":
-            raise UserError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
-                             f"got num_frames={frames}.")
-        height = cfg.height if height is None else OPTIONS["height"].check(height)
-        width = cfg.width if width is None else OPTIONS["width"].check(width)
-        for label, value in (("height", height), ("width", width)):
-            if value % cfg.size_multiple:
-                raise UserError(f"{label} must be a multiple of {cfg.size_multiple} pixels, got {value}.")
-        fs = cfg.default_fs if frame_stride is None else OPTIONS["frame_stride"].check(frame_stride)
-        rescale = OPTIONS["guidance_rescale"].check(guidance_rescale)
-        per_prompt = OPTIONS["num_videos_per_prompt"].check(num_videos_per_prompt)
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"Unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}.")
-        if callback is not None and not callable(callback):
-            raise UserError(f"callback must be callable, got {type(callback).__name__}.")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise UserError("callback_on_step_end must be a function (pipe, step, t, tensors) -> dict or None.")
-        tensor_inputs = callback_on_step_end_tensor_inputs
-        if isinstance(tensor_inputs, str) or any(name not in CALLBACK_TENSOR_INPUTS for name in tensor_inputs):
-            raise UserError(f"callback_on_step_end_tensor_inputs must be a list drawn from "
-                             f"{', '.join(CALLBACK_TENSOR_INPUTS)}; got {tensor_inputs!r}.")
-        guidance_scale = OPTIONS["guidance_scale"].check(guidance_scale)
-        image_guidance_scale = OPTIONS["image_guidance_scale"].check(image_guidance_scale)
-        if image_guidance_scale is not None and guidance_scale == 1.0:
-            logger.warning("image_guidance_scale has no effect with guidance_scale 1 (no guidance), as in the original.")
-            image_guidance_scale = None
-        request = _Request(
-            images=[load_image(i) for i in images],
-            end_images=None if end_images is None else [load_image(i) for i in end_images],
-            prompts=prompts, negative=negative, steps=steps, guidance_scale=guidance_scale,
-            eta=OPTIONS["eta"].check(eta), fs=fs, frames=frames, height=height, width=width,
-            rescale=cfg.diffusion.guidance_rescale if rescale is None else rescale,
-            spacing=OPTIONS["timestep_spacing"].check(timestep_spacing) or cfg.diffusion.timestep_spacing,
-            sampler=OPTIONS["sampler"].check(sampler), image_guidance_scale=image_guidance_scale,
-            per_prompt=per_prompt, generator=None, latents=None, output_type=output_type)
-        request.generator = self._check_generator(generator, request.batch)
-        request.latents = self._check_latents(latents, self._latent_shape(request))
-        self._warn_long_prompts([*prompts, *(negative or [])])
-        return request
-
-    @staticmethod
-    def _as_list(value: Any, name: str) -> list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        if value is None:
-            raise UserError(f"{name} is required.")
-        return [value]
-
-    @classmethod
-    def _broadcast(cls, value: Any, count: int, name: str) -> list:
-        """One value per image: a single value is repeated; a list must have one per image."""
-        if not isinstance(value, (list, tuple)):
-            return [value] * count
-        if len(value) != count:
-            raise UserError(f"Got {count} image(s) but {len(value)} {name}(s); give one {name} per image.")
-        return list(value)
-
-    @staticmethod
-    def _text(value: Any, name: str) -> str:
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise UserError(f"{name} must be a string (or a list of strings), got {type(value).__name__}.")
-        return value
-
-    def _warn_long_prompts(self, prompts: list[str]) -> None:
-        limit = self.config.unet.text_context_len
-        for text in dict.fromkeys(prompts):
-            tokens = prompt_token_count(text)
-            if tokens > limit:
-                logger.warning("The prompt %r has %d tokens; the text encoder reads only the first %d.",
-                               text if len(text) <= 60 else text[:57] + "...", tokens, limit)
-
-    @staticmethod
-    def _check_generator(generator: Any, batch: int) -> torch.Generator | list[torch.Generator] | None:
-        if generator is None or isinstance(generator, torch.Generator):
-            return generator
-        if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
-            if len(generator) != batch:
-                raise UserError(f"Got {len(generator)} generators for {batch} video(s); give one per video "
-                                 "(images x num_videos_per_prompt) or a single generator.")
-            return list(generator)
-        raise UserError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}; "
-                         "for a seed use torch.Generator().manual_seed(seed).")
-
-    @staticmethod
-    def _check_latents(latents: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
-        if latents is None:
-            return None
-        if not isinstance(latents, torch.Tensor):
-            raise UserError(f"latents must be a torch.Tensor, got {type(latents).__name__}.")
-        if not latents.is_floating_point():
-            raise UserError(f"latents must be a floating-point tensor, got {latents.dtype}.")
-        if tuple(latents.shape) != shape:
-            raise UserError(f"latents must have shape {list(shape)}, got {list(latents.shape)}.")
-        if not torch.isfinite(latents).all():
-            raise UserError("latents hold NaN or infinite values.")
-        return latents
-
-    def _latent_shape(self, request: _Request) -> tuple[int, ...]:
-        down = self.config.latent_downscale
-        return (request.batch, self.config.vae.embed_dim, request.frames, request.height // down,
-                request.width // down)
-
-    # ------------------------------------------------------------- conditioning
-    def _uncond_text_tokens(self, negative_prompt: str) -> torch.Tensor:
-        if negative_prompt not in self._uncond_text:
-            if len(self._uncond_text) > 16:
-                self._uncond_text.clear()
-            self._uncond_text[negative_prompt] = self.model.encode_text([negative_prompt])
-        return self._uncond_text[negative_prompt]
-
-    def _zero_image(self) -> torch.Tensor:
-        if self._zero_image_tokens is None:
-            size = self.config.clip.image_size
-            zeros = torch.zeros(1, 3, size, size, device=self.device)
-            self._zero_image_tokens = self.model.encode_image_tokens(zeros)
-        return self._zero_image_tokens
-
-    def encode(self, pixels: torch.Tensor, prompts: list[str], negative: list[str] | None,
-               end_pixels: torch.Tensor | None, frames: int, fs: int, use_guidance: bool,
-               per_prompt: int = 1, image_guidance_scale: float | None = None) -> _Conditioning:
-        """Encode the prompts and images once: ``pixels`` ``[N, 3, H, W]`` -> conditioning for ``N * per_prompt`` videos."""
-        model = self.model
-        batch = pixels.shape[0]
-        with self._on_device(model.cond_stage_model, model.embedder, model.image_proj_model):
-            image_tokens = model.encode_image_tokens(pixels)
-            context = torch.cat([model.encode_text(prompts), image_tokens], dim=1)
-            uncond = image_context = None
-            if use_guidance:
-                text = torch.cat([self._uncond_text_tokens(n) for n in (negative or [""] * batch)])
-                if image_guidance_scale != 1.0:  # with an image scale of 1 this branch cancels out
-                    uncond = torch.cat([text, self._zero_image().expand(batch, -1, -1)], dim=1)
-                if image_guidance_scale is not None:
-                    image_context = torch.cat([text, image_tokens], dim=1)
-        reference = None
-        with self._on_device(model.vae):
-            if model.dual_reference:  # ToonCrafter's decoder also reads both key frames' encoder features
-                first, last, reference = model.encode_key_frames(pixels, pixels if end_pixels is None else end_pixels)
-            else:
-                first = model.encode_latents(pixels)  # one encode per image, not one per frame
-                last = None if end_pixels is None else model.encode_latents(end_pixels)
-            if end_pixels is None:
-                concat = first[:, :, None].expand(-1, -1, frames, -1, -1)
-            else:
-                concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
-                concat[:, :, 0] = first
-                concat[:, :, -1] = last
-        if reference is not None and self.offload == "model":  # not needed on the GPU until decoding
-            reference = [r.cpu() for r in reference]
-        fs_tensor = torch.full((batch * per_prompt,), fs, dtype=torch.long, device=self.device)
-
-        def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t if t is None or per_prompt == 1 else t.repeat_interleave(per_prompt, dim=0)
-
-        references = None if reference is None else [repeat(r) for r in reference]
-        return _Conditioning(repeat(context), repeat(uncond), repeat(concat), fs_tensor, references,
-                             repeat(image_context))
-
-    def _denoiser(self, cond: _Conditioning, scale: float, rescale: float,
-                  image_scale: float | None = None) -> Callable:
-        """The guided model function ``(x [B, 4, T, h, w], t [B]) -> output`` (float32).
-
-        Its branches (conditional; unconditional; image-only for two-scale guidance, those
-        present in ``cond``) run as one batch, or one after the other with ``sequential_guidance``.
-        """
-        unet = self._unet_forward
-        has_uncond, has_image = cond.uncond_context is not None, cond.image_context is not None
-        contexts = [c for c in (cond.context, cond.uncond_context, cond.image_context) if c is not None]
-        n = len(contexts)
-        batched = n > 1 and not self.sequential_guidance
-        if batched:  # what stays the same at every step, repeated once for the batch of n branches
-            concat_n = torch.cat([cond.concat] * n)
-            context_n = torch.cat(contexts)
-            fs_n = torch.cat([cond.fs] * n)
-
-        def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:
-            if n == 1:
-                return outs[0]
-            cond_out, rest = outs[0], iter(outs[1:])
-            uncond_out = next(rest) if has_uncond else None
-            if not has_image:
-                return guided(cond_out, uncond_out, scale, rescale)
-            return two_scale_guided(cond_out, next(rest), uncond_out, scale, image_scale, rescale)
-
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if batched:
-                out = unet(torch.cat([torch.cat([x] * n), concat_n], dim=1), torch.cat([t] * n), context_n, fs_n)
-                return combine(out.float().chunk(n))
-            x_in = torch.cat([x, cond.concat], dim=1)
-            return combine([unet(x_in, t, context, cond.fs).float() for context in contexts])
-
-        return denoise
-
-    @property
-    def interrupt(self) -> bool:
-        """Set as ``pipe._interrupt = True`` by a callback to stop sampling after that step."""
-        return self._interrupt
-
-    def _step_end(self, callback: Callable, tensor_inputs: Sequence[str], info: StepInfo) -> None:
-        """Call a diffusers-style ``callback_on_step_end`` and apply what it returns or sets."""
-        tensors = {"latents": info.x, "denoised": info.denoised}
-        outputs = callback(self, info.step, info.t, {name: tensors[name] for name in tensor_inputs})
-        if outputs is not None and "latents" in outputs:
-            latents = outputs["latents"]
-            if not isinstance(latents, torch.Tensor) or latents.shape != info.x.shape:
-                raise UserError(f"callback_on_step_end must return latents of shape {list(info.x.shape)}.")
-            info.x = latents.to(info.x.device, info.x.dtype)
-
-    @contextmanager
-    def _in_float32(self, module: torch.nn.Module) -> Iterator[None]:
-        """Temporarily run ``module`` in float32 (the fallback when half precision overflowed)."""
-        dtype = next(module.parameters()).dtype
-        module.float()
-        try:
-            yield
-        finally:
-            module.to(dtype)
-
-    # ----------------------------------------------------------------- running
+    # ----------------------------------------------------------------- the call
     @torch.no_grad()
     def __call__(
         self,
@@ -600,7 +320,7 @@ class DynamiCrafterImg2VideoPipeline:
                 latent of the step, like ``latents``).
 
         Raises:
-            ValueError: a bad input, before any model work (one sentence).
+            UserError: a bad input, before any model work (one sentence; a ``ValueError``).
             GenerationError: the model produced NaN or infinite values even in float32.
         """
         request = self.check_inputs(
@@ -611,35 +331,126 @@ class DynamiCrafterImg2VideoPipeline:
             output_type=output_type, callback=callback, sampler=sampler, image_guidance_scale=image_guidance_scale,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        pixels, end_pixels = self.prepare_images(request)
-        cond = self.encode(pixels, request.prompts, request.negative, end_pixels, request.frames, request.fs,
-                           request.guidance_scale != 1.0, request.per_prompt, request.image_guidance_scale)
+        branches, reference = self.encode(request)
         x_t = self.prepare_latents(request)
-        samples = self.denoise(cond, x_t, request, callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        samples = self.denoise(request, branches, x_t)
         if request.output_type == "latent":
             result: Any = samples
         else:
-            frames = self.decode(samples, cond.reference)  # [B, T, 3, H, W] in [0, 1]
+            frames = self.decode(samples, reference)  # [B, T, 3, H, W] in [0, 1]
             result = frames if request.output_type == "pt" else frames.permute(0, 1, 3, 4, 2).cpu().numpy()
         return {"videos": result} if return_dict else result
 
-    def prepare_images(self, request: _Request) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The start (and end) images scaled and cropped to the video size: ``[N, 3, H, W]`` in [-1, 1]."""
-        def stack(images: list) -> torch.Tensor:
-            return torch.stack([fit_image(i, request.height, request.width) for i in images]).to(self.device)
+    # ------------------------------------------------------------------ 1. check
+    def check_inputs(self, image: Any, prompt: Any = "", negative_prompt: Any = None, end_image: Any = None,
+                     **options: Any) -> GenerationRequest:
+        """Check every input before any model work and fill in the model's defaults.
 
-        return stack(request.images), None if request.end_images is None else stack(request.end_images)
+        Takes ``__call__``'s arguments (the sampling options by their option-table names, the
+        callbacks, ``generator``, ``latents``, ``output_type``) and returns the
+        :class:`~dynamicrafter.request.GenerationRequest`; raises one
+        :class:`~dynamicrafter.errors.UserError` sentence per problem.
+        """
+        given = {name: options.pop(name) for name in REQUEST_ARGUMENTS if name in options}
+        values = {name: options.pop(name, OPTIONS[name].default) for name in REQUEST_OPTIONS}
+        if options:
+            raise UserError(f"Unknown argument(s): {', '.join(sorted(options))}.")
+        request = GenerationRequest.build(self.config, max_steps=self.model.schedule.num_timesteps, image=image,
+                                          prompt=prompt, negative_prompt=negative_prompt, end_image=end_image,
+                                          **given, **values)
+        self._warn_long_prompts([*request.prompts, *(request.negative_prompts or [])])
+        return request
 
-    def prepare_latents(self, request: _Request) -> torch.Tensor:
+    def _warn_long_prompts(self, prompts: list[str]) -> None:
+        limit = self.config.unet.text_context_len
+        for text in dict.fromkeys(prompts):
+            tokens = prompt_token_count(text)
+            if tokens > limit:
+                logger.warning("The prompt %r has %d tokens; the text encoder reads only the first %d.",
+                               text if len(text) <= 60 else text[:57] + "...", tokens, limit)
+
+    # ----------------------------------------------------------------- 2. encode
+    def encode(self, request: GenerationRequest) -> tuple[GuidanceBranches, list[torch.Tensor] | None]:
+        """Encode the prompts and images once per image and repeat them for each of its videos.
+
+        Returns the UNet's conditioning of every guidance branch for the ``request.batch`` videos
+        and, for ToonCrafter, the key frames' encoder features its decoder reads (else ``None``).
+        """
+        model = self.model
+        pixels, end_pixels = (None if images is None else self._fit(images, request)
+                              for images in (request.images, request.end_images))
+        with self._on_device(model.cond_stage_model, model.embedder, model.image_proj_model):
+            image_tokens = model.encode_image_tokens(pixels)
+            context = torch.cat([model.encode_text(request.prompts), image_tokens], dim=1)
+            uncond = image_context = None
+            if request.uses_guidance:
+                text = torch.cat([self._uncond_text_tokens(n)
+                                  for n in (request.negative_prompts or [""] * len(pixels))])
+                if request.image_guidance_scale != 1.0:  # with an image scale of 1 this branch cancels out
+                    uncond = torch.cat([text, self._zero_image().expand(len(pixels), -1, -1)], dim=1)
+                if request.image_guidance_scale is not None:
+                    image_context = torch.cat([text, image_tokens], dim=1)
+        concat, reference = self._image_latents(pixels, end_pixels, request.num_frames)
+
+        def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
+            per_prompt = request.num_videos_per_prompt
+            return t if t is None or per_prompt == 1 else t.repeat_interleave(per_prompt, dim=0)
+
+        fs = torch.full((request.batch,), request.frame_stride, dtype=torch.long, device=self.device)
+        branches = GuidanceBranches(repeat(context), repeat(concat), fs, repeat(uncond), repeat(image_context))
+        return branches, None if reference is None else [repeat(r) for r in reference]
+
+    def _fit(self, images: list, request: GenerationRequest) -> torch.Tensor:
+        """The images scaled and cropped to the video size: ``[N, 3, H, W]`` in [-1, 1] on the device."""
+        return torch.stack([fit_image(i, request.height, request.width) for i in images]).to(self.device)
+
+    def _image_latents(self, pixels: torch.Tensor, end_pixels: torch.Tensor | None, frames: int
+                       ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The latents concatenated to the noisy latent ``[N, 4, T, h, w]`` (and ToonCrafter's key-frame features).
+
+        Animating an image repeats its latent on every frame; an interpolation puts the start and
+        end images' latents on the first and last frame and zeros between.
+        """
+        model, reference = self.model, None
+        with self._on_device(model.vae):
+            if model.dual_reference:  # ToonCrafter's decoder also reads both key frames' encoder features
+                first, last, reference = model.encode_key_frames(pixels, pixels if end_pixels is None else end_pixels)
+            else:
+                first = model.encode_latents(pixels)  # one encode per image, not one per frame
+                last = None if end_pixels is None else model.encode_latents(end_pixels)
+        if end_pixels is None:
+            concat = first[:, :, None].expand(-1, -1, frames, -1, -1)
+        else:
+            concat = torch.zeros(*first.shape[:2], frames, *first.shape[2:], device=self.device)
+            concat[:, :, 0] = first
+            concat[:, :, -1] = last
+        if reference is not None and self.offload == "model":  # not needed on the GPU until decoding
+            reference = [r.cpu() for r in reference]
+        return concat, reference
+
+    def _uncond_text_tokens(self, negative_prompt: str) -> torch.Tensor:
+        if negative_prompt not in self._uncond_text:
+            if len(self._uncond_text) > 16:
+                self._uncond_text.clear()
+            self._uncond_text[negative_prompt] = self.model.encode_text([negative_prompt])
+        return self._uncond_text[negative_prompt]
+
+    def _zero_image(self) -> torch.Tensor:
+        if self._zero_image_tokens is None:
+            size = self.config.clip.image_size
+            zeros = torch.zeros(1, 3, size, size, device=self.device)
+            self._zero_image_tokens = self.model.encode_image_tokens(zeros)
+        return self._zero_image_tokens
+
+    # ----------------------------------------------------------------- 3. prepare
+    def prepare_latents(self, request: GenerationRequest) -> torch.Tensor:
         """The starting noise ``[B, 4, T, h, w]`` (float32): the given latents or a draw from the generator."""
         if request.latents is not None:
             return request.latents.to(self.device, torch.float32)
-        return _randn(self._latent_shape(request), request.generator, self.device)
+        return _randn(request.latent_shape, request.generator, self.device)
 
-    def denoise(self, cond: _Conditioning, x_t: torch.Tensor, request: _Request,
-                callback: Callable[[int, int], None] | None = None,
-                callback_on_step_end: Callable | None = None,
-                tensor_inputs: Sequence[str] = ("latents",)) -> torch.Tensor:
+    # ----------------------------------------------------------------- 4. denoise
+    def denoise(self, request: GenerationRequest, branches: GuidanceBranches, x_t: torch.Tensor) -> torch.Tensor:
         """Sample from the noise ``x_t`` to clean latents ``[B, 4, T, h, w]`` with the request's sampler.
 
         A run that comes out non-finite in half precision is redone in float32 from the same
@@ -652,42 +463,53 @@ class DynamiCrafterImg2VideoPipeline:
                 noise[step] = _randn(x_t.shape, request.generator, self.device)
             return noise[step]
 
-        model_fn = self._denoiser(cond, request.guidance_scale, request.rescale, request.image_guidance_scale)
+        model_fn = guided_model(self._unet_forward, branches, request.guidance_scale, request.guidance_rescale,
+                                request.image_guidance_scale, self.sequential_guidance)
         denoiser = ModelDenoiser(model_fn, self.model.schedule, self.config.diffusion.parameterization)
 
         def sample() -> torch.Tensor:
             self._interrupt = False
             stopped: dict[str, torch.Tensor] = {}
-            with tqdm(total=request.steps, desc="Denoising", leave=False) as bar:
+            with tqdm(total=request.num_inference_steps, desc="Denoising", leave=False) as bar:
                 def on_step(info: StepInfo) -> None:
                     bar.update(1)
-                    if callback is not None:
-                        callback(info.step + 1, info.total)
-                    if callback_on_step_end is not None:
-                        self._step_end(callback_on_step_end, tensor_inputs, info)
+                    self._after_step(request, info)
                     if self._interrupt:  # stop with the step's clean-latent prediction
                         info.stop = True
                         stopped["denoised"] = info.denoised
 
-                latents = run_sampler(request.sampler, denoiser, x_t, self.model.schedule, request.steps,
-                                      request.spacing, request.eta, noise_sampler=noise_sampler, callback=on_step)
+                latents = run_sampler(request.sampler, denoiser, x_t, self.model.schedule,
+                                      request.num_inference_steps, request.timestep_spacing, request.eta,
+                                      noise_sampler=noise_sampler, callback=on_step)
                 return stopped.get("denoised", latents)
 
+        float8 = None if self.quantize == "none" else (
+            f"The float8 UNet (quantize={self.quantize}) produced NaN or infinite values; run without quantize.")
         with self._on_device(self.model.unet):
-            samples = sample()
-            if not torch.isfinite(samples).all() and self.quantize != "none":
-                raise GenerationError(f"The float8 UNet (quantize={self.quantize}) produced NaN or infinite "
-                                      "values; run without quantize.")
-            if not torch.isfinite(samples).all() and self.dtype != torch.float32:
-                logger.warning("Sampling in %s gave non-finite values; redoing it in float32 from the same noise.",
-                               str(self.dtype).replace("torch.", ""))
-                with self._in_float32(self.model.unet):
-                    samples = sample()
-        if not torch.isfinite(samples).all():
-            raise GenerationError("The model produced NaN or infinite values even in float32; "
-                                  "check the checkpoint and the settings.")
-        return samples
+            return finite_or_redo_in_float32(sample, self.model.unet, "The model",
+                                             "check the checkpoint and the settings", no_redo=float8)
 
+    @property
+    def interrupt(self) -> bool:
+        """Set as ``pipe._interrupt = True`` by a callback to stop sampling after that step."""
+        return self._interrupt
+
+    def _after_step(self, request: GenerationRequest, info: StepInfo) -> None:
+        """Call the request's callbacks; apply the latents a ``callback_on_step_end`` returns."""
+        if request.callback is not None:
+            request.callback(info.step + 1, info.total)
+        if request.callback_on_step_end is None:
+            return
+        tensors = {"latents": info.x, "denoised": info.denoised}
+        outputs = request.callback_on_step_end(
+            self, info.step, info.t, {name: tensors[name] for name in request.callback_on_step_end_tensor_inputs})
+        if outputs is not None and "latents" in outputs:
+            latents = outputs["latents"]
+            if not isinstance(latents, torch.Tensor) or latents.shape != info.x.shape:
+                raise UserError(f"callback_on_step_end must return latents of shape {list(info.x.shape)}.")
+            info.x = latents.to(info.x.device, info.x.dtype)
+
+    # ------------------------------------------------------------------ 5. decode
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, reference: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``[B, 4, T, h, w]`` latents -> ``[B, T, 3, H, W]`` frames in [0, 1].
@@ -698,51 +520,40 @@ class DynamiCrafterImg2VideoPipeline:
         inference code: each video in windows of ``temporal_length`` (16) frames, plus a second
         pass for the two middle frames; ``decode_chunk_size`` does not apply to it.
         """
+        vae = self.model.vae
         if self.model.dual_reference:
-            return self._decode_dual_reference(latents, reference)
+            reference = self._check_reference(latents, reference)
+            with self._on_device(vae):
+                reference = [r.to(self.device) for r in reference]
+                videos = finite_or_redo_in_float32(  # [B, 3, T, H, W]
+                    lambda: self.model.decode_video(latents.to(self.device), reference), vae, "The VAE")
+            return ((videos.transpose(1, 2) + 1) / 2).clamp(0, 1)
         b, c, t, h, w = latents.shape
         flat = latents.transpose(1, 2).reshape(b * t, c, h, w)
-        vae = self.model.vae
-        chunks = []
         with self._on_device(vae):
-            for chunk in flat.split(self.decode_chunk_size):
-                images = self.model.decode_latents(chunk)
-                if not torch.isfinite(images).all() and next(vae.parameters()).dtype != torch.float32:
-                    logger.warning("The VAE gave non-finite values in half precision; decoding again in float32.")
-                    with self._in_float32(vae):
-                        images = self.model.decode_latents(chunk)
-                if not torch.isfinite(images).all():
-                    raise GenerationError("The VAE produced NaN or infinite values even in float32; "
-                                          "check the checkpoint.")
-                chunks.append(images)
-        images = torch.cat(chunks)
+            images = torch.cat([finite_or_redo_in_float32(lambda chunk=chunk: self.model.decode_latents(chunk),
+                                                          vae, "The VAE")
+                                for chunk in flat.split(self.decode_chunk_size)])
         return ((images.view(b, t, *images.shape[1:]) + 1) / 2).clamp(0, 1)
 
-    def _decode_dual_reference(self, latents: torch.Tensor, reference: list[torch.Tensor] | None) -> torch.Tensor:
+    @staticmethod
+    def _check_reference(latents: torch.Tensor, reference: list[torch.Tensor] | None) -> list[torch.Tensor]:
         if reference is None:
             raise UserError("ToonCrafter's decoder needs the key frames' encoder features (reference=); "
-                             "get them from pipeline.model.encode_key_frames(start, end).")
+                            "get them from pipeline.model.encode_key_frames(start, end).")
         if latents.shape[2] < DUAL_REFERENCE_MIN_FRAMES:
             raise UserError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
-                             f"got {latents.shape[2]}.")
-        vae = self.model.vae
-        with self._on_device(vae):
-            reference = [r.to(self.device) for r in reference]
-            videos = self.model.decode_video(latents.to(self.device), reference)  # [B, 3, T, H, W]
-            if not torch.isfinite(videos).all() and next(vae.parameters()).dtype != torch.float32:
-                logger.warning("The VAE gave non-finite values in half precision; decoding again in float32.")
-                with self._in_float32(vae):
-                    videos = self.model.decode_video(latents.to(self.device), reference)
-        if not torch.isfinite(videos).all():
-            raise GenerationError("The VAE produced NaN or infinite values even in float32; check the checkpoint.")
-        return ((videos.transpose(1, 2) + 1) / 2).clamp(0, 1)
+                            f"got {latents.shape[2]}.")
+        return reference
 
     @staticmethod
     def save_video(videos: torch.Tensor | np.ndarray, path: str | Path, fps: int = 8) -> Path:
-        """Write a video to ``.mp4`` (H.264) or ``.gif``, atomically.
+        """Write a video to ``.mp4`` (H.264) or ``.gif``, atomically and checked.
 
         ``videos``: the pipeline's ``"pt"`` or ``"np"`` output (the first video of the batch
-        is written) or a single ``[T, 3, H, W]`` / ``[T, H, W, 3]`` video.
+        is written) or a single ``[T, 3, H, W]`` / ``[T, H, W, 3]`` video. The file is written
+        under a temporary name, re-opened and its frames counted, and only then renamed to
+        ``path`` (see :func:`dynamicrafter.video.save_video`).
         """
         from .video import save_video  # the encoder stack is only needed here
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import GenerationError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,51 @@ def vae_dtype_for(dtype: torch.dtype, device: torch.device | None = None) -> tor
     if dtype == torch.float16 or (device is not None and device.type == "mps"):
         return torch.float32
     return dtype
+
+
+def allow_tf32(device: torch.device, dtype: torch.dtype) -> None:
+    """Let float32 matmuls and convolutions on a GPU use TF32 tensor cores (as the original's runs do)."""
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@contextmanager
+def in_float32(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` in float32 inside the block, then give it back its dtype."""
+    dtype = next(module.parameters()).dtype
+    module.float()
+    try:
+        yield
+    finally:
+        module.to(dtype)
+
+
+def finite_or_redo_in_float32(run: Callable[[], torch.Tensor], module: torch.nn.Module, what: str,
+                              advice: str = "check the checkpoint", no_redo: str | None = None) -> torch.Tensor:
+    """``run()``'s result, run again with ``module`` in float32 if it came out NaN or infinite in half precision.
+
+    Half precision can overflow where float32 does not (the original's black videos in float16),
+    so a non-finite result of a half-precision ``module`` is redone once in float32 from the same
+    inputs (``run`` must replay its own random draws) and the module gets its dtype back. A
+    result still non-finite, or any non-finite result when ``no_redo`` says why a redo cannot help
+    (a float8 UNet), raises :class:`~dynamicrafter.errors.GenerationError`: ``what`` (e.g. "The
+    VAE") produced NaN or infinite values, and ``advice``.
+    """
+    out = run()
+    if torch.isfinite(out).all():
+        return out
+    if no_redo is not None:
+        raise GenerationError(no_redo)
+    dtype = next(module.parameters()).dtype
+    if dtype != torch.float32:
+        logger.warning("%s gave non-finite values in %s; running it again in float32 from the same inputs.",
+                       what, str(dtype).replace("torch.", ""))
+        with in_float32(module):
+            out = run()
+    if not torch.isfinite(out).all():
+        raise GenerationError(f"{what} produced NaN or infinite values even in float32; {advice}.")
+    return out
 
 
 #: ``torch.compile`` modes the pipeline accepts (``compile="reduce-overhead"`` adds CUDA graphs).

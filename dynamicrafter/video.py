@@ -1,4 +1,11 @@
-"""Write generated frames to MP4 (H.264) or animated GIF files, atomically."""
+"""Write generated frames to MP4 (H.264) or animated GIF files, atomically and checked.
+
+A video is written under a temporary name, re-opened and its frames counted, and only then
+renamed into place: a final name only ever holds a complete, playable video. A write that fails
+(a full disk, a file size limit, an encoder that died) raises :class:`VideoWriteError` and
+leaves nothing under the final name. :func:`is_complete_video` is the same check for a file
+that is already there (the command line makes again what fails it).
+"""
 
 from __future__ import annotations
 
@@ -71,11 +78,39 @@ def _write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
 WRITERS: dict[str, Callable[[np.ndarray, Path, float], None]] = {".mp4": _write_mp4, ".gif": _write_gif}
 
 
+class VideoWriteError(OSError):
+    """A video could not be written completely; nothing was left under its name."""
+
+
+def count_frames(path: str | os.PathLike) -> int:
+    """The frames a video file decodes to (0 for a file that is not a readable MP4 or GIF)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".gif":
+            with Image.open(path) as gif:
+                return int(getattr(gif, "n_frames", 1))
+        return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+    except (OSError, RuntimeError, ValueError, SyntaxError):  # SyntaxError: Pillow's word for a broken file
+        return 0
+
+
+def is_complete_video(path: str | os.PathLike, frames: int) -> bool:
+    """Whether ``path`` is a playable video of exactly ``frames`` frames."""
+    return Path(path).is_file() and count_frames(path) == frames
+
+
+def _check_frames(path: Path, expected: int) -> None:
+    found = count_frames(path)
+    if found != expected:
+        raise VideoWriteError(f"the written file holds {found} of {expected} frames")
+
+
 def save_video(frames: Any, path: str | os.PathLike, fps: float = 8) -> Path:
     """Save one video as an H.264 MP4 or a looping GIF, chosen by the file extension.
 
-    The file is written under a temporary name in the same folder and renamed into place, so
-    `path` either holds the complete video or is left untouched.
+    The file is written under a temporary name in the same folder, re-opened and its frames
+    counted, and renamed into place only when all are there, so `path` either holds the complete
+    video or is left untouched.
 
     Args:
         frames: one video as a torch tensor or numpy array: float in [0, 1] or uint8,
@@ -84,6 +119,8 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8) -> Path:
         fps: frames per second.
     Returns:
         The destination path.
+    Raises:
+        VideoWriteError: the video could not be written completely (one sentence naming the file).
     """
     path = Path(path)
     writer = WRITERS.get(path.suffix.lower())
@@ -92,6 +129,11 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 8) -> Path:
     if fps <= 0:
         raise UserError(f"fps must be positive, got {fps}.")
     video = to_uint8_frames(frames)
-    write_atomically(path, lambda temporary: writer(video, temporary, fps))
+    try:
+        write_atomically(path, lambda temporary: writer(video, temporary, fps),
+                         verify=lambda temporary: _check_frames(temporary, len(video)))
+    except (OSError, RuntimeError) as exc:  # imageio-ffmpeg reports a dead encoder as a RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise VideoWriteError(f"Cannot write {path} ({reason}).") from exc
     logger.debug("Saved %d frames to %s", len(video), path)
     return path

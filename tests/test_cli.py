@@ -18,10 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dynamicrafter import cli
+from dynamicrafter import cli, pipeline
+from dynamicrafter.__main__ import main as dynamicrafter_command
 from dynamicrafter.configs import get_config, model_config
 from dynamicrafter.hub import CheckpointError
+from dynamicrafter.errors import UserError
 from dynamicrafter.jobs import output_names
+from dynamicrafter.video import save_video
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -58,7 +61,7 @@ class FakePipeline:
 
     def __call__(self, image, prompt="", **kwargs):
         if any(item.size == REFUSED_SIZE for item in image):
-            raise ValueError("The image is too small.")
+            raise UserError("The image is too small.")
         self.calls.append(dict(image=image, prompt=prompt, **kwargs))
         return {"videos": torch.rand(len(image), kwargs["num_frames"], 3, 8, 8)}
 
@@ -67,9 +70,9 @@ class FakePipeline:
 
     def save_video(self, videos, path, fps=8) -> None:
         assert videos.shape[0] == 1
+        save_video(videos[0], path, fps=fps)  # a real (8x8) video: the CLI checks what is on disk
         self.saved.append((Path(path), fps))
         self.frames_saved.append(videos.shape[1])
-        Path(path).write_bytes(b"video")
 
 
 @pytest.fixture
@@ -80,7 +83,7 @@ def fake(monkeypatch, caplog) -> list[FakePipeline]:
     class Recording(FakePipeline):
         created = []
 
-    monkeypatch.setattr(cli, "DynamiCrafterImg2VideoPipeline", Recording)
+    monkeypatch.setattr(pipeline, "DynamiCrafterImg2VideoPipeline", Recording)
     return Recording.created
 
 
@@ -324,9 +327,9 @@ def test_loop_drops_the_repeated_last_frame(fake, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["512_interp", "--loop", "--video_length", "2"],
-     "--video_length must be at least 3 for --loop (two frames remain once the repeated last one is dropped), got 2."),
+     "--video_length must be at least 3 for a loop (two frames remain once the repeated last one is dropped), got 2."),
     (["512_interp", "--interp", "--video_length", "1"],
-     "--video_length must be at least 2 for --interp (a start and an end frame), got 1."),
+     "--video_length must be at least 2 for interpolation (a start and an end frame), got 1."),
     (["tooncrafter", "--interp", "--video_length", "3"], "--video_length must be at least 4 for ToonCrafter's decoder, got 3."),
 ])
 def test_too_few_frames_are_refused_before_the_model_loads(argv, message, fake, tmp_path, caplog):
@@ -349,7 +352,7 @@ def test_a_failed_load_leaves_no_empty_output_folder(tmp_path, monkeypatch, capl
 @pytest.mark.parametrize("flag", ["--interp", "--loop"])
 def test_interp_and_loop_need_an_interpolation_model(fake, tmp_path, caplog, flag):
     assert cli.main(["512", flag, "--image_path", str(make_image(tmp_path / "a.png"))]) == 2
-    assert errors(caplog) == [f"{flag} needs an interpolation model such as 512_interp, not 512."]
+    assert errors(caplog) == [f"{flag} needs an interpolation model (512_interp or tooncrafter), not 512."]
     assert not fake
 
 
@@ -523,13 +526,13 @@ def test_cuda_device_without_cuda_is_a_user_error(fake, tmp_path, monkeypatch, c
     assert errors(caplog) == ["--device: Device cuda:1 needs CUDA, which is not available here; use cpu."]
 
 
-@pytest.mark.parametrize("error", [ValueError("Config file nope.yaml does not exist."),
+@pytest.mark.parametrize("error", [UserError("Config file nope.yaml does not exist."),
                                    CheckpointError("Cannot download model.ckpt; check your connection.")])
 def test_pipeline_construction_errors_exit_1(fake, tmp_path, monkeypatch, caplog, error):
     def refuse(self, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli.DynamiCrafterImg2VideoPipeline, "__init__", refuse)
+    monkeypatch.setattr(pipeline.DynamiCrafterImg2VideoPipeline, "__init__", refuse)
     image = make_image(tmp_path / "a.png")
     assert cli.main(["256", "--image_path", str(image), "--output_dir", str(tmp_path), "--device", "cpu"]) == 1
     assert errors(caplog) == [str(error)]
@@ -755,10 +758,10 @@ def test_lora_flags_load_the_lora(fake, tmp_path):
 
 def test_train_and_convert_are_dynamicrafter_commands(capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(["train", "--help"])
+        dynamicrafter_command(["train", "--help"])
     assert info.value.code == 0 and "Fine-tune a DynamiCrafter model" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        cli.main(["convert", "--help"])
+        dynamicrafter_command(["convert", "--help"])
     assert "safetensors" in capsys.readouterr().out
 
 

@@ -17,10 +17,9 @@ from safetensors.torch import load_file
 
 import dynamicrafter.pipeline as pipeline_module
 from dynamicrafter.diffusion.denoiser import ModelDenoiser
-from dynamicrafter.diffusion.guidance import guided, two_scale_guided
+from dynamicrafter.diffusion.guidance import GuidanceBranches, guided, guided_model, two_scale_guided
 from dynamicrafter.diffusion.sampling import StepInfo, sample_ddim
 from dynamicrafter.diffusion.schedule import NoiseLevels
-from dynamicrafter.pipeline import _Conditioning
 
 from .conftest import CHAIN_TOL, DATA, MODULE_TOL, TINY_NAMES, load_tiny, relative_error
 from .test_pipeline import make_pipeline, reference_image, replay_noise
@@ -50,19 +49,16 @@ def check(ours: torch.Tensor, expected: torch.Tensor, tol: float, label: str) ->
 def test_three_conditionings_match_reference(pipes, ref, settings, name):
     s, p = settings[name], f"{name}."
     pipe = pipes[name]
-    pixels = ref_pixels(name)
-    cond = pipe.encode(pixels, [s["prompt"]], None, None, s["frames"], s["frame_stride"], True,
-                       image_guidance_scale=2.0)
+    request = pipe.check_inputs(ref_image(name), s["prompt"], num_frames=s["frames"], frame_stride=s["frame_stride"],
+                                height=s["height"], width=s["width"], image_guidance_scale=2.0)
+    cond, _ = pipe.encode(request)
     for ours, key in ((cond.context, "context"), (cond.uncond_context, "uncond_context"),
                       (cond.image_context, "image_context"), (cond.concat, "concat")):
         check(ours, ref[p + "mc." + key], MODULE_TOL, f"{name} {key}")
 
 
-def ref_pixels(name: str) -> torch.Tensor:
-    from dynamicrafter.pipeline import fit_image
-
-    s = load_tiny(name).manifest
-    return fit_image(reference_image(load_tiny(name).vectors), s["height"], s["width"])[None]
+def ref_image(name: str):
+    return reference_image(load_tiny(name).vectors)
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -71,15 +67,13 @@ def test_guided_output_and_step_match_reference(pipes, ref, settings, name, sequ
     """One three-branch guided UNet output, and the DDIM step the original takes with it."""
     s, p = settings[name]["mc_module"], f"{name}.mc_module."
     pipe = pipes[name]
-    cond = _Conditioning(ref[f"{name}.mc.context"], ref[f"{name}.mc.uncond_context"], ref[f"{name}.mc.concat"],
-                         torch.tensor([settings[name]["frame_stride"]]), image_context=ref[f"{name}.mc.image_context"])
-    pipe.sequential_guidance = sequential
-    try:
-        model_fn = pipe._denoiser(cond, s["guidance_scale"], s["guidance_rescale"], s["cfg_img"])
-        x, t = ref[p + "x"], ref[p + "t"]
-        check(model_fn(x, t), ref[p + "guided"], MODULE_TOL, f"{name} guided output")
-    finally:
-        pipe.sequential_guidance = False
+    cond = GuidanceBranches(ref[f"{name}.mc.context"], ref[f"{name}.mc.concat"],
+                            torch.tensor([settings[name]["frame_stride"]]), ref[f"{name}.mc.uncond_context"],
+                            ref[f"{name}.mc.image_context"])
+    model_fn = guided_model(pipe.model.unet, cond, s["guidance_scale"], s["guidance_rescale"], s["cfg_img"],
+                            sequential=sequential)
+    x, t = ref[p + "x"], ref[p + "t"]
+    check(model_fn(x, t), ref[p + "guided"], MODULE_TOL, f"{name} guided output")
     unet = pipe.model.unet
     x_in = torch.cat([x, cond.concat], 1)
     for context, key in ((cond.context, "out_cond"), (cond.uncond_context, "out_uncond"),
@@ -183,13 +177,10 @@ def test_image_scale_one_drops_the_unconditional_branch(pipes, image, monkeypatc
     # The same with all three branches: the unconditional one cancels out.
     real = pipeline_module.DynamiCrafterImg2VideoPipeline.encode
 
-    def with_uncond(self, *args):
-        cond = real(self, *args[:-1], 1.5)  # builds the unconditional branch too
-        return cond
+    def with_uncond(self, request):  # encode the unconditional branch too; the image scale stays 1
+        return real(self, request.replace(image_guidance_scale=1.5))
 
     monkeypatch.setattr(pipeline_module.DynamiCrafterImg2VideoPipeline, "encode", with_uncond)
-    monkeypatch.setattr(pipeline_module, "two_scale_guided",
-                        lambda c, i, u, s, si, r: two_scale_guided(c, i, u, s, 1.0, r))
     three = pipe(image, "x", latents=noise(), guidance_scale=4.0, image_guidance_scale=1.0, **FAST)["videos"]
     assert sizes[2:] == [3, 3]
     assert relative_error(ours, three) < 1e-5

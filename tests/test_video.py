@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import torch
 from PIL import Image
 
 from dynamicrafter import video
-from dynamicrafter.video import save_video, to_uint8_frames
+from dynamicrafter.video import VideoWriteError, is_complete_video, save_video, to_uint8_frames
 
 
 def moving_square(frames: int = 8, height: int = 64, width: int = 96) -> torch.Tensor:
@@ -92,9 +95,57 @@ def test_encoder_failure_leaves_no_file(tmp_path, monkeypatch):
         raise RuntimeError("encoder crashed")
 
     monkeypatch.setattr(video.imageio_ffmpeg, "write_frames", crashing_write_frames)
-    with pytest.raises(RuntimeError, match="encoder crashed"):
+    target = tmp_path / "clip.mp4"
+    with pytest.raises(VideoWriteError, match=rf"^Cannot write {re.escape(str(target))} \(encoder crashed\)\.$"):
+        save_video(moving_square(), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_silently_truncated_video_is_never_renamed_into_place(tmp_path, monkeypatch):
+    """An encoder that stops early without an error (a killed ffmpeg) leaves a short file: it is caught."""
+    real_write_frames = imageio_ffmpeg.write_frames
+
+    def short_write_frames(*args, **kwargs):
+        inner = real_write_frames(*args, **kwargs)
+        inner.send(None)
+        sent = 0
+        try:
+            while True:
+                frame = yield
+                if sent < 3:
+                    inner.send(frame)
+                    sent += 1
+        finally:
+            inner.close()
+
+    monkeypatch.setattr(video.imageio_ffmpeg, "write_frames", short_write_frames)
+    with pytest.raises(VideoWriteError, match=r"\(the written file holds 3 of 8 frames\)\.$"):
         save_video(moving_square(), tmp_path / "clip.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_size_limit_fails_the_write_and_leaves_nothing(tmp_path):
+    """A write cut off by the file system (here RLIMIT_FSIZE, as a full disk) is an error, not a short video."""
+    script = (f"import resource, sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+              "import numpy as np; from dynamicrafter.video import save_video, VideoWriteError\n"
+              "frames = np.random.default_rng(0).integers(0, 256, (16, 128, 128, 3), dtype=np.uint8)\n"
+              f"try:\n    save_video(frames, {str(tmp_path / 'clip.mp4')!r})\n"
+              "except VideoWriteError as exc:\n    print(exc)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith(f"Cannot write {tmp_path / 'clip.mp4'} ("), (out.stdout, out.stderr[-500:])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_is_complete_video(tmp_path):
+    full = save_video(moving_square(), tmp_path / "full.mp4")
+    assert is_complete_video(full, 8) and not is_complete_video(full, 9)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    gif = save_video(moving_square(), tmp_path / "clip.gif")
+    assert [is_complete_video(p, 8) for p in (cut, empty, tmp_path / "missing.mp4", gif)] == [False, False, False, True]
 
 
 def test_existing_file_survives_a_failed_write(tmp_path, monkeypatch):

@@ -1,10 +1,15 @@
 """Classifier-free guidance: one text/image scale, or separate image and text scales.
 
-All functions combine UNet outputs (noise or velocity, ``[B, C, T, h, w]``) of branches that
-saw the same noisy latent and differ only in their conditioning.
+:func:`guided` and :func:`two_scale_guided` combine UNet outputs (noise or velocity,
+``[B, C, T, h, w]``) of branches that saw the same noisy latent and differ only in their
+conditioning; :func:`guided_model` wraps the UNet into the guided model function a denoiser
+calls, running the branches of :class:`GuidanceBranches` as one batch or one after the other.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -49,3 +54,69 @@ def two_scale_guided(cond_out: torch.Tensor, image_out: torch.Tensor, uncond_out
     else:
         out = uncond_out + image_scale * (image_out - uncond_out) + scale * (cond_out - image_out)
     return rescale_guidance(out, cond_out, rescale) if rescale > 0 else out
+
+
+@dataclass
+class GuidanceBranches:
+    """What the UNet is conditioned on in each guidance branch, for a batch of ``B`` videos.
+
+    ``context`` ``[B, 77 + image tokens, D]`` is the conditional branch (prompt + image tokens);
+    ``uncond_context`` the unconditional one (negative prompt + an all-zero image's tokens), or
+    ``None`` without guidance or when two-scale guidance with an image scale of 1 cancels it;
+    ``image_context`` the two-scale guidance's image branch (negative prompt + the real image
+    tokens), or ``None``. Every branch shares ``concat`` ``[B, 4, T, h, w]`` (the image latents
+    concatenated to the noisy latent) and ``fs`` ``[B]`` (frame stride or frame rate).
+    """
+
+    context: torch.Tensor
+    concat: torch.Tensor
+    fs: torch.Tensor
+    uncond_context: torch.Tensor | None = None
+    image_context: torch.Tensor | None = None
+
+    @property
+    def contexts(self) -> list[torch.Tensor]:
+        """The branches' contexts in the order the UNet runs them: conditional, unconditional, image."""
+        return [c for c in (self.context, self.uncond_context, self.image_context) if c is not None]
+
+
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guided_model(unet: UNetFn, branches: GuidanceBranches, scale: float, rescale: float = 0.0,
+                 image_scale: float | None = None, sequential: bool = False
+                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guided model function ``(x [B, 4, T, h, w], t [B]) -> output`` (float32) over ``unet``.
+
+    ``unet(x_in [n*B, 8, T, h, w], t, context, fs)`` is called once per step with every branch of
+    ``branches`` in one batch, or once per branch with ``sequential`` (less memory); the outputs
+    are combined by :func:`guided` (one scale) or :func:`two_scale_guided` (with ``image_scale``
+    and an image branch). A denoiser wraps the result (:class:`~.denoiser.ModelDenoiser`).
+    """
+    contexts = branches.contexts
+    n = len(contexts)
+    has_uncond = branches.uncond_context is not None
+    has_image = branches.image_context is not None
+    batched = n > 1 and not sequential
+    if batched:  # what stays the same at every step, repeated once for the batch of n branches
+        concat_n = torch.cat([branches.concat] * n)
+        context_n = torch.cat(contexts)
+        fs_n = torch.cat([branches.fs] * n)
+
+    def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if n == 1:
+            return outs[0]
+        cond_out, rest = outs[0], iter(outs[1:])
+        uncond_out = next(rest) if has_uncond else None
+        if not has_image:
+            return guided(cond_out, uncond_out, scale, rescale)
+        return two_scale_guided(cond_out, next(rest), uncond_out, scale, image_scale, rescale)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if batched:
+            out = unet(torch.cat([torch.cat([x] * n), concat_n], dim=1), torch.cat([t] * n), context_n, fs_n)
+            return combine(out.float().chunk(n))
+        x_in = torch.cat([x, branches.concat], dim=1)
+        return combine([unet(x_in, t, context, branches.fs).float() for context in contexts])
+
+    return model_fn
