@@ -25,6 +25,28 @@ T = TypeVar("T")
 TALLY_TIMEOUT = datetime.timedelta(days=7)
 
 
+def _env_int(name: str, default: int, world: int | None = None) -> int:
+    """The whole number in the environment variable ``name`` (``default`` when unset).
+
+    ``WORLD_SIZE`` (no ``world`` given) must be at least 1, a rank from 0 to ``world - 1``.
+    """
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    advice = "torchrun sets these, so unset them when not running under torchrun"
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r} is not a whole number; {advice}.") from None
+    if world is None and value < 1:
+        raise UserError(f"{name}={text!r} must be at least 1; {advice}.")
+    if world is not None and not 0 <= value < world:
+        allowed = "0" if world == 1 else f"from 0 to {world - 1}"
+        unset = " (unset)" if "WORLD_SIZE" not in os.environ else ""
+        raise UserError(f"{name}={text!r} must be {allowed} when WORLD_SIZE is {world}{unset}; {advice}.")
+    return value
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the run."""
@@ -35,16 +57,14 @@ class Ranks:
 
     @classmethod
     def from_env(cls) -> "Ranks":
-        """The layout torchrun exports (one process when it is absent)."""
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            rank = int(os.environ.get("RANK", "0"))
-            local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        except ValueError:
-            raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (as torchrun sets them).") from None
-        if world < 1 or not 0 <= rank < world:
-            raise UserError(f"RANK {rank} does not fit WORLD_SIZE {world}.")
-        return cls(rank, world, local)
+        """The layout torchrun exports (one process when it is absent).
+
+        Raises :class:`UserError` naming the variable and its value when one is not a whole number
+        or does not fit the others (``0 <= RANK, LOCAL_RANK < WORLD_SIZE``).
+        """
+        world = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0, world)
+        return cls(rank, world, _env_int("LOCAL_RANK", rank, world))
 
     @property
     def is_main(self) -> bool:

@@ -10,6 +10,7 @@ a LoRA is used.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from .configs import ModelConfig
 from .errors import UserError
 from .files import write_atomically
+from .options import OPTIONS, check_number
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -40,6 +42,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 ADAPTER = "default"
 _PREFIX = "base_model.model."
+_KEY = re.compile(re.escape(_PREFIX) + r"(.+)\.lora_(A|B)\.weight")
 
 
 def model_signature(config: ModelConfig) -> dict[str, str]:
@@ -117,104 +120,224 @@ def save_lora(folder: str | Path, state: dict[str, torch.Tensor], lora_config: A
     return folder
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header metadata of a LoRA folder or ``.safetensors`` file."""
+def _redo(file: Path) -> str:
+    return f"train it again with `dynamicrafter train` or use an intact copy of {file.name}"
+
+
+def _damaged(file: Path, what: str) -> UserError:
+    return UserError(f"LoRA {file} is damaged: {what}; {_redo(file)}.")
+
+
+def _layers(file: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The UNet module each LoRA layer adapts, with its ``A`` (rank x in) and ``B`` (out x rank) matrices.
+
+    Refuses keys that are not peft's ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``,
+    tensors that are not finite floating-point matrices, and layers that lack a matrix or whose
+    two matrices disagree on the rank.
+    """
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY.fullmatch(key)
+        if match is None or ".lora_" in match[1]:
+            raise _damaged(file, f"its key {key} is not peft's {_PREFIX}<module>.lora_A.weight or .lora_B.weight")
+        if tensor.dim() != 2:
+            raise _damaged(file, f"{key} has shape {tuple(tensor.shape)}, where a matrix is expected")
+        if not tensor.is_floating_point():
+            raise _damaged(file, f"{key} holds {str(tensor.dtype).removeprefix('torch.')} values, "
+                                 "where floating-point weights are expected")
+        if not torch.isfinite(tensor.float()).all():
+            raise _damaged(file, f"{key} holds NaN or infinite values")
+        layers.setdefault(match[1], {})[match[2]] = tensor
+    for name, pair in layers.items():
+        if len(pair) == 1:
+            have, lack = ("A", "B") if "A" in pair else ("B", "A")
+            raise _damaged(file, f"{name} has a lora_{have} but no lora_{lack}")
+        if pair["A"].shape[0] != pair["B"].shape[1]:
+            raise _damaged(file, f"{name}'s lora_A has rank {pair['A'].shape[0]} but its lora_B rank "
+                                 f"{pair['B'].shape[1]}")
+    return layers
+
+
+def _json_kind(doc: Any) -> str:
+    if doc is None or isinstance(doc, bool):
+        return json.dumps(doc)
+    return {str: "a string", list: "a list"}.get(type(doc), "a number")
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """The settings in a peft ``adapter_config.json``: a JSON object in UTF-8 of plain LoRA settings."""
+    try:
+        doc = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except OSError as exc:
+        raise UserError(f"LoRA config {file} cannot be read ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"LoRA config {file} is not UTF-8 text; {_redo(file)}.") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"LoRA config {file} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                         f"{exc.colno}); {_redo(file)}.") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"LoRA config {file} holds {_json_kind(doc)}, not a JSON object of LoRA settings; "
+                         f"{_redo(file)}.")
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if doc.get(k)]
+    if unsupported:
+        raise UserError(f"LoRA config {file} uses peft's {', '.join(unsupported)}, which dynamicrafter does not "
+                         "load; train a plain LoRA with `dynamicrafter train`.")
+    return doc
+
+
+def _read(path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """The weights file, its tensors, its settings (header, else ``adapter_config.json``) and its checked layers."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"LoRA {path} does not exist" + (f" (no {WEIGHTS_NAME} in it)." if path.is_dir() else "."))
     try:
         with safe_open(str(file), "pt") as f:
-            meta = dict(f.metadata() or {})
+            meta: dict[str, Any] = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{file} is not a readable LoRA file ({exc}).") from None
-    if not state or not all(".lora_A." in k or ".lora_B." in k for k in state):
+    if not state or not any(".lora_A." in k or ".lora_B." in k for k in state):
         raise UserError(f"{file} holds no LoRA weights (expected peft's lora_A / lora_B keys).")
+    layers = _layers(file, state)
     if "lora_rank" not in meta:  # a plain peft adapter: settings from its adapter_config.json
         cfg_file = file.parent / CONFIG_NAME
-        if cfg_file.is_file():
-            doc = json.loads(cfg_file.read_text())
-            meta.setdefault("lora_rank", str(doc.get("r")))
-            meta.setdefault("lora_alpha", str(doc.get("lora_alpha")))
+        if cfg_file.exists():
+            doc = _read_config(cfg_file)
+            meta.update({k: doc[c] for k, c in (("lora_rank", "r"), ("lora_alpha", "lora_alpha")) if c in doc})
+            meta["settings_from"] = cfg_file
+    return file, state, meta, layers
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and settings (header metadata, else ``adapter_config.json``'s) of a LoRA folder or file.
+
+    Raises :class:`UserError` for a missing, unreadable or malformed LoRA (see :func:`load_lora`).
+    """
+    _, state, meta, _ = _read(Path(path))
     return state, meta
 
 
+def _setting(file: Path, meta: dict[str, Any], key: str, integer: bool) -> int | float:
+    """``meta[key]`` (text in the header, a JSON value in ``adapter_config.json``) as a checked number."""
+    value = meta[key]
+    if isinstance(value, str):
+        try:
+            value = float(value)
+            value = int(value) if value.is_integer() else value
+        except ValueError:
+            pass
+    source = meta.get("settings_from")
+    name = ("r" if key == "lora_rank" else key) if source else f"the header's {key}"
+    try:
+        return check_number(value, name, integer=integer, minimum=1 if integer else None)
+    except UserError as exc:
+        where = f"LoRA config {source}" if source else f"LoRA {file}"
+        raise UserError(f"{where} is damaged: {str(exc).rstrip('.')}; {_redo(source or file)}.") from None
+
+
+def _settings(file: Path, meta: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]]) -> tuple[int, float]:
+    """The LoRA's rank (one for every layer: the recorded one, else the matrices') and alpha (default: the rank)."""
+    ranks = {name: pair["A"].shape[0] for name, pair in layers.items()}
+    if "lora_rank" in meta:
+        rank = int(_setting(file, meta, "lora_rank", integer=True))
+        source = meta.get("settings_from")
+        said = f"{source.name} gives r={rank}" if source else f"its header gives lora_rank={rank}"
+    else:
+        rank = min(ranks.values())
+        said = f"{min(ranks, key=ranks.__getitem__)} has rank {rank}"
+    for name, got in ranks.items():
+        if got != rank:
+            raise UserError(f"LoRA {file} is inconsistent: {name} has rank {got} but {said}, and this loader takes "
+                             f"one rank for every layer; {_redo(file)}.")
+    alpha = float(_setting(file, meta, "lora_alpha", integer=False)) if "lora_alpha" in meta else float(rank)
+    return rank, alpha
+
+
 def _describe_model(meta: dict[str, str]) -> str:
-    return f"the {meta['dynamicrafter_model']} model ({meta['dynamicrafter_size']}, {meta['dynamicrafter_parameterization']})"
+    return (f"the {meta.get('dynamicrafter_model', 'unnamed')} model ({meta.get('dynamicrafter_size', 'size unknown')}, "
+            f"{meta.get('dynamicrafter_parameterization', 'prediction type unknown')})")
 
 
-def _check_fits(path: Path, meta: dict[str, str], state: dict[str, torch.Tensor], unet: nn.Module,
-                config: ModelConfig) -> list[str]:
-    """Refuse a LoRA of another model; return the UNet module names it adapts."""
+def _check_fits(path: Path, meta: dict[str, Any], layers: dict[str, dict[str, torch.Tensor]], unet: nn.Module,
+                config: ModelConfig) -> None:
+    """Refuse a LoRA of another model (as its header says, or as its shapes show)."""
     ours = model_signature(config)
-    if "dynamicrafter_size" in meta and any(meta.get(k) != v for k, v in ours.items() if k != "dynamicrafter_model"):
+    if any(k in meta and meta[k] != v for k, v in ours.items() if k != "dynamicrafter_model"):
         raise UserError(f"LoRA {path} was trained on {_describe_model(meta)}, "
                          f"but this pipeline runs {_describe_model(ours)}.")
     modules = dict(unet.named_modules())
-    targets = set()
-    for key, tensor in state.items():
-        name, kind = key.removeprefix(_PREFIX).rsplit(".lora_", 1)
+    for name, pair in layers.items():
         module = modules.get(name)
         base = getattr(module, "base_layer", module)
         if not isinstance(base, nn.Linear):
-            raise UserError(f"LoRA {path} does not fit the {config.name} model: it adapts {name}, "
-                             "which is not a linear layer of this UNet.")
-        expected = base.in_features if kind.startswith("A") else base.out_features
-        got = tensor.shape[1] if kind.startswith("A") else tensor.shape[0]
-        if got != expected:
-            raise UserError(f"LoRA {path} does not fit the {config.name} model: {name} has {expected} "
-                             f"features, the LoRA {got}.")
-        targets.add(name)
-    return sorted(targets)
+            which = "this UNet does not have" if module is None else "is not a linear layer of this UNet"
+            raise UserError(f"LoRA {path} does not fit the {config.name} model: it adapts {name}, which {which}.")
+        for side, expected, got in (("in", base.in_features, pair["A"].shape[1]),
+                                    ("out", base.out_features, pair["B"].shape[0])):
+            if got != expected:
+                raise UserError(f"LoRA {path} does not fit the {config.name} model: {name} has {expected} "
+                                 f"{side}put features, the LoRA {got}.")
+
+
+def _check_scale(scale: Any) -> float:
+    """The LoRA strength, by the rule of ``--lora_scale`` (a finite number from 0 to 10)."""
+    return float(OPTIONS["lora_scale"].check(scale, "scale"))
 
 
 def load_lora(unet: nn.Module, path: str | Path, config: ModelConfig, scale: float = 1.0) -> int:
     """Add the LoRA at ``path`` to ``unet`` (in place) at strength ``scale``; returns the layers adapted.
 
-    The LoRA layers take the device and dtype of the layers they wrap (the model's dtype over
-    float8 weights, which stay quantized). Raises ``ValueError`` for a missing or unreadable file
-    or a LoRA of another model.
+    A LoRA already on ``unet`` is replaced. The LoRA layers take the device and dtype of the
+    layers they wrap (the model's dtype over float8 weights, which stay quantized). Raises
+    :class:`UserError` (one sentence) for a ``scale`` outside 0 to 10, a missing, unreadable or
+    malformed file (its settings, keys, shapes, ranks, dtypes and values are checked) or a LoRA
+    of another model; everything is checked before ``unet`` is changed, so then it is untouched.
     """
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
+    scale = _check_scale(scale)
     path = Path(path)
-    state, meta = read_lora(path)
-    names = _check_fits(path, meta, state, unet, config)
-    ranks = {t.shape[0] for k, t in state.items() if ".lora_A." in k}
-    rank = int(meta.get("lora_rank") or max(ranks))
-    alpha = float(meta.get("lora_alpha") or rank)
+    file, state, meta, layers = _read(path)
+    rank, alpha = _settings(file, meta, layers)
+    _check_fits(path, meta, layers, unet, config)
+    names = sorted(layers)
+    unload_lora(unet)  # the new LoRA is known to fit: replace any LoRA already there
     # Exact module names as targets (anchored regex): only the layers the file has weights for.
     pattern = "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
     lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, bias="none")
-    with warnings.catch_warnings():
-        # Over float8 weights (dynamicrafter.quantization) peft warns, once per layer, that it could not
-        # merge the LoRA into them; the LoRA is never merged here, it runs beside the base layer.
-        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
-        inject_adapter_in_model(lora_config, unet, adapter_name=ADAPTER)
-    dtype = next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
-    result = set_peft_model_state_dict(unet, {k.removeprefix(_PREFIX): v for k, v in state.items()}, adapter_name=ADAPTER)
-    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
-    if missing:
+    try:
+        with warnings.catch_warnings():
+            # Over float8 weights (dynamicrafter.quantization) peft warns, once per layer, that it could not
+            # merge the LoRA into them; the LoRA is never merged here, it runs beside the base layer.
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+            inject_adapter_in_model(lora_config, unet, adapter_name=ADAPTER)
+        dtype = next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
+        result = set_peft_model_state_dict(unet, {k.removeprefix(_PREFIX): v for k, v in state.items()},
+                                           adapter_name=ADAPTER)
+        missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
+        if missing:  # the checks above make this a bug, not a bad file
+            raise RuntimeError(f"peft did not load {len(missing)} LoRA weight(s) of {file}, e.g. {missing[0]}.")
+        for name, param in unet.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.to(dtype)
+                param.requires_grad_(False)
+        set_lora_scale(unet, scale)
+    except BaseException:  # Ctrl-C included: never leave a half-applied LoRA
         unload_lora(unet)
-        raise UserError(f"LoRA {path} lacks weights for {len(missing)} adapted layer(s), e.g. {missing[0]}.")
-    for name, param in unet.named_parameters():
-        if ".lora_" in name:
-            param.data = param.data.to(dtype)
-            param.requires_grad_(False)
-    set_lora_scale(unet, scale)
+        raise
     return len(names)
 
 
 def set_lora_scale(unet: nn.Module, scale: float) -> None:
-    """Set the strength of the loaded LoRA (0 gives the base model's output exactly)."""
+    """Set the strength of the loaded LoRA (0 gives the base model's output exactly; at most 10)."""
     from peft.tuners.lora import LoraLayer
 
+    scale = _check_scale(scale)
     for module in unet.modules():
         if isinstance(module, LoraLayer):
-            module.set_scale(ADAPTER, float(scale))
+            module.set_scale(ADAPTER, scale)
 
 
 def unload_lora(unet: nn.Module) -> int:
