@@ -228,12 +228,14 @@ class DynamiCrafterImg2VideoPipeline:
     def load_lora_weights(self, path: str | Path, scale: float = 1.0) -> None:
         """Apply a LoRA trained with ``dynamicrafter train`` (a folder or its ``adapter_model.safetensors``).
 
-        ``scale`` is its strength (0 gives the base model's output). A LoRA already loaded is
-        replaced. Raises ``ValueError`` for a missing or unreadable file or a LoRA of another model.
+        ``scale`` is its strength, 0 to 10 (0 gives the base model's output; the ``--lora_scale``
+        rule of the option table). A LoRA already loaded is replaced once the new one has passed
+        every check. Raises :class:`~dynamicrafter.errors.UserError` (one sentence) for a bad
+        scale, a missing, unreadable or malformed file or a LoRA of another model; the UNet is then
+        left as it was.
         """
         from .lora import load_lora  # peft is imported only when a LoRA is used
 
-        self.unload_lora_weights()
         count = load_lora(self.model.unet, path, self.config, scale)
         logger.info("Loaded LoRA %s (%d layers, scale %g).", path, count, scale)
 
