@@ -1,6 +1,6 @@
 """Training benchmark: seconds per optimizer step and peak memory of the real training loop.
 
-    python -m dynamicrafter.training.bench --resolution 512 --frames 16 --mode lora --lora_rank 64 \\
+    python -m dynamicrafter.bench.training --resolution 512 --frames 16 --mode lora --lora_rank 64 \\
         --device cuda --random-weights --steps 5 --json
 
 It writes one synthetic clip at the model's size (or ``--height``/``--width``) to a temporary
@@ -11,14 +11,13 @@ builds the full-size model with random weights (the same arithmetic as the relea
 download). Reported: the median seconds per step after the first (warm-up) step, and the peak
 memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set on the CPU.
 ``--estimate`` instead estimates the peak memory of a step on the meta device, without a GPU or
-weights (:mod:`dynamicrafter.training.memory`).
+weights (:mod:`dynamicrafter.bench.memory`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import resource
 import statistics
 import sys
@@ -29,11 +28,10 @@ from typing import Any
 import torch
 
 from ..configs import ModelConfig, model_config
-from ..frontend import configure_logging
+from ..frontend import EXIT_USAGE, CliError, Parser
 from ..runtime import resolve_device
-from .config import TrainConfig
-
-logger = logging.getLogger(__name__)
+from ..training.config import TrainConfig
+from . import run_tool
 
 
 def write_clip(path: Path, frames: int, height: int, width: int, fps: int = 24) -> Path:
@@ -58,7 +56,7 @@ def write_clip(path: Path, frames: int, height: int, width: int, fps: int = 24) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dynamicrafter.training.bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m dynamicrafter.bench.training", description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", default="512")
     p.add_argument("--config", help="model YAML (default: the resolution's preset)")
     p.add_argument("--checkpoint", help="checkpoint (needed unless --random-weights)")
@@ -101,7 +99,7 @@ def _settings(cfg: TrainConfig, config: ModelConfig, precision: str) -> dict:
 
 
 def estimate(args: argparse.Namespace) -> dict:
-    """The ``--estimate`` report: :func:`~dynamicrafter.training.memory.estimate_step_memory`."""
+    """The ``--estimate`` report: :func:`~dynamicrafter.bench.memory.estimate_step_memory`."""
     from .memory import estimate_step_memory
 
     config = model_config(args.resolution, args.config)
@@ -110,14 +108,14 @@ def estimate(args: argparse.Namespace) -> dict:
     return {
         **_settings(cfg, config, cfg.precision), "trained_values": result.trained_values,
         "weights_bytes": result.weights, "peak_mem_bytes": result.peak, "s_per_step": None,
-        "peak_mem": "estimated on the meta device (fused attention, no autocast; see dynamicrafter.training.memory)",
+        "peak_mem": "estimated on the meta device (fused attention, no autocast; see dynamicrafter.bench.memory)",
         "device_name": "meta",
     }
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..bench import random_model
-    from .trainer import Trainer, resolve_precision
+    from ..training.trainer import Trainer, resolve_precision
+    from .generation import random_model
 
     device = resolve_device(args.device)
     config = model_config(args.resolution, args.config)
@@ -164,16 +162,14 @@ def describe(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    args = build_parser().parse_args(argv)
+    """Run (or estimate) the training step; returns the exit status (2 with one line for bad arguments)."""
+    return run_tool(argv, build_parser, _benchmark)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
     if not args.random_weights and not args.checkpoint and not args.estimate:
-        logger.error("Give --checkpoint, or --random-weights for a full-size model with random weights.")
-        return 2
-    try:
-        report = estimate(args) if args.estimate else run(args)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 1
+        raise CliError("Give --checkpoint, or --random-weights for a full-size model with random weights.", EXIT_USAGE)
+    report = estimate(args) if args.estimate else run(args)
     print(json.dumps(report) if args.json else describe(report))
     return 0
 
