@@ -145,9 +145,9 @@ def _imports(path: Path, root: Path) -> set[str]:
 
 
 def test_the_library_imports_no_measurement_tool_and_the_tools_no_checkout_path():
-    """Nothing outside dynamicrafter/bench imports it; no tool finds files from its own path."""
+    """Outside dynamicrafter/bench only the two command shims name it; no tool finds files from its own path."""
     package = Path(bench.__file__).parents[1]
-    shims: set[Path] = set()
+    shims = {package / "bench_suite.py", package / "training" / "bench.py"}
     for path in package.rglob("*.py"):
         if package / "bench" in path.parents:
             assert "Path(__file__)" not in path.read_text(), path

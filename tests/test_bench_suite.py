@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 from dynamicrafter.bench import suite as bench_suite
 from dynamicrafter.bench.suite import TESTS, Item, run_suite
@@ -58,6 +60,12 @@ def test_list_and_unknown_items(capsys, caplog, tmp_path):
         caplog.clear()
         assert bench_suite.main(argv) == 2
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [message]
+
+
+def test_the_old_module_still_runs_the_suite():
+    done = subprocess.run([sys.executable, "-m", "dynamicrafter.bench_suite", "--list", "--only", "sample-256"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("sample-256 ")
 
 
 def test_a_run_names_its_results_and_fails_when_an_item_failed(tmp_path, monkeypatch, capsys):
