@@ -15,7 +15,7 @@ __all__ = ["COMMANDS", "main"]
 #: ``dynamicrafter <command> ...``: the module whose ``main(argv)`` runs it.
 COMMANDS = {
     "app": "dynamicrafter.app",
-    "bench": "dynamicrafter.bench",
+    "bench": "dynamicrafter.bench.generation",
     "convert": "dynamicrafter.convert",
     "train": "dynamicrafter.training.cli",
 }

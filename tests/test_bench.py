@@ -1,13 +1,17 @@
-"""The benchmark command: its JSON report and its FLOP count."""
+"""The benchmark command: its JSON report and its FLOP count; the measurement tools apart from the library."""
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
+from pathlib import Path
 
 import pytest
 
-from dynamicrafter import bench
+from dynamicrafter.bench import generation as bench
 from dynamicrafter.configs import get_config, load_config
+from dynamicrafter.errors import UserError
 
 from .conftest import DATA
 
@@ -55,12 +59,19 @@ def test_random_model_has_the_real_shapes_and_runs_finite():
     assert torch.isfinite(out).all() and out.abs().max() > 0
 
 
-def test_bad_arguments_exit_with_a_message(capsys):
+def errors(caplog) -> list[str]:
+    """The messages logged as errors so far, then forgotten."""
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    caplog.clear()
+    return messages
+
+
+def test_bad_arguments_exit_with_a_message(caplog):
     assert bench.main(["--steps", "1"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "ERROR: --num_inference_steps must be at least 2 (the first step is the warm-up).")
+    assert errors(caplog) == ["--num_inference_steps must be at least 2 (the first step is the warm-up)."]
     assert bench.main(["999"]) == 2
-    assert "unknown resolution '999'" in capsys.readouterr().err
+    (message,) = errors(caplog)
+    assert "unknown resolution '999'" in message
 
 
 def test_flags_share_the_command_lines_names():
@@ -111,12 +122,47 @@ def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):
     assert report["unet_tflop_per_step"] == pytest.approx(tiny / 1e12)
 
 
-def test_compare_reference_refuses_a_folder_without_the_original(tmp_path, capsys):
+def test_dynamicrafter_bench_runs_the_benchmark(caplog):
+    from dynamicrafter.__main__ import main
+
+    assert main(["bench", "--steps", "1"]) == 2
+    assert errors(caplog) == ["--num_inference_steps must be at least 2 (the first step is the warm-up)."]
+
+
+def _imports(path: Path, root: Path) -> set[str]:
+    """The absolute names of the modules (and names from them) that the file at ``path`` imports."""
+    parts = path.relative_to(root).with_suffix("").parts
+    package = parts[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] if node.level else ())
+            module = ".".join(filter(None, (base, node.module)))
+            names.update({module} | {f"{module}.{alias.name}" for alias in node.names})
+    return names
+
+
+def test_the_library_imports_no_measurement_tool_and_the_tools_no_checkout_path():
+    """Outside dynamicrafter/bench only the two command shims name it; no tool finds files from its own path."""
+    package = Path(bench.__file__).parents[1]
+    shims = {package / "bench_suite.py", package / "training" / "bench.py"}
+    for path in package.rglob("*.py"):
+        if package / "bench" in path.parents:
+            assert "Path(__file__)" not in path.read_text(), path
+        elif path not in shims:
+            tools = {n for n in _imports(path, package.parent) if n.startswith("dynamicrafter.bench")}
+            assert not tools, f"{path} imports {tools}"
+    assert _imports(package / "bench" / "training.py", package.parent) >= {  # relative imports, one and two levels up
+        "dynamicrafter.bench.generation.random_model", "dynamicrafter.training.trainer.Trainer"}
+
+
+def test_compare_reference_refuses_a_folder_without_the_original(tmp_path, caplog):
     """Checked before any model is built; the original is never needed by the tests."""
     assert bench.main(["--compare-reference", str(tmp_path), "--steps", "2"]) == 2
-    err = capsys.readouterr().err
-    assert err == (f"ERROR: --compare-reference: {tmp_path} is not a DynamiCrafter checkout "
-                   "(it has no lvdm/modules/networks/openaimodel3d.py).\n")
+    assert errors(caplog) == [f"--compare-reference: {tmp_path} is not a DynamiCrafter checkout "
+                              "(it has no lvdm/modules/networks/openaimodel3d.py)."]
 
 
 def test_compare_reference_reports_an_unimportable_original_in_one_line(tmp_path):
@@ -126,7 +172,7 @@ def test_compare_reference_reports_an_unimportable_original_in_one_line(tmp_path
     source.parent.mkdir(parents=True)
     source.write_text("import a_module_that_is_not_installed\n")
     try:
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(UserError) as info:
             bench.reference_unet(None, tmp_path, None)
     finally:
         for name in [n for n in sys.modules if n == "lvdm" or n.startswith("lvdm.")]:
@@ -147,7 +193,7 @@ def test_compare_reference_reports_an_unimportable_original_in_one_line(tmp_path
     ("aten::view", "other"),
 ])
 def test_profile_categories(name, kind):
-    from dynamicrafter.profiling import category
+    from dynamicrafter.bench.profiling import category
 
     assert category(name) == kind
 
@@ -158,7 +204,7 @@ def test_profile_on_cuda_sums_the_kernels_by_kind(monkeypatch):
 
     import torch
 
-    from dynamicrafter import profiling
+    from dynamicrafter.bench import profiling
 
     def event(name, us, device_type):
         return types.SimpleNamespace(name=name, device_type=device_type,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 
-import pytest
-
-from dynamicrafter import bench_suite
-from dynamicrafter.bench_suite import Item, run_suite
+from dynamicrafter.bench import suite as bench_suite
+from dynamicrafter.bench.suite import TESTS, Item, run_suite
 
 
 def test_items_run_apart_and_each_leaves_a_line(tmp_path, capsys):
@@ -34,17 +35,37 @@ def test_no_item_starts_without_time_left(tmp_path):
                       "skipped": "no time left in the budget"}]
 
 
-def test_list_and_unknown_items(capsys):
-    assert bench_suite.main(["--list", "--only", "sample-256"]) == 0
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("sample-256 ") and "-m dynamicrafter.bench 256 --device cuda" in out and "--json" in out
+def test_an_item_that_runs_the_tests_needs_their_folder(tmp_path):
+    """The suite reads nothing of a checkout unless --tests names its tests folder."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "report.json").write_text("{}")
+    item = Item("tests", "json.tool", (f"{TESTS}/report.json",))
+    skipped, ran = run_suite([item], tmp_path / "out", budget=600) + run_suite([item], tmp_path / "out", 600,
+                                                                                 tests=tmp_path / "tests")
+    assert skipped["skipped"] == "needs --tests DIR, the repository's tests folder" and skipped["rc"] is None
+    assert ran["rc"] == 0 and ran["report"] == {} and ran["command"].endswith(f"{tmp_path}/tests/report.json")
+
+
+def test_list_and_unknown_items(capsys, caplog, tmp_path):
+    assert bench_suite.main(["--list", "--only", "sample-256", "fused-norm-tests"]) == 0
+    fused, sample = capsys.readouterr().out.strip().splitlines()  # in the suite's order
+    assert sample.startswith("sample-256 ") and "-m dynamicrafter.bench 256 --device cuda" in sample and "--json" in sample
+    assert fused.startswith("fused-norm-tests ") and "-m pytest {tests}/test_fused_norm.py -k kernel" in fused
     names = [item.name for item in bench_suite.SUITE]
     assert len(set(names)) == len(names) and names[0] == "train-lora-512"
-    for argv, message in ((["--list", "--only", "sample-256", "sample-4096"], "unknown item sample-4096; --list shows them"),
-                          ([], "--out is needed to run the suite")):
-        with pytest.raises(SystemExit) as info:
-            bench_suite.main(argv)
-        assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+    for argv, message in ((["--list", "--only", "sample-256", "sample-4096"], "Unknown item sample-4096; --list shows them."),
+                          (["--list", "--tests", str(tmp_path / "none")], f"--tests: {tmp_path / 'none'} is not a folder; "
+                                                                           "give the repository's tests folder."),
+                          ([], "--out is needed to run the suite.")):
+        caplog.clear()
+        assert bench_suite.main(argv) == 2
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [message]
+
+
+def test_the_old_module_still_runs_the_suite():
+    done = subprocess.run([sys.executable, "-m", "dynamicrafter.bench_suite", "--list", "--only", "sample-256"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("sample-256 ")
 
 
 def test_a_run_names_its_results_and_fails_when_an_item_failed(tmp_path, monkeypatch, capsys):
@@ -61,12 +82,13 @@ def test_a_run_names_its_results_and_fails_when_an_item_failed(tmp_path, monkeyp
 
 
 def test_every_item_parses_with_its_benchmarks_flags():
-    import importlib
+    from dynamicrafter.bench import generation, training
 
+    parsers = {"dynamicrafter.bench": generation.build_parser, "dynamicrafter.bench.training": training.build_parser}
     for item in bench_suite.SUITE:
-        if not item.module.endswith("bench"):
+        if item.module in ("pytest", "dynamicrafter.models.fused_norm"):
             continue  # tests and checks, not benchmarks
-        parser = importlib.import_module(item.module).build_parser()
+        parser = parsers[item.module]()
         args = item.command()[3:]
         assert "--json" in args  # the runner reads the report from the last line
-        parser.parse_args(args)  # exits (SystemExit) on an unknown flag
+        parser.parse_args(args)  # raises a CliError on an unknown flag

@@ -738,7 +738,8 @@ def test_every_flag_is_documented():
 
 
 def test_front_ends_share_the_model_flags():
-    from dynamicrafter import app, bench
+    from dynamicrafter import app
+    from dynamicrafter.bench import generation as bench
 
     def flags(parser):
         return {flag for action in parser._actions for flag in action.option_strings}

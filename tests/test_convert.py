@@ -200,7 +200,7 @@ def test_streams_tensor_by_tensor(tmp_path, record_property) -> None:
 
 def test_bench_load_random_files_load(config256, tmp_path) -> None:
     """The loading benchmark's random checkpoint (release names) and OpenCLIP file load like the real ones."""
-    from dynamicrafter.bench_load import write_random_checkpoint, write_random_open_clip
+    from dynamicrafter.bench.load import write_random_checkpoint, write_random_open_clip
 
     full, pruned, clip = tmp_path / "full.safetensors", tmp_path / "pruned.safetensors", tmp_path / "clip.safetensors"
     write_random_checkpoint(config256, full, torch.float16)

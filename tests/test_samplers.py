@@ -316,7 +316,7 @@ def test_non_finite_half_precision_redo_with_another_sampler(pipe, caplog):
 
 
 def test_convergence_report_table_and_plot(tmp_path):
-    from dynamicrafter.diffusion import convergence
+    from dynamicrafter.bench import convergence
 
     results = {"steps": [5, 10], "frames": 2, "reference_steps": 1000,
                "runs": {"tiny256/uniform_trailing": {"ddim": [2e-2, 1e-2], "dpmpp_2m": [1e-2, 3e-3]}}}

@@ -299,7 +299,7 @@ def test_torchrun_two_processes(one_clip, tmp_path):
 
 
 def test_benchmark_command_reports_step_time_and_memory(capsys):
-    from dynamicrafter.training import bench
+    from dynamicrafter.bench import training as bench
 
     code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--random-weights", "--frames", "2", "--height", "64",
                        "--width", "64", "--steps", "2", "--device", "cpu", "--precision", "fp32", "--lora_rank", "4",
@@ -313,7 +313,7 @@ def test_benchmark_command_reports_step_time_and_memory(capsys):
 
 def test_memory_estimate_without_a_gpu(capsys):
     """``--estimate`` counts a step's live tensors on the meta device: no weights, no GPU, no values."""
-    from dynamicrafter.training import bench
+    from dynamicrafter.bench import training as bench
 
     def estimate(*flags: str) -> dict:
         assert bench.main(["--config", str(DATA / "tiny256.yaml"), "--estimate", "--frames", "4", "--height", "64",
@@ -330,4 +330,4 @@ def test_memory_estimate_without_a_gpu(capsys):
     line = bench.describe(lora)  # what is printed without --json
     assert line.startswith("tiny256 64x64, 4 frames, batch 1, lora r4, bf16, checkpointing on on meta: peak ")
     assert line.endswith("GiB (estimated on the meta device (fused attention, no autocast; "
-                         "see dynamicrafter.training.memory))")
+                         "see dynamicrafter.bench.memory))")

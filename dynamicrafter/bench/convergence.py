@@ -1,12 +1,13 @@
 """How fast each sampler approaches the converged result: distance to 1000-step DDIM against steps.
 
-    python -m dynamicrafter.diffusion.convergence --out docs/sampler-convergence.png
+    python -m dynamicrafter.bench.convergence --data tests/data --out docs/sampler-convergence.png
 
-runs the image-to-video pipeline on the tiny reference models (``tests/data``: random weights,
-so this measures the solvers, not video quality) with eta 0, a fixed starting noise, the
-reference image and prompt and classifier-free guidance 7.5 (each model's guidance rescale),
-for every sampler and step count, and reports the relative L2 distance of the sampled latents
-to those of DDIM with 1000 steps. It prints a Markdown table and, with ``--out``, draws it
+runs the image-to-video pipeline on the tiny reference models (``--data``: the folder with their
+checkpoints, configs, reference vectors and ``manifest.json``, ``tests/data`` in a checkout of the
+repository; random weights, so this measures the solvers, not video quality) with eta 0, a fixed
+starting noise, the reference image and prompt and classifier-free guidance 7.5 (each model's
+guidance rescale), for every sampler and step count, and reports the relative L2 distance of the
+sampled latents to those of DDIM with 1000 steps. It prints a Markdown table and, with ``--out``, draws it
 (needs matplotlib: ``pip install "dynamicrafter[plot]"``).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -21,10 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..diffusion.sampling import SAMPLERS
+from ..errors import UserError
 from ..files import write_atomically
-from .sampling import SAMPLERS
+from ..frontend import EXIT_USAGE, CliError, Parser
+from . import run_tool
 
-DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
+#: Where the tiny models are in a checkout of the repository (named in the messages, never read by default).
+CHECKOUT_DATA = "tests/data"
 STEPS = (5, 10, 15, 20, 30, 50)
 #: (tiny model, timestep spacing): the 256 model's own spacing and the trailing one, the 512 model's own.
 RUNS = (("tiny256", "uniform"), ("tiny256", "uniform_trailing"), ("tiny512", "uniform_trailing"))
@@ -39,17 +45,24 @@ def _pipeline(name: str, data: Path):
     pipeline_module.tqdm = partial(pipeline_module.tqdm, disable=True)  # hundreds of runs: no progress bars
 
     checkpoint, config = data / f"{name}.ckpt", data / f"{name}.yaml"
-    if not checkpoint.is_file():
-        raise SystemExit(f"error: {checkpoint} not found; run from a checkout of the repository or give --data.")
+    if not checkpoint.is_file() or not config.is_file():
+        raise UserError(f"{data} lacks {name}.ckpt or {name}.yaml; give --data the folder with the tiny models "
+                        f"({CHECKOUT_DATA} in a checkout of the repository).")
     return DynamiCrafterImg2VideoPipeline("256" if name == "tiny256" else "512", device="cpu", checkpoint=checkpoint,
                                           config=config, dtype="float32")
 
 
-def measure(steps: tuple[int, ...] = STEPS, runs: tuple[tuple[str, str], ...] = RUNS, frames: int = 2,
-            reference_steps: int = 1000, data: Path = DATA, log=print) -> dict:
-    """``{"model/spacing": {"sampler": [distance at each step count]}}`` plus the settings."""
+def measure(data: Path, steps: tuple[int, ...] = STEPS, runs: tuple[tuple[str, str], ...] = RUNS, frames: int = 2,
+            reference_steps: int = 1000, log=print) -> dict:
+    """``{"model/spacing": {"sampler": [distance at each step count]}}`` plus the settings.
+
+    ``data`` is the folder with the tiny models (``tests/data`` in a checkout of the repository).
+    """
     from safetensors.torch import load_file
 
+    if not (data / "manifest.json").is_file():
+        raise UserError(f"{data} has no manifest.json; give --data the folder with the tiny models "
+                        f"({CHECKOUT_DATA} in a checkout of the repository).")
     manifest = json.loads((data / "manifest.json").read_text())
     results: dict = {"steps": list(steps), "frames": frames, "reference_steps": reference_steps, "runs": {}}
     for name in dict.fromkeys(n for n, _ in runs):
@@ -99,7 +112,7 @@ def plot(results: dict, out: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit('error: plotting needs matplotlib: pip install "dynamicrafter[plot]"') from None
+        raise UserError('Plotting needs matplotlib: pip install "dynamicrafter[plot]".') from None
     runs = results["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), sharey=True, squeeze=False)
     steps = np.array(results["steps"])
@@ -123,24 +136,33 @@ def plot(results: dict, out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynamicrafter.diffusion.convergence", description=__doc__.split("\n")[0])
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m dynamicrafter.bench.convergence", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help=f"folder with the tiny models and their manifest.json ({CHECKOUT_DATA} in a checkout)")
     parser.add_argument("--out", type=Path, help="PNG to draw (needs matplotlib)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="step counts (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=2, help="frames per video (default: 2)")
     parser.add_argument("--reference-steps", type=int, default=1000, help="DDIM steps of the reference (default: 1000)")
-    parser.add_argument("--data", type=Path, default=DATA, help="folder with the tiny models (default: tests/data)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: 1; the tiny models gain nothing from more)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    if min(args.steps) < 1 or args.frames < 1 or not 1 <= args.reference_steps <= 1000:
-        parser.error("step counts and frames must be positive; the reference at most 1000 steps")
-    import logging
+    return parser
 
-    logging.getLogger("dynamicrafter").setLevel(logging.WARNING)
-    results = measure(tuple(args.steps), frames=args.frames, reference_steps=args.reference_steps, data=args.data,
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, print the table and write what was asked for; returns the exit status."""
+    return run_tool(argv, build_parser, _convergence)
+
+
+def _convergence(args: argparse.Namespace) -> int:
+    if args.data is None:
+        raise CliError(f"--data is needed: the folder with the tiny models ({CHECKOUT_DATA} in a checkout).", EXIT_USAGE)
+    if min(args.steps) < 1 or args.frames < 1 or not 1 <= args.reference_steps <= 1000:
+        raise CliError("Step counts and frames must be positive, the reference at most 1000 steps.", EXIT_USAGE)
+    torch.set_num_threads(max(1, args.threads))
+    logging.getLogger("dynamicrafter").setLevel(logging.WARNING)  # hundreds of pipeline runs: no "Ready" lines
+    results = measure(args.data, tuple(args.steps), frames=args.frames, reference_steps=args.reference_steps,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
     print(markdown(results))
     if args.json:
@@ -151,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -29,8 +29,8 @@ from torch.utils._pytree import tree_leaves
 
 from ..configs import ModelConfig
 from ..models.dynamicrafter import DynamiCrafter
-from .config import TrainConfig
-from .objective import EncodedBatch, NullConditioning
+from ..training.config import TrainConfig
+from ..training.objective import EncodedBatch, NullConditioning
 
 
 @dataclass
@@ -108,7 +108,7 @@ def estimate_step_memory(config: ModelConfig, cfg: TrainConfig, steps: int = 2) 
     Frozen weights are bfloat16 with ``cfg.precision == "bf16"`` (float32 otherwise); trained
     ones float32, as the trainer keeps them. Two optimizer steps, so the optimizer's state counts.
     """
-    from .trainer import make_optimizer, prepare_model
+    from ..training.trainer import make_optimizer, prepare_model
 
     meta = torch.device("meta")
     frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32

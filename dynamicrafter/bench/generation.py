@@ -12,7 +12,7 @@ meta device; the achieved rate is compared with a large matmul measured on the s
 :data:`~dynamicrafter.models.unet.FUSED_NORM_BY_DEFAULT`), to time the UNet with and without it;
 the report says the setting and whether the kernel ran. ``--channels-last {auto,on,off}`` does
 the same for the UNet's memory layout, and ``--profile`` adds one UNet call's time by kind of
-operation (:mod:`dynamicrafter.profiling`).
+operation (:mod:`dynamicrafter.bench.profiling`).
 
 ``--quantize fp8|fp8_weights`` first samples the latents with the unquantized UNet, then quantizes
 it in place and samples them again from the same noise with the same settings; the report gives
@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import logging
 import resource
 import sys
 import time
@@ -41,19 +40,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .configs import PRESETS, ModelConfig, model_config
-from .errors import UserError
-from .frontend import EXIT_USAGE, CliError, Parser, resolution_arg
-from .models import fused_norm
-from .models.dynamicrafter import DynamiCrafter
-from .offload import offload_mode
-from .options import add_arguments, add_model_arguments
-from .pipeline import DynamiCrafterImg2VideoPipeline
+from ..configs import PRESETS, ModelConfig, model_config
+from ..errors import UserError
+from ..frontend import EXIT_USAGE, CliError, Parser, resolution_arg
+from ..models import fused_norm
+from ..models.dynamicrafter import DynamiCrafter
+from ..offload import offload_mode
+from ..options import add_arguments, add_model_arguments
+from ..pipeline import DynamiCrafterImg2VideoPipeline
+from ..quantization import quantize_mode, weight_bytes
+from ..runtime import COMPILE_MODES, resolve_device, resolve_dtype
+from . import run_tool
 from .profiling import profile_call
-from .quantization import quantize_mode, weight_bytes
-from .runtime import COMPILE_MODES, resolve_device, resolve_dtype
-
-logger = logging.getLogger(__name__)
 
 
 def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DynamiCrafter:
@@ -100,7 +98,7 @@ def unet_flops(config: ModelConfig, frames: int, batch: int = 2) -> int:
 
 
 def profile_unet(pipe: DynamiCrafterImg2VideoPipeline, frames: int, batch: int) -> dict:
-    """:func:`~dynamicrafter.profiling.profile_call` of one UNet call as the sampler makes it (after a warm-up)."""
+    """:func:`~dynamicrafter.bench.profiling.profile_call` of one UNet call as the sampler makes it (after a warm-up)."""
     x, t, context = unet_inputs(pipe.config, frames, batch, pipe.device, pipe.dtype)
     with torch.no_grad(), pipe._on_device(pipe.model.unet):
         pipe._unet_forward(x, t, context)  # warm-up
@@ -130,7 +128,7 @@ REFERENCE_UNET = Path("lvdm", "modules", "networks", "openaimodel3d.py")
 
 
 def check_reference_checkout(directory: str | Path) -> Path:
-    """``directory`` as a path, or a ``ValueError`` when it holds no original DynamiCrafter code."""
+    """``directory`` as a path, or a :class:`UserError` when it holds no original DynamiCrafter code."""
     root = Path(directory).expanduser()
     if not (root / REFERENCE_UNET).is_file():
         raise UserError(f"--compare-reference: {directory} is not a DynamiCrafter checkout "
@@ -376,42 +374,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (2 with one line for bad arguments)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-        args.resolution = args.res or args.resolution or "256"
-        if args.checkpoint and args.random_weights:
-            raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)
-        if args.num_inference_steps < 2:
-            raise CliError("--num_inference_steps must be at least 2 (the first step is the warm-up).", EXIT_USAGE)
-        if args.compare_reference and args.quantize != "none":
-            raise CliError("--compare-reference runs the original on unquantized weights; leave out --quantize.",
-                           EXIT_USAGE)
-        if args.compare_reference:
-            try:
-                check_reference_checkout(args.compare_reference)
-            except ValueError as exc:
-                raise CliError(str(exc), EXIT_USAGE) from None
-        result = run(args)
-    except CliError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
-        return exc.code
-    except (ValueError, RuntimeError) as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
-        return 1
+    return run_tool(argv, build_parser, _benchmark)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    args.resolution = args.res or args.resolution or "256"
+    if args.checkpoint and args.random_weights:
+        raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)
+    if args.num_inference_steps < 2:
+        raise CliError("--num_inference_steps must be at least 2 (the first step is the warm-up).", EXIT_USAGE)
+    if args.compare_reference and args.quantize != "none":
+        raise CliError("--compare-reference runs the original on unquantized weights; leave out --quantize.",
+                       EXIT_USAGE)
+    if args.compare_reference:
+        try:
+            check_reference_checkout(args.compare_reference)
+        except UserError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    result = run(args)
     if args.json:
         print(json.dumps(result))
-    else:
-        profile = result.pop("profile", None)
-        for key, value in result.items():
-            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
-        if profile:
-            what = "GPU kernels" if result["device"] == "cuda" else "CPU time"
-            print(f"\nOne UNet call, {profile['total_ms']:.1f} ms of {what}:")
-            for kind, entry in profile["by_category"].items():
-                print(f"{kind:>22}: {entry['ms']:9.1f} ms {entry['share']:6.1%} ({entry['calls']} calls)")
+        return 0
+    profile = result.pop("profile", None)
+    for key, value in result.items():
+        print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    if profile:
+        what = "GPU kernels" if result["device"] == "cuda" else "CPU time"
+        print(f"\nOne UNet call, {profile['total_ms']:.1f} ms of {what}:")
+        for kind, entry in profile["by_category"].items():
+            print(f"{kind:>22}: {entry['ms']:9.1f} ms {entry['share']:6.1%} ({entry['calls']} calls)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

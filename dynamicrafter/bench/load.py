@@ -1,6 +1,6 @@
 """Benchmark: loading a full-size checkpoint (seconds, peak resident memory), and converting one.
 
-``python -m dynamicrafter.bench_load --resolution 512 --file-dtype float16 --load-dtype float16 bfloat16
+``python -m dynamicrafter.bench.load --resolution 512 --file-dtype float16 --load-dtype float16 bfloat16
 --folder /tmp/bench-load``
 
 Writes the model's checkpoint with random weights in the release layout (``.safetensors``,
@@ -26,10 +26,13 @@ from typing import Sequence
 
 import torch
 
-from .checkpoints import CLIP_TOWERS, RENAMES
-from .configs import ModelConfig, model_config
-from .convert import DTYPES, write_safetensors
-from .diffusion.schedule import checkpoint_buffers
+from ..checkpoints import CLIP_TOWERS, RENAMES
+from ..configs import ModelConfig, model_config
+from ..convert import DTYPES, write_safetensors
+from ..diffusion.schedule import checkpoint_buffers
+from ..errors import UserError
+from ..frontend import Parser
+from . import run_tool
 
 _MEASURE = r"""
 import json, sys, time, torch
@@ -79,7 +82,7 @@ print(json.dumps({"code": code, "convert_s": time.perf_counter() - start, "growt
 def write_random_checkpoint(config: ModelConfig, path: Path, dtype: torch.dtype, without_clip: bool = False,
                             seed: int = 0) -> int:
     """The model's checkpoint with N(0, 0.02) weights under the release key names; returns its size in bytes."""
-    from .models.dynamicrafter import DynamiCrafter
+    from ..models.dynamicrafter import DynamiCrafter
 
     with torch.device("meta"):
         own = DynamiCrafter(config).state_dict()
@@ -108,7 +111,7 @@ def write_random_checkpoint(config: ModelConfig, path: Path, dtype: torch.dtype,
 
 def write_random_open_clip(config: ModelConfig, path: Path, seed: int = 1) -> int:
     """An ``open_clip.CLIP`` state dict of the config's architecture, random float32 weights, open_clip's layout."""
-    from .models.encoders import build_clip
+    from ..models.encoders import build_clip
 
     with torch.device("meta"):
         state = build_clip(config.clip).state_dict()
@@ -123,10 +126,13 @@ def _drop_cache(*paths: Path) -> None:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def _run(script: str, *args: str) -> dict:
+def _run(case: str, script: str, *args: str) -> dict:
+    """Run one case's ``script`` in a fresh process; its report, the last line it prints."""
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(result.stderr[-3000:])
+        sys.stderr.write(result.stderr[-3000:])
+        raise UserError(f"The case {case!r} failed in its own process (exit {result.returncode}); "
+                        "the end of its error output is above.")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for name, path, clip_arg, dtype in cases:
             if args.cold:
                 _drop_cache(path, *([clip] if clip_arg else []))
-            report = _run(_MEASURE, model_name, str(path), dtype, clip_arg)
+            report = _run(name, _MEASURE, model_name, str(path), dtype, clip_arg)
             results.append({"case": name, "file_bytes": sizes["full" if not clip_arg else "pruned"],
                             "file_dtype": args.file_dtype, "load_dtype": dtype, "cold": args.cold, **report})
             print(json.dumps(results[-1]), flush=True)
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.cold:
                 _drop_cache(full)
             argv = [str(full), str(converted), "--dtype", dtype, "--overwrite"] + (["--without-clip"] if without else [])
-            report = _run(_CONVERT, *argv)
+            report = _run("convert", _CONVERT, *argv)
             results.append({"case": "convert" + (" --without-clip" if without else ""), "file_dtype": args.file_dtype,
                             "output_dtype": dtype, "output_bytes": converted.stat().st_size, "cold": args.cold,
                             **report})
@@ -173,7 +179,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dynamicrafter.bench_load", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m dynamicrafter.bench.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", default="512", choices=["256", "512", "1024", "512_interp"])
     parser.add_argument("--config", help="a model config YAML instead of a preset (e.g. the tiny test models)")
     parser.add_argument("--file-dtype", default="float16", choices=list(DTYPES))
@@ -187,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; one JSON line per case on standard output."""
-    run(build_parser().parse_args(argv))
-    return 0
+    """Run the benchmark; one JSON line per case on standard output. Returns the exit status."""
+    return run_tool(argv, build_parser, _benchmark)
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    run(args)
 
 
 if __name__ == "__main__":

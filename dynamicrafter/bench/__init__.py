@@ -1,0 +1,33 @@
+"""Measurement tools: what generation and training cost, and how fast the samplers converge.
+
+Nothing else in the package imports these modules; each is a command of its own, and none reads
+files of the repository's checkout (the tiny test models, for one, are given as an argument).
+
+- :mod:`.generation`: ``python -m dynamicrafter.bench`` (``dynamicrafter bench``), a guided step and a video
+  (``--profile``: :mod:`.profiling`, one UNet call's time by kind of operation);
+- :mod:`.load`: ``python -m dynamicrafter.bench.load``, loading and converting a full-size checkpoint;
+- :mod:`.training`: ``python -m dynamicrafter.bench.training``, a training step (``--estimate``: :mod:`.memory`,
+  its peak memory estimated on the meta device);
+- :mod:`.convergence`: ``python -m dynamicrafter.bench.convergence --data DIR``, the samplers against steps;
+- :mod:`.suite`: ``python -m dynamicrafter.bench.suite``, the GPU measurements still missing, in one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Sequence
+
+from ..frontend import configure_logging, run_command
+
+__all__ = ["run_tool"]
+
+
+def run_tool(argv: Sequence[str] | None, build_parser: Callable[[], argparse.ArgumentParser],
+             body: Callable[[argparse.Namespace], int | None]) -> int:
+    """A tool's ``main``: ``body`` of the arguments ``build_parser()`` reads from ``argv``; returns the exit status.
+
+    It logs as every command does and runs under :func:`~dynamicrafter.frontend.run_command`, so a
+    user error ends it with one ``ERROR:`` line (exit status 2 for the command line's own mistakes).
+    """
+    configure_logging()
+    return run_command(lambda: body(build_parser().parse_args(argv)))
