@@ -18,13 +18,16 @@ model is an error of one sentence naming the file, what it seems to be and what 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import mmap
+import os
 import pickle
 import re
+import struct
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -387,3 +390,52 @@ def load_model(config: ModelConfig, checkpoint: str | Path, dtype: torch.dtype =
     model.load_state_dict(converted, assign=True)
     logger.info("Loaded %s (%d tensors) as %s on %s.", path, len(converted), dtype, device)
     return model.eval().requires_grad_(False)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
+                      written: Callable[[str, torch.Tensor], None] | None = None) -> int:
+    """Write a ``.safetensors`` file one tensor at a time; returns its size in bytes.
+
+    ``layout`` lists ``(name, dtype, shape)`` in file order; ``tensor(name)`` is called once per
+    name, in that order, and must return a CPU tensor of that dtype and shape; ``written(name,
+    tensor)`` is called once its bytes are in the file. The header (a
+    little-endian u64 length, then JSON with each tensor's dtype, shape and byte range, padded
+    to 8 bytes) is written first, then the tensors' bytes back to back, as the format specifies.
+    Writes to ``path`` directly: callers wanting atomicity pass a temporary name.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in layout:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise UserError(f"{name}: safetensors cannot store {dtype}.")
+        size = dtype.itemsize
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = dict(metadata or {"format": "pt"})
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name, dtype, shape in layout:
+            value = tensor(name)
+            if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+                raise RuntimeError(f"{name}: expected {dtype} {tuple(shape)}, got {value.dtype} {tuple(value.shape)}")
+            if value.numel():
+                out.write(memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            if written is not None:
+                written(name, value)
+            del value  # before the next tensor is made
+        out.flush()
+        os.fsync(out.fileno())
+    return 8 + len(encoded) + offset

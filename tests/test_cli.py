@@ -21,8 +21,8 @@ from PIL import Image
 from dynamicrafter import cli, pipeline
 from dynamicrafter.__main__ import main as dynamicrafter_command
 from dynamicrafter.configs import get_config, model_config
-from dynamicrafter.hub import CheckpointError
 from dynamicrafter.errors import UserError
+from dynamicrafter.hub import CheckpointError
 from dynamicrafter.jobs import output_names
 from dynamicrafter.video import save_video
 

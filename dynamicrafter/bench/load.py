@@ -26,12 +26,12 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoints import CLIP_TOWERS, RENAMES
+from ..checkpoints import CLIP_TOWERS, RENAMES, write_safetensors
 from ..configs import ModelConfig, model_config
-from ..convert import DTYPES, write_safetensors
 from ..diffusion.schedule import checkpoint_buffers
 from ..errors import UserError
 from ..frontend import Parser
+from ..runtime import DTYPES
 from . import run_tool
 
 _MEASURE = r"""
