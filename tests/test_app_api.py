@@ -151,6 +151,11 @@ def test_interpolation_model_gets_the_looping_tab(gradient_png):
             client.predict(start_image=handle_file(str(gradient_png)), end_image=None, loop=False,
                            prompt="", api_name="/interpolate", **FAST)
         assert str(info.value) == "Please upload the end image."
+        with pytest.raises(Exception) as info:  # the command line's rule: a 2-frame loop would be 1 frame
+            client.predict(start_image=handle_file(str(gradient_png)), end_image=None, loop=True, prompt="",
+                           api_name="/interpolate", **{**FAST, "num_frames": 2})
+        assert str(info.value) == ("Number of frames must be at least 3 for a loop (two frames remain once the "
+                                   "repeated last one is dropped), got 2.")
         video, _, timing = client.predict(start_image=handle_file(str(gradient_png)), end_image=None,
                                           loop=True, prompt="", api_name="/interpolate", **FAST)
     assert timing.startswith("Generated 3 frames in ")  # the repeated first frame is dropped

@@ -415,6 +415,73 @@ def test_manifest_and_resume(fake, tmp_path, caplog):
     assert len(fake[2].saved) == 3 and len(read_records(out / "manifest.jsonl")) == 7
 
 
+def test_a_failed_video_write_is_a_failed_item_with_nothing_left(fake, tmp_path, monkeypatch, caplog):
+    """An encoder cut off part-way (a full disk, a file size limit) fails that video: no file, no manifest line."""
+    from dynamicrafter import video
+    from dynamicrafter.manifest import read_records
+
+    real_write_frames = video.imageio_ffmpeg.write_frames
+
+    def cut_off_after_one_frame(path, *args, **kwargs):
+        inner = real_write_frames(path, *args, **kwargs)
+        inner.send(None)
+        sent = 0
+        try:
+            while True:
+                frame = yield
+                if sent < 1 or "/.q." not in str(path):  # only q's video is cut off
+                    inner.send(frame)
+                    sent += 1
+        finally:
+            inner.close()
+
+    monkeypatch.setattr(video.imageio_ffmpeg, "write_frames", cut_off_after_one_frame)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for name in ("p", "q"):
+        make_image(folder / f"{name}.png")
+    argv = ["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--video_length", "3", "--device", "cpu"]
+    assert cli.main(argv) == 1
+    assert "1 done, 1 failed, 0 skipped" in caplog.text
+    assert any(w.startswith(f"Skipping {folder / 'q.png'}: Cannot write {out / 'q.mp4'} (the written file holds "
+                            "1 of 3 frames)") for w in warnings(caplog)), warnings(caplog)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "p.mp4"]
+    assert [r["video"] for r in read_records(out / "manifest.jsonl")] == ["p.mp4"]
+
+
+def test_an_incomplete_video_is_made_again_not_skipped(fake, tmp_path, caplog):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for name in ("p", "q", "r"):
+        make_image(folder / f"{name}.png")
+    argv = ["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--video_length", "3", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    (out / "p.mp4").write_bytes(b"")  # a zero-byte file left by a crash
+    whole = (out / "q.mp4").read_bytes()
+    (out / "q.mp4").write_bytes(whole[: len(whole) // 2])  # a truncated one
+    caplog.clear()
+    assert cli.main(argv) == 0
+    assert [path.name for path, _ in fake[1].saved] == ["p.mp4", "q.mp4"]
+    assert "2 done, 0 failed, 1 skipped" in caplog.text
+    assert f"Making {out / 'q.mp4'} again: it is not a complete video of 3 frames." in warnings(caplog)
+    caplog.clear()
+    assert cli.main([*argv, "--video_length", "4"]) == 0  # a different length is not "already made" either
+    assert "3 done, 0 failed, 0 skipped" in caplog.text
+
+
+def test_a_cut_off_manifest_line_is_kept_and_the_next_record_starts_a_fresh_line(fake, tmp_path, caplog):
+    from dynamicrafter.manifest import read_records
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text('{"video": "old.mp4"}\n{"video": "cut', encoding="utf-8")
+    image = make_image(tmp_path / "a.png")
+    assert cli.main(["256", "--image_path", str(image), "--output_dir", str(out), "--device", "cpu"]) == 0
+    lines = (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines[:2] == ['{"video": "old.mp4"}', '{"video": "cut'] and len(lines) == 3
+    caplog.clear()
+    assert [r["video"] for r in read_records(out / "manifest.jsonl")] == ["old.mp4", "a.mp4"]
+    assert warnings(caplog) == [f"Skipping line 2 of {out / 'manifest.jsonl'}: not a whole record."]
+
+
 def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
     """Under torchrun each rank takes every WORLD_SIZE-th job, with the seed that job always has."""
     folder = tmp_path / "in"
