@@ -11,15 +11,23 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+from huggingface_hub import constants
 from safetensors.torch import load_file
 
-DATA = Path(__file__).parent / "data"
+from .fake_hub import FakeHub, Handler
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
 TINY_NAMES = ("tiny256", "tiny512")
 MODULE_TOL = 1e-4
 CHAIN_TOL = 1e-3
@@ -133,3 +141,99 @@ def require_system_program(path: Path, package: str) -> Path:
     if on_ci():
         pytest.fail(message)
     pytest.skip(message)
+
+
+# ------------------------------------------------------------------ tiny pipelines, images, videos
+
+
+def tiny_pipeline(name: str, **options):
+    """A fresh pipeline on the CPU around tiny model ``name`` (``tiny256`` or ``tiny512``), loaded from its files."""
+    from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+    res = "256" if name == "tiny256" else "512"
+    return DynamiCrafterImg2VideoPipeline(res, device="cpu", checkpoint=DATA / f"{name}.ckpt",
+                                          config=DATA / f"{name}.yaml", **options)
+
+
+def tiny_args(name: str) -> list[str]:
+    """Command-line options that run tiny model ``name`` fast: 2 steps, 4 frames of 64x64."""
+    return ["--checkpoint", str(DATA / f"{name}.ckpt"), "--config", str(DATA / f"{name}.yaml"),
+            "--num_inference_steps", "2", "--video_length", "4", "--height", "64", "--width", "64"]
+
+
+def reference_image(vectors: dict, key: str = "image.input"):
+    """A reference run's input image ``[1, 3, H, W]`` in [-1, 1] as the exact uint8 PIL image it was made from."""
+    from PIL import Image
+
+    pixels = ((vectors[key][0] + 1) / 2 * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
+
+
+def replay_noise(monkeypatch, step_noise: torch.Tensor) -> None:
+    """Make the pipeline's noise draws return a reference run's per-step noise, in order."""
+    import dynamicrafter.pipeline as pipeline_module
+
+    draws = iter(step_noise)
+    monkeypatch.setattr(pipeline_module, "_randn", lambda shape, generator, device: next(draws).to(device))
+
+
+def make_image(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
+    """Write a small RGB image (format from the extension) and return its path."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 80, 40)).save(path)
+    return path
+
+
+def read_video(path: Path) -> tuple[str, int, tuple[int, int], float]:
+    """Codec, frame count, (height, width) and frame rate of a video file."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return stream.codec_context.name, len(frames), frames[0].shape[:2], float(stream.average_rate)
+
+
+@pytest.fixture(scope="module")
+def release_state() -> dict[str, torch.Tensor]:
+    """tiny256.ckpt's ``state_dict`` exactly as stored (release key names and dtypes), once per test module."""
+    return torch.load(DATA / "tiny256.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def config256():
+    """The tiny 256 model's config (tests/data/tiny256.yaml)."""
+    from dynamicrafter.configs import load_config
+
+    return load_config(DATA / "tiny256.yaml")
+
+
+# ------------------------------------------------------------------ a fake Hugging Face Hub
+
+
+@pytest.fixture
+def hf_env(tmp_path, monkeypatch) -> Path:
+    """Hub environment variables pointing away from ~/.cache; returns the checkpoints root."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token")
+    for variable in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # in case it was set when huggingface_hub was imported
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # huggingface_hub's retry back-off
+    return tmp_path / "checkpoints"
+
+
+@pytest.fixture
+def hub(hf_env, monkeypatch) -> Iterator[FakeHub]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    fake = FakeHub(url=f"http://127.0.0.1:{server.server_port}")
+    server.hub = fake  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", fake.url + "/")
+    yield fake
+    server.shutdown()
+    server.server_close()

@@ -19,7 +19,8 @@ from dynamicrafter.app import build_demo
 from dynamicrafter.configs import load_config
 from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
 
-DATA = Path(__file__).parent / "data"
+from .conftest import DATA
+
 UPLOAD_LIMIT_MB = 0.05  # small, so that the size check can be tried with a 256x256 noise PNG
 FAST = dict(num_inference_steps=2, num_frames=4, guidance_scale=7.5, eta=1.0, frame_stride=3)
 

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from dynamicrafter import cli
 
-DATA = Path(__file__).parent / "data"
+from .conftest import DATA
+
 KEY = "model.diffusion_model.out.2.weight"
 
 

@@ -26,17 +26,6 @@ UNET_PREFIX = "model.diffusion_model."
 
 
 @pytest.fixture(scope="module")
-def config256():
-    return load_config(DATA / "tiny256.yaml")
-
-
-@pytest.fixture(scope="module")
-def release_state() -> dict[str, torch.Tensor]:
-    """tiny256.ckpt's ``state_dict`` exactly as stored (release key names and dtypes)."""
-    return torch.load(CKPT256, map_location="cpu", weights_only=True)["state_dict"]
-
-
-@pytest.fixture(scope="module")
 def schedule_keys(config256) -> set[str]:
     return set(checkpoint_buffers(config256.diffusion))
 

@@ -13,7 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import av
 import pytest
 import torch
 from PIL import Image
@@ -26,19 +25,12 @@ from dynamicrafter.hub import CheckpointError
 from dynamicrafter.jobs import output_names
 from dynamicrafter.video import save_video
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"
+from .conftest import DATA, ROOT, make_image, read_video, tiny_args
+
 RUN_PIPELINE = ROOT / "scripts" / "run_pipeline.py"
 RUN_SHELL = ROOT / "scripts" / "run_pipeline.sh"
 EXAMPLES = ROOT / "scripts" / "pipeline_examples.py"
 REFUSED_SIZE = (13, 13)  # the fake pipeline raises ValueError for images of this size
-
-
-def make_image(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
-    """Write a small RGB image (format from the extension) and return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (200, 80, 40)).save(path)
-    return path
 
 
 class FakePipeline:
@@ -697,22 +689,7 @@ def test_shell_script_forwards_arguments_from_the_repo_root(tmp_path, args, forw
 # ----------------------------------------------------------------------------- real pipeline, tiny model
 
 
-def read_video(path: Path) -> tuple[str, int, tuple[int, int], float]:
-    """Codec, frame count, (height, width) and frame rate of a video file."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        return stream.codec_context.name, len(frames), frames[0].shape[:2], float(stream.average_rate)
-
-
 TINY_SIZE = (64, 64)
-
-
-def tiny_args(name: str) -> list[str]:
-    """Options that run the tiny test model fast: 2 steps, 4 frames of 64x64."""
-    return ["--checkpoint", str(DATA / f"{name}.ckpt"), "--config", str(DATA / f"{name}.yaml"),
-            "--num_inference_steps", "2", "--video_length", "4", "--height", str(TINY_SIZE[0]),
-            "--width", str(TINY_SIZE[1])]
 
 
 def test_real_run_pipeline_py_writes_an_h264_video(tmp_path):

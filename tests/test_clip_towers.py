@@ -13,28 +13,18 @@ from safetensors.torch import save_file
 
 from dynamicrafter import hub as hub_module
 from dynamicrafter.checkpoints import CLIP_TOWERS, CheckpointMismatchError, load_model, open_clip_to_towers, read_clip_towers
-from dynamicrafter.configs import get_config, load_config
+from dynamicrafter.configs import get_config
 from dynamicrafter.diffusion.schedule import checkpoint_buffers
 from dynamicrafter.hub import CLIP_FILENAMES, CheckpointError
 from dynamicrafter.models.dynamicrafter import DynamiCrafter
 from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
 
 from .conftest import DATA, load_tiny
-from .test_hub import COMMIT, hf_env, hub  # noqa: F401 (the fake Hugging Face Hub fixtures)
+from .fake_hub import COMMIT
 
 TOWERS = CLIP_TOWERS
 TINY_ARCH = "dc-tiny-clip"
 TINY_REPO = "laion/tiny-clip-for-tests"
-
-
-@pytest.fixture(scope="module")
-def release_state() -> dict[str, torch.Tensor]:
-    return torch.load(DATA / "tiny256.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-
-
-@pytest.fixture(scope="module")
-def config256():
-    return load_config(DATA / "tiny256.yaml")
 
 
 def open_clip_state(release_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

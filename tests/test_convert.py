@@ -25,16 +25,6 @@ TOWERS = CLIP_TOWERS
 ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
-@pytest.fixture(scope="module")
-def release_state() -> dict[str, torch.Tensor]:
-    return torch.load(CKPT, map_location="cpu", weights_only=True)["state_dict"]
-
-
-@pytest.fixture(scope="module")
-def config256():
-    return load_config(DATA / "tiny256.yaml")
-
-
 def _outputs(model) -> dict[str, torch.Tensor]:
     v = load_tiny("tiny256").vectors
     with torch.no_grad():

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_system_program
+from .conftest import ROOT, require_system_program
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Declared without being imported, each for a reason given in pyproject.toml.
 NOT_IMPORTED_ON_PURPOSE = {"torchvision"}
 

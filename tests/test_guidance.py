@@ -21,8 +21,17 @@ from dynamicrafter.diffusion.guidance import GuidanceBranches, guided, guided_mo
 from dynamicrafter.diffusion.sampling import StepInfo, sample_ddim
 from dynamicrafter.diffusion.schedule import NoiseLevels
 
-from .conftest import CHAIN_TOL, DATA, MODULE_TOL, TINY_NAMES, load_tiny, relative_error
-from .test_pipeline import make_pipeline, reference_image, replay_noise
+from .conftest import (
+    CHAIN_TOL,
+    DATA,
+    MODULE_TOL,
+    TINY_NAMES,
+    load_tiny,
+    reference_image,
+    relative_error,
+    replay_noise,
+    tiny_pipeline,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,7 @@ def settings() -> dict:
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {name: make_pipeline(name, dtype="float32") for name in TINY_NAMES}
+    return {name: tiny_pipeline(name, dtype="float32") for name in TINY_NAMES}
 
 
 def check(ours: torch.Tensor, expected: torch.Tensor, tol: float, label: str) -> None:

@@ -9,37 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-import dynamicrafter.pipeline as pipeline_module
 from dynamicrafter import DynamiCrafterImg2VideoPipeline
+from dynamicrafter.errors import GenerationError
 from dynamicrafter.offload import offload_mode
+from dynamicrafter.options import SAMPLING_OPTIONS
 from dynamicrafter.pipeline import fit_image
 
-from .conftest import CHAIN_TOL, DATA, MODULE_TOL, load_tiny, relative_error
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, load_tiny, reference_image, relative_error, replay_noise, tiny_pipeline
 
 FAST = dict(num_inference_steps=2, num_frames=3, height=64, width=64)
 
 
-def make_pipeline(name: str, **options) -> DynamiCrafterImg2VideoPipeline:
-    res = "256" if name == "tiny256" else "512"
-    return DynamiCrafterImg2VideoPipeline(res, device="cpu", checkpoint=DATA / f"{name}.ckpt",
-                                          config=DATA / f"{name}.yaml", **options)
-
-
 @pytest.fixture(scope="module")
 def pipes() -> dict[str, DynamiCrafterImg2VideoPipeline]:
-    return {name: make_pipeline(name, dtype="float32") for name in ("tiny256", "tiny512")}
-
-
-def reference_image(vectors: dict, key: str = "image.input") -> Image.Image:
-    """The reference input as the exact uint8 image it was made from."""
-    pixels = ((vectors[key][0] + 1) / 2 * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels)
-
-
-def replay_noise(monkeypatch, step_noise: torch.Tensor) -> None:
-    """Make the pipeline's noise draws return the reference run's per-step noise, in order."""
-    draws = iter(step_noise)
-    monkeypatch.setattr(pipeline_module, "_randn", lambda shape, generator, device: next(draws).to(device))
+    return {name: tiny_pipeline(name, dtype="float32") for name in ("tiny256", "tiny512")}
 
 
 @pytest.mark.parametrize("name", ["tiny256", "tiny512"])
@@ -143,7 +126,7 @@ def test_sequential_guidance_equals_batched(pipes):
 
 def test_conditioning_is_encoded_once(pipes, monkeypatch):
     """One VAE encode per image (not per frame); the empty prompt and zero image are encoded once."""
-    pipe = make_pipeline("tiny256", dtype="float32")
+    pipe = tiny_pipeline("tiny256", dtype="float32")
     calls = {"vae": [], "text": 0, "image": 0}
     model = pipe.model
     encode, text, image_tokens = model.vae.encode, model.encode_text, model.encode_image_tokens
@@ -169,37 +152,6 @@ def test_fit_image_covers_and_crops():
     assert torch.equal(((pixels + 1) * 127.5).round().byte().permute(1, 2, 0), torch.from_numpy(exact))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(height=100), "height must be a multiple of 64 pixels, got 100."),
-    (dict(width=0), "width must be between 64 and 2048, got 0."),
-    (dict(num_inference_steps=0), "num_inference_steps must be between 1 and 1000, got 0."),
-    (dict(num_frames=0), "num_frames must be between 1 and 64, got 0."),
-    (dict(output_type="gif"), "Unknown output_type 'gif'"),
-    (dict(timestep_spacing="quad"), "Unknown timestep_spacing 'quad'"),
-    (dict(eta=-1.0), "eta must be between 0 and 1, got -1."),
-    (dict(guidance_scale=-2.0), "guidance_scale must be between 0 and 100, got -2."),
-    (dict(prompt=["a", "b"]), "Got 1 image(s) but 2 prompt(s)"),
-    (dict(end_image=np.zeros((64, 64, 3), dtype=np.uint8)), "end_image needs an interpolation model"),
-    (dict(latents=torch.zeros(1, 4, 3, 4, 4)), "latents must have shape [1, 4, 3, 8, 8]"),
-    (dict(image="does/not/exist.png"), "Image does/not/exist.png does not exist."),
-    (dict(image=np.zeros((4, 4, 2))), "The image array must be HxW, HxWx3 or HxWx4"),
-])
-def test_bad_inputs_are_one_clear_value_error(pipes, kwargs, message):
-    args = dict(image=np.zeros((64, 64, 3), dtype=np.uint8), prompt="x", **FAST)
-    args.update(kwargs)
-    with pytest.raises(ValueError) as info:
-        pipes["tiny256"](**args)
-    assert message in str(info.value)
-    assert "\n" not in str(info.value)
-
-
-def test_unreadable_image_file(pipes, tmp_path):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="Image .*broken.png is not an image file"):
-        pipes["tiny256"](bad, "x", **FAST)
-
-
 def test_constructor_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown resolution '999'"):
         DynamiCrafterImg2VideoPipeline("999", device="cpu")
@@ -207,7 +159,7 @@ def test_constructor_errors(tmp_path):
         DynamiCrafterImg2VideoPipeline("256", device="cpu", checkpoint=tmp_path / "missing.ckpt",
                                        config=DATA / "tiny256.yaml")
     with pytest.raises(ValueError, match="Unknown dtype 'float8'"):
-        make_pipeline("tiny256", dtype="float8")
+        tiny_pipeline("tiny256", dtype="float8")
 
 
 def test_save_video_writes_the_first_video(pipes, tmp_path):
@@ -225,7 +177,7 @@ def test_save_video_writes_the_first_video(pipes, tmp_path):
 
 def test_bfloat16_close_to_float32(pipes):
     """Half precision is checked against our own float32 run (same noise), not the reference."""
-    bf16 = make_pipeline("tiny512", dtype="bfloat16")
+    bf16 = tiny_pipeline("tiny512", dtype="bfloat16")
     assert bf16.model.unet.time_embed[0].weight.dtype == torch.bfloat16
     image = reference_image(load_tiny("tiny512").vectors)
     noise = torch.randn(1, 4, 4, 8, 16, generator=torch.Generator().manual_seed(5))
@@ -239,8 +191,8 @@ def test_bfloat16_close_to_float32(pipes):
 
 def test_non_finite_sampling_and_decoding_are_redone_in_float32(caplog):
     """Half precision that overflows (forced here by hooks) is redone in float32: no NaN video."""
-    pipe = make_pipeline("tiny256", dtype="bfloat16")
-    reference = make_pipeline("tiny256", dtype="float32")
+    pipe = tiny_pipeline("tiny256", dtype="bfloat16")
+    reference = tiny_pipeline("tiny256", dtype="float32")
 
     def poison_in_half(module, inputs, output):
         half = next(module.parameters()).dtype != torch.float32
@@ -278,7 +230,7 @@ def test_compiled_unet_gives_the_same_latents_and_compiles_once_per_size(pipes, 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend="eager", dynamic=kw["dynamic"]))
-    pipe = make_pipeline("tiny256", dtype="float32", compile=True)
+    pipe = tiny_pipeline("tiny256", dtype="float32", compile=True)
     assert pipe.compile_mode == "default"
     image = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(8))
@@ -325,7 +277,7 @@ def test_offloader_lends_and_returns_weights():
 def test_pipeline_offload_modes_lend_what_they_say(monkeypatch):
     """encoders: only the CLIP towers and resampler stay on the host; model: every component does."""
     for mode, kept in (("encoders", 3), ("model", 5)):
-        pipe = make_pipeline("tiny256", dtype="float32")
+        pipe = tiny_pipeline("tiny256", dtype="float32")
         m = pipe.model
         monkeypatch.setattr(pipe, "device", torch.device("meta"))  # a stand-in for a GPU
         pipe._place(mode)
@@ -335,3 +287,63 @@ def test_pipeline_offload_modes_lend_what_they_say(monkeypatch):
         with pipe._on_device(m.embedder):
             assert next(m.embedder.parameters()).is_meta
         assert not next(m.embedder.parameters()).is_meta
+
+
+IMAGE = np.full((64, 64, 3), 90, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pipe(pipes) -> DynamiCrafterImg2VideoPipeline:
+    return pipes["tiny256"]
+
+
+def test_long_prompt_warns_that_it_is_cut(pipe, caplog):
+    long = " ".join(["dancing"] * 100)
+    with caplog.at_level(logging.WARNING, logger="dynamicrafter.pipeline"):
+        pipe(IMAGE, long, num_inference_steps=1, num_frames=1, height=64, width=64, output_type="latent")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "has 102 tokens; the text encoder reads only the first 77" in warning
+
+
+def test_non_finite_result_that_float32_cannot_fix_is_an_error(pipe):
+    """No black video: a NaN in float32 (no redo possible) raises instead of returning garbage."""
+    handle = pipe.model.unet.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    try:
+        with pytest.raises(GenerationError, match="NaN or infinite values even in float32"):
+            pipe(IMAGE, "x", **FAST)
+    finally:
+        handle.remove()
+    handle = pipe.model.vae.decoder.register_forward_hook(lambda module, inputs, output: output * float("inf"))
+    try:
+        with pytest.raises(GenerationError, match="The VAE produced NaN"):
+            pipe(IMAGE, "x", **FAST)
+    finally:
+        handle.remove()
+
+
+def test_videos_per_prompt_and_per_video_generators(pipe):
+    """Sample k of an image does not depend on what else is in the batch when each video has its generator."""
+    images = [IMAGE, np.full((64, 64, 3), 200, dtype=np.uint8)]
+    gens = [torch.Generator().manual_seed(seed) for seed in (1, 2, 1, 2)]
+    batch = pipe(images, ["a", "b"], num_videos_per_prompt=2, generator=gens, eta=1.0, output_type="latent",
+                 **FAST)["videos"]
+    assert batch.shape == (4, 4, 3, 8, 8)
+    alone = pipe(images[1], "b", generator=[torch.Generator().manual_seed(2)], eta=1.0, output_type="latent",
+                 **FAST)["videos"]
+    torch.testing.assert_close(batch[3:], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batch[2], batch[3])
+
+
+def test_step_callback_receives_step_and_total(pipe):
+    seen = []
+    pipe(IMAGE, "x", callback=lambda step, total: seen.append((step, total)), output_type="latent", **FAST)
+    assert seen == [(1, 2), (2, 2)]
+
+
+def test_signature_defaults_come_from_the_options_table():
+    import inspect
+
+    parameters = inspect.signature(DynamiCrafterImg2VideoPipeline.__call__).parameters
+    for option in SAMPLING_OPTIONS:
+        if option.name in parameters:
+            assert parameters[option.name].default == option.default, option.name

@@ -25,8 +25,7 @@ from dynamicrafter.configs import load_config
 from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline, GenerationError
 from dynamicrafter.quantization import quantizable, quantize_mode, quantize_unet, weight_bytes
 
-from .conftest import DATA, relative_error
-from .test_cli import make_image, read_video, tiny_args
+from .conftest import DATA, make_image, read_video, relative_error, tiny_args
 
 pytest.importorskip("torchao")
 

@@ -23,7 +23,7 @@ from dynamicrafter.diffusion.denoiser import ModelDenoiser, Prediction
 from dynamicrafter.diffusion.sampling import SAMPLERS, StepInfo, get_sampler, sample, sample_ddim, sample_dpmpp_2m, sample_unipc
 from dynamicrafter.diffusion.schedule import NoiseLevels, NoiseSchedule, ddim_timesteps
 
-from .conftest import load_tiny, relative_error
+from .conftest import load_tiny, relative_error, tiny_pipeline
 
 # 256: eps, no rescale; 512: v, zero terminal SNR, dynamic rescale 0.7
 SCHEDULES = {res: (NoiseSchedule.from_config(get_config(res).diffusion), get_config(res).diffusion.parameterization)
@@ -222,9 +222,7 @@ FAST = dict(num_inference_steps=3, num_frames=2, height=64, width=64, output_typ
 
 @pytest.fixture(scope="module")
 def pipe():
-    from .test_pipeline import make_pipeline
-
-    return make_pipeline("tiny256", dtype="float32")
+    return tiny_pipeline("tiny256", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -282,26 +280,15 @@ def test_callback_on_step_end_gets_tensors_replaces_latents_and_interrupts(pipe,
     assert steps == [1]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(sampler="euler"), "Unknown sampler 'euler'; choose one of: ddim, dpmpp_2m, unipc."),
-    (dict(image_guidance_scale=-1.0), "image_guidance_scale must be between 0 and 100, got -1."),
-    (dict(image_guidance_scale="2"), "image_guidance_scale must be a number, got str '2'."),
-    (dict(callback_on_step_end=3), "callback_on_step_end must be a function"),
-    (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs must be a list drawn"),
-    (dict(callback_on_step_end=lambda p, s, t, k: {"latents": torch.zeros(2)}),
-     "callback_on_step_end must return latents of shape [1, 4, 2, 8, 8]."),
-])
-def test_bad_sampling_options_are_one_clear_value_error(pipe, image, kwargs, message):
+def test_callback_returning_latents_of_another_shape_is_one_sentence(pipe, image):
     with pytest.raises(ValueError) as info:
-        pipe(image, "x", **FAST, **kwargs)
-    assert message in str(info.value) and "\n" not in str(info.value)
+        pipe(image, "x", **FAST, callback_on_step_end=lambda p, s, t, k: {"latents": torch.zeros(2)})
+    assert str(info.value) == "callback_on_step_end must return latents of shape [1, 4, 2, 8, 8]."
 
 
 def test_non_finite_half_precision_redo_with_another_sampler(pipe, caplog):
     """The float32 redo also works for the new samplers (same noise, same result as float32)."""
-    from .test_pipeline import make_pipeline
-
-    reference, pipe = pipe, make_pipeline("tiny256", dtype="bfloat16")
+    reference, pipe = pipe, tiny_pipeline("tiny256", dtype="bfloat16")
 
     def poison_in_half(module, inputs, output):
         return output * float("nan") if next(module.parameters()).dtype != torch.float32 else output

@@ -150,7 +150,7 @@ def test_uniform_runs_exactly_the_steps_asked(steps: int) -> None:
         assert out.shape == (2, 4, 3, 2, 2) and torch.isfinite(out).all()
         assert len(denoiser.timesteps) == steps, f"{resolution}: {len(denoiser.timesteps)} denoiser calls"
         assert denoiser.timesteps == ours[::-1].tolist()  # from the noisiest down
-        assert set(noise_steps) <= set(range(steps))
+        assert noise_steps == list(range(steps))  # one draw per step, in order (eta 1: the original draws at every step)
 
 
 def test_sample_calls_denoiser_once_per_step_trailing() -> None:

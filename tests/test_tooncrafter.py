@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import dynamicrafter.pipeline as pipeline_module
 from dynamicrafter import DynamiCrafterImg2VideoPipeline
 from dynamicrafter.checkpoints import load_model, read_state_dict
 from dynamicrafter.configs import PRESETS, get_config, load_config, resolve_resolution
@@ -28,8 +27,7 @@ from dynamicrafter.hub import REPOS, default_checkpoint_path, ensure_checkpoint
 from dynamicrafter.models.dynamicrafter import DynamiCrafter
 from dynamicrafter.models.vae_dualref import AutoencoderKLDualRef, _frames, splice_frames
 
-from .conftest import CHAIN_TOL, DATA, MODULE_TOL, relative_error
-from .test_hub import FakeHub, hf_env, hub  # noqa: F401  (fixtures)
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, relative_error, replay_noise
 
 PROMPT = "a tiny robot dancing in the rain"
 CLIP_PREFIXES = ("cond_stage_model.", "embedder.")
@@ -170,8 +168,7 @@ def test_interpolation_chain_matches_reference(toon, pipe, monkeypatch, run):
     errors = {}
     for output_type, key in (("latent", f"{run}.latents"), ("pt", f"{run}.video")):
         if settings["ddim_eta"] > 0:
-            draws = iter(v[f"{run}.step_noise"])
-            monkeypatch.setattr(pipeline_module, "_randn", lambda shape, generator, device: next(draws).to(device))
+            replay_noise(monkeypatch, v[f"{run}.step_noise"])
         out = pipe(as_image(v["image.start"]), settings["prompt"], end_image=as_image(v["image.end"]),
                    output_type=output_type, **args)["videos"]
         ref = v[key] if output_type == "latent" else ((v[key].transpose(1, 2) + 1) / 2).clamp(0, 1)

@@ -1,7 +1,6 @@
 """The autoencoder against vectors recorded from the original DynamiCrafter code."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +9,12 @@ from safetensors.torch import load_file
 from dynamicrafter.configs import VAEConfig, load_config
 from dynamicrafter.models.vae import AutoencoderKL
 
-DATA = Path(__file__).parent / "data"
+from .conftest import DATA
+from .conftest import relative_error as rel_err
+
 PREFIX = "first_stage_model."
 SCALE_FACTOR = 0.18215
 TOLERANCE = 1e-4
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).norm() / ref.norm()).item()
 
 
 def load_tiny_vae(name: str) -> AutoencoderKL:
