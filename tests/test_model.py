@@ -207,11 +207,6 @@ def test_chain_timesteps(name: str) -> None:
     assert table.tolist() == ref.tolist()
 
 
-def test_interp_reference_exists_only_for_tiny512() -> None:
-    assert "interp.latents" in load_tiny("tiny512").vectors
-    assert "interp.latents" not in load_tiny("tiny256").vectors
-
-
 # --------------------------------------------------------------------------------------------
 # The parity tests can fail: a small change to one weight is detected
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dynamicrafter.configs import get_config
 from dynamicrafter.diffusion.ddim import DDIMSampler
-from dynamicrafter.diffusion.schedule import SPACINGS, NoiseSchedule, ddim_timesteps
+from dynamicrafter.diffusion.schedule import NoiseSchedule, ddim_timesteps
 
 from .conftest import DATA
 
@@ -215,10 +215,6 @@ def test_every_uniform_step_count_is_valid_or_rejected() -> None:
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-
-
-def test_spacings() -> None:
-    assert set(SPACINGS) == {"uniform", "uniform_trailing"}
 
 
 @pytest.mark.parametrize("spacing", ["linear", "Uniform", "", "quad"])
