@@ -31,7 +31,7 @@ from .frontend import EXIT_FAILED, EXIT_USAGE, CliError, Parser, build_pipeline,
 from .images import load_image
 from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
-from .options import OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
+from .options import CALL_OPTIONS, OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
 from .quantization import quantize_mode
 from .request import check_frames, check_mode, close_loop
 from .runtime import resolve_dtype
@@ -41,9 +41,8 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
 
-#: Sampling options handed to every pipeline call; the others (seed, fps, samples) shape the jobs.
-PIPELINE_OPTIONS = tuple(o.name for o in SAMPLING_OPTIONS
-                         if o.name not in ("seed", "fps", "num_videos_per_prompt", "negative_prompt"))
+#: Options handed as they are to every pipeline call (the jobs give the prompts, seeds and samples).
+PIPELINE_OPTIONS = tuple(name for name in CALL_OPTIONS if name not in ("num_videos_per_prompt", "negative_prompt"))
 #: The original's application defaults (run_application.sh): seed per mode.
 MODE_SEEDS = {"interp": 12306, "loop": 234}
 

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from .configs import ModelConfig
 
 __all__ = [
-    "Option", "SAMPLING_OPTIONS", "RUNTIME_OPTIONS", "OPTIONS", "DEFAULTS", "MAX_SEED", "MAX_FRAMES", "MAX_SIDE",
-    "MAX_STEPS", "MODEL_ARGUMENTS", "add_arguments", "add_model_arguments", "check_number", "motion_control",
+    "Option", "SAMPLING_OPTIONS", "RUNTIME_OPTIONS", "OPTIONS", "CALL_OPTIONS", "DEFAULTS", "MAX_SEED", "MAX_FRAMES",
+    "MAX_SIDE", "MAX_STEPS", "MODEL_ARGUMENTS", "add_arguments", "add_model_arguments", "check_number", "motion_control",
 ]
 
 #: Seeds are 0 .. 2**32 - 1 everywhere (command line, app, pipeline helpers).
@@ -236,6 +236,10 @@ RUNTIME_OPTIONS: tuple[Option, ...] = (
 )
 
 OPTIONS: dict[str, Option] = {option.name: option for option in (*SAMPLING_OPTIONS, *RUNTIME_OPTIONS)}
+
+#: The sampling options that are keywords of a pipeline call (``seed`` becomes its generator,
+#: ``fps`` is the written file's); :class:`~dynamicrafter.request.GenerationRequest` checks them.
+CALL_OPTIONS = tuple(option.name for option in SAMPLING_OPTIONS if option.name not in ("seed", "fps"))
 
 #: The defaults by attribute: ``DEFAULTS.guidance_scale`` is 7.5.
 DEFAULTS = SimpleNamespace(**{option.name: option.default for option in OPTIONS.values()})

@@ -29,7 +29,7 @@ from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
 from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .offload import Offloader, offload_mode
-from .options import DEFAULTS, OPTIONS
+from .options import CALL_OPTIONS, DEFAULTS, OPTIONS
 from .quantization import quantize_mode, quantize_unet
 from .request import GenerationRequest, GeneratorInput
 from .runtime import (
@@ -46,10 +46,7 @@ __all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationRequest", "GenerationErr
 
 logger = logging.getLogger(__name__)
 
-#: The option-table rows a call takes, and its other checked arguments (see :meth:`check_inputs`).
-REQUEST_OPTIONS = ("num_inference_steps", "guidance_scale", "image_guidance_scale", "guidance_rescale", "eta",
-                   "sampler", "timestep_spacing", "frame_stride", "num_frames", "height", "width",
-                   "num_videos_per_prompt")
+#: A call's checked arguments besides the images, prompts and the option table's (see :meth:`check_inputs`).
 REQUEST_ARGUMENTS = ("generator", "latents", "output_type", "callback", "callback_on_step_end",
                      "callback_on_step_end_tensor_inputs")
 
@@ -354,7 +351,7 @@ class DynamiCrafterImg2VideoPipeline:
         :class:`~dynamicrafter.errors.UserError` sentence per problem.
         """
         given = {name: options.pop(name) for name in REQUEST_ARGUMENTS if name in options}
-        values = {name: options.pop(name, OPTIONS[name].default) for name in REQUEST_OPTIONS}
+        values = {name: options.pop(name, OPTIONS[name].default) for name in CALL_OPTIONS if name != "negative_prompt"}
         if options:
             raise UserError(f"Unknown argument(s): {', '.join(sorted(options))}.")
         request = GenerationRequest.build(self.config, max_steps=self.model.schedule.num_timesteps, image=image,
