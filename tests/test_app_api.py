@@ -12,8 +12,10 @@ import av
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from PIL import Image
+from safetensors.torch import save_file
 
 from dynamicrafter.app import build_demo
 from dynamicrafter.configs import load_config
@@ -182,6 +184,20 @@ def test_server_flags_are_checked_before_the_model_loads(flags, message, caplog)
 
     assert main(flags) == 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [message]
+
+
+def test_a_malformed_lora_stops_start_up_with_one_line(tmp_path, caplog):
+    from dynamicrafter.app import main
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("[1, 2]", encoding="utf-8")
+    save_file({"base_model.model.out.2.lora_A.weight": torch.zeros(4, 8),
+               "base_model.model.out.2.lora_B.weight": torch.zeros(8, 4)}, str(lora / "adapter_model.safetensors"))
+    assert main(["--res", "256", "--device", "cpu", "--checkpoint", str(DATA / "tiny256.ckpt"), "--config",
+                 str(DATA / "tiny256.yaml"), "--lora", str(lora)]) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.startswith(f"LoRA config {lora / 'adapter_config.json'} holds a list, not a JSON object")
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path, monkeypatch, caplog):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from dynamicrafter import cli, pipeline
 from dynamicrafter.__main__ import main as dynamicrafter_command
@@ -579,6 +580,15 @@ def test_exif_rotated_photo_reaches_the_pipeline_upright(fake, tmp_path):
     assert fake[0].calls[0]["image"][0].size == (40, 80)
 
 
+@pytest.mark.parametrize("variable", ["RANK", "WORLD_SIZE", "LOCAL_RANK"])
+def test_a_bad_torchrun_variable_is_one_sentence(fake, tmp_path, monkeypatch, caplog, variable):
+    monkeypatch.setenv(variable, "abc")
+    assert cli.main(["256", "--image_path", str(make_image(tmp_path / "a.png")), "--device", "cpu"]) == 1
+    assert errors(caplog) == [f"{variable}='abc' is not a whole number; torchrun sets these, so unset them when not "
+                              "running under torchrun."]
+    assert not fake
+
+
 def test_cuda_device_without_cuda_is_a_user_error(fake, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["256", "--device", "cuda:1", "--image_path", str(make_image(tmp_path / "a.png"))]) == 2
@@ -722,6 +732,19 @@ def test_real_bad_config_path_ends_in_one_error_line(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("ERROR: ") and "missing.yaml" in result.stderr
+
+
+def test_real_malformed_lora_ends_in_one_error_line(tmp_path):
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_bytes(b"\xff\xfe not json")
+    save_file({"base_model.model.out.2.lora_A.weight": torch.zeros(4, 8),
+               "base_model.model.out.2.lora_B.weight": torch.zeros(8, 4)}, str(lora / "adapter_model.safetensors"))
+    result = run_script(str(RUN_PIPELINE), "256", *tiny_args("tiny256"), "--device", "cpu", "--image_path",
+                        str(make_image(tmp_path / "a.png")), "--output_dir", str(tmp_path / "out"), "--lora", str(lora))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"ERROR: LoRA config {lora / 'adapter_config.json'} "
+                                                             "is not UTF-8 text")
 
 
 def test_real_pipeline_examples(tmp_path):
