@@ -89,9 +89,10 @@ def find_checkpoint(out: Path, resume: str) -> Path:
 
 
 def _reason(exc: BaseException) -> str:
-    """An exception's message, one line (the OS's words for an OSError)."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    """An exception's message cut to its first sentence (the OS's words for an OSError), to quote in ours."""
+    text = " ".join((exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).split())
+    first = re.split(r"(?<=\w)\.\s", text)[0].rstrip(".")
+    return (first if len(first) <= 200 else first[:199] + "…") or type(exc).__name__
 
 
 def _remove(path: Path) -> None:
@@ -116,45 +117,55 @@ def _clean_unfinished(out: Path) -> None:
             logger.info("Removed %s, left by a save that did not finish.", path)
 
 
-def prepare_output_dir(cfg: TrainConfig, dist: Dist) -> Path | None:
-    """Check the output folder before anything is loaded; returns the checkpoint to resume from.
+def check_output_dir(cfg: TrainConfig, dist: Dist) -> Path | None:
+    """Refuse an output folder that holds a run this one would replace; returns the checkpoint to resume from.
 
-    A folder that holds a run is refused unless the run continues it (``--resume``) or starts
-    over (``--overwrite``: its checkpoints, logs and samples are removed). Every process checks,
-    then the main one makes the folder and removes what killed saves left.
+    A folder with a run is only used to continue it (``--resume``) or to start over
+    (``--overwrite``, see :func:`make_output_dir`). What killed saves left is tidied first (main
+    process), so that ``latest`` is the newest complete checkpoint. Nothing else is written.
     """
     out = Path(cfg.output_dir)
-    resume_from = find_checkpoint(out, cfg.resume) if cfg.resume else None
     existing = holds_run(out)
-    if existing and not cfg.overwrite:
-        if resume_from is None:
-            raise UserError(f"{out} already holds a training run; continue it with --resume latest, or start over "
-                             f"with --overwrite (which deletes its checkpoints, logs and samples).")
-        if out.resolve() not in resume_from.resolve().parents:
-            raise UserError(f"{out} already holds another training run than {resume_from}'s; resume into an empty "
-                             f"--output_dir, or add --overwrite to delete that run first.")
+    if existing and not cfg.overwrite and cfg.resume is None:
+        raise UserError(f"{out} already holds a training run; continue it with --resume latest, or start over "
+                         f"with --overwrite (which deletes its checkpoints, logs and samples).")
+    _on_main(dist, out, lambda: _clean_unfinished(out) if out.is_dir() else None)
+    resume_from = find_checkpoint(out, cfg.resume) if cfg.resume else None
+    if existing and resume_from is not None and out.resolve() not in resume_from.resolve().parents:
+        raise UserError(f"{out} already holds a training run, not the one {resume_from} belongs to; resume into "
+                         f"that run's folder or an empty --output_dir.")
+    return resume_from
+
+
+def make_output_dir(cfg: TrainConfig, dist: Dist) -> None:
+    """Create the output folder (main process); with ``--overwrite`` remove the run it holds first."""
+    out = Path(cfg.output_dir)
+
+    def make() -> None:
+        if cfg.overwrite and holds_run(out):
+            old = [p for p in out.iterdir() if _step_of(p) is not None]
+            for path in [*old, out / "logs", out / "samples"]:
+                _remove(path)
+            logger.warning("--overwrite: removed the earlier run in %s (%d checkpoint(s), logs/, samples/).",
+                           out, len(old))
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise UserError(f"The output folder {out} is not writable.")
+
+    _on_main(dist, out, make)
+
+
+def _on_main(dist: Dist, out: Path, work: Any) -> None:
+    """Run ``work`` on the main process; its error, one sentence, stops every process."""
     error = None
     if dist.is_main:
         try:
-            _make_output_dir(out, existing and cfg.overwrite)
+            work()
         except UserError as exc:
             error = str(exc)
         except OSError as exc:
             error = f"Cannot prepare the output folder {out} ({_reason(exc)})."
     dist.check_all(error)
-    return resume_from
-
-
-def _make_output_dir(out: Path, overwrite: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise UserError(f"The output folder {out} is not writable.")
-    if overwrite:
-        old = [p for p in out.iterdir() if _step_of(p) is not None]
-        for path in [*old, out / "logs", out / "samples"]:
-            _remove(path)
-        logger.warning("--overwrite: removed the earlier run in %s (%d checkpoint(s), logs/, samples/).", out, len(old))
-    _clean_unfinished(out)
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -217,11 +228,11 @@ def _check_zip(path: Path) -> None:
         raise OSError(f"{path.name} was not written completely") from None
 
 
-def _torch_save(obj: Any, path: Path) -> None:
+def _torch_save(obj: Any, path: Path, name: str) -> None:
     try:
         torch.save(obj, path)
-    except RuntimeError as exc:  # torch reports a failed write (a full disk) as a RuntimeError
-        raise OSError(f"writing {path.name} failed: {_reason(exc)}") from None
+    except RuntimeError:  # torch reports a failed write (a full disk) as a RuntimeError
+        raise OSError(f"writing {name} failed; is the disk full?") from None
 
 
 def _all_finite(state: TrainState) -> bool:
@@ -274,7 +285,7 @@ def _write_checkpoint(state: TrainState, tmp: Path, weights: dict[str, torch.Ten
         tensors = _unet_tensors(weights, cfg)
         write_atomically(tmp / UNET_NAME, lambda p: save_file(tensors, str(p), metadata={"step": str(state.step)}),
                          verify=_check_safetensors)
-    write_atomically(tmp / STATE_NAME, lambda p: _torch_save(doc, p), verify=_check_zip)
+    write_atomically(tmp / STATE_NAME, lambda p: _torch_save(doc, p, STATE_NAME), verify=_check_zip)
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:
@@ -376,8 +387,8 @@ def restore(state: TrainState, path: Path, saved: dict[str, Any]) -> None:
     set_rng_state(rng[min(run.dist.rank, len(rng) - 1)], run.device, state.generator)
     later = [p.name for p in list_checkpoints(run.out) if (_step_of(p) or 0) > state.step]
     if later and run.dist.is_main:
-        logger.warning("Resuming at step %d: %s of the earlier run will be replaced as this run reaches them.",
-                       state.step, ", ".join(later))
+        logger.warning("Resuming at step %d: the later checkpoints in %s (%s) are replaced as the run reaches "
+                       "their steps.", state.step, run.out, ", ".join(later))
     if run.dist.is_main:
         logger.info("Resumed from %s at step %d.", path, state.step)
 

@@ -21,6 +21,8 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 
 #: Learning rates used when none is given: the original's 1e-5 for full fine-tuning, 1e-4 for LoRA.
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
+#: The largest float32: the optimizer's settings are used in float32 arithmetic.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def option(default: Any, help: str) -> Any:
@@ -120,8 +122,9 @@ class TrainConfig:
                    "max_grad_norm": self.max_grad_norm}
         for name, value in numbers.items():
             values = value if isinstance(value, tuple) else (value,)
-            if any(v is not None and not math.isfinite(v) for v in values):
-                raise UserError(f"{name} must be a finite number, got {' '.join(map(str, values))}.")
+            if any(v is not None and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX) for v in values):
+                raise UserError(f"{name} must be a finite number (float32's: at most 3.4e38), "
+                                 f"got {' '.join(map(str, values))}.")
         if self.frame_stride_max < self.frame_stride_min:
             raise UserError(f"frame_stride_max ({self.frame_stride_max}) is below frame_stride_min ({self.frame_stride_min}).")
         if self.mode not in ("lora", "full"):

@@ -118,10 +118,11 @@ def setup(cfg: TrainConfig, model: DynamiCrafter | None = None) -> TrainState:
     """Everything a run needs before its first step; ``model`` overrides loading one from a checkpoint.
 
     Cheap checks first (the output folder, a resumed checkpoint's state and settings, the clips),
-    then the model: a mistake is reported before minutes of loading.
+    then the output folder is made and the model loaded: a mistake is reported before minutes of
+    loading, and before ``--overwrite`` deletes anything.
     """
     dist, device = init(cfg.device)
-    resume_from = checkpointing.prepare_output_dir(cfg, dist)
+    resume_from = checkpointing.check_output_dir(cfg, dist)
     saved = None
     if resume_from is not None:
         saved = checkpointing.read_state(resume_from)
@@ -130,6 +131,7 @@ def setup(cfg: TrainConfig, model: DynamiCrafter | None = None) -> TrainState:
     clips = data_mod.ClipDataset(data_mod.find_clips(cfg.data, cfg.video_root), run.frames, run.height, run.width,
                                  cfg.frame_stride_min, cfg.frame_stride_max, run.model_config.fs_kind)
     sample = sample_input(cfg, clips) if cfg.sample_every and dist.is_main else None
+    checkpointing.make_output_dir(cfg, dist)
 
     model = _load_model(run, model)
     torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout and anything else on the global RNG
@@ -232,12 +234,7 @@ def fit(state: TrainState) -> TrainResult:
             if not math.isfinite(loss):
                 raise UserError(f"The loss is {loss} at step {state.step + 1}: training diverged (try a lower "
                                  f"--learning_rate), and nothing of that step was saved.")
-            sync_unsharded(state.unsharded)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm)
-            state.optimizer.step()
-            state.scheduler.step()
-            state.optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(state)
             state.step += 1
             lr = state.scheduler.get_last_lr()[0]
             if run.device.type == "cuda":
@@ -306,6 +303,23 @@ def _accumulate_gradients(state: TrainState, batches: Iterator[dict[str, Any]]) 
             (loss / cfg.grad_accum).backward()
         losses.append(loss.detach().float().item())
     return run.dist.reduce([sum(losses) / len(losses)], run.device)[0] / run.dist.world_size
+
+
+def _optimizer_step(state: TrainState) -> None:
+    """Clip the gradients, step AdamW and the schedule, clear the gradients."""
+    cfg = state.run.cfg
+    sync_unsharded(state.unsharded)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm)
+    try:
+        state.optimizer.step()
+    except RuntimeError as exc:  # AdamW's step size (lr / bias correction) beyond float32
+        if "overflow" not in str(exc):
+            raise
+        raise UserError(f"The optimizer's step {state.step + 1} overflows float32 at learning rate "
+                         f"{state.scheduler.get_last_lr()[0]:g}: try a lower --learning_rate.") from None
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
 
 
 def _micro_step(state: TrainState, batch: dict[str, Any]) -> torch.Tensor:
