@@ -274,6 +274,8 @@ def _flags(out: Path, **changes) -> list[str]:
     values = {**TINY, "output_dir": str(out), **changes}
     flags = []
     for key, value in values.items():
+        if value is None:  # not given
+            continue
         flags += [f"--{key}" if value else f"--no-{key}"] if isinstance(value, bool) else [f"--{key}", str(value)]
     return flags
 
