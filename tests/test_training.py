@@ -281,8 +281,9 @@ def _flags(out: Path, **changes) -> list[str]:
 
 
 def test_cli_errors(tmp_path, caplog, capsys):
-    assert train_main([str(tmp_path / "missing"), "--device", "cpu"]) == 1
+    assert train_main([str(tmp_path / "missing"), "--device", "cpu", "--output_dir", str(tmp_path / "out")]) == 1
     assert "does not exist" in caplog.records[-1].getMessage()
+    assert not (tmp_path / "out").exists()  # nothing written for a run that cannot start
     assert train_main([str(CLIPS), "--max_steps", "0"]) == 1
     assert "max_steps must be a whole number" in caplog.records[-1].getMessage()
     assert train_main([str(CLIPS), "--mode", "half"]) == 2

@@ -207,25 +207,26 @@ def _unet_tensors(weights: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[st
     return tensors
 
 
-def _check_safetensors(path: Path) -> None:
-    """Raise OSError unless ``path`` is as long as its header says (a short write is caught here)."""
+def _check_safetensors(path: Path, name: str) -> None:
+    """Raise OSError unless ``path`` is as long as its header says (a short write caught before the rename)."""
     try:
         with path.open("rb") as f:
             size = struct.unpack("<Q", f.read(8))[0]
             header = json.loads(f.read(size))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, struct.error):
-        end = -1
-    if path.stat().st_size != 8 + size + end:
-        raise OSError(f"{path.name} was not written completely")
+        complete = path.stat().st_size == 8 + size + end
+    except (ValueError, KeyError, TypeError, struct.error):
+        complete = False
+    if not complete:
+        raise OSError(f"{name} was not written completely")
 
 
-def _check_zip(path: Path) -> None:
+def _check_zip(path: Path, name: str) -> None:
     """Raise OSError unless ``path`` ends with a zip directory, as a complete ``torch.save`` file does."""
     try:
         zipfile.ZipFile(path).close()
     except zipfile.BadZipFile:
-        raise OSError(f"{path.name} was not written completely") from None
+        raise OSError(f"{name} was not written completely") from None
 
 
 def _torch_save(obj: Any, path: Path, name: str) -> None:
@@ -284,8 +285,8 @@ def _write_checkpoint(state: TrainState, tmp: Path, weights: dict[str, torch.Ten
 
         tensors = _unet_tensors(weights, cfg)
         write_atomically(tmp / UNET_NAME, lambda p: save_file(tensors, str(p), metadata={"step": str(state.step)}),
-                         verify=_check_safetensors)
-    write_atomically(tmp / STATE_NAME, lambda p: _torch_save(doc, p, STATE_NAME), verify=_check_zip)
+                         verify=lambda p: _check_safetensors(p, UNET_NAME))
+    write_atomically(tmp / STATE_NAME, lambda p: _torch_save(doc, p, STATE_NAME), verify=lambda p: _check_zip(p, STATE_NAME))
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:
@@ -321,7 +322,13 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "the default"
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _with(name: str, value: Any) -> str:
+    return f"without --{name}" if value is None else f"with --{name} {_shown(value)}"
 
 
 def reconcile(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> TrainConfig:
@@ -329,7 +336,7 @@ def reconcile(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> TrainConfi
 
     Settings this run leaves unset take the saved run's values; a different :data:`FIXED`
     setting is refused; :data:`SAVED_WINS` keep the saved value; any other new value applies
-    (the learning rate, betas and weight decay are put in the restored optimizer).
+    (the learning rate, betas and weight decay are put in the restored optimizer by :func:`restore`).
     """
     adopted, kept, changed = {}, {}, []
     for f in dataclasses.fields(TrainConfig):
@@ -338,20 +345,17 @@ def reconcile(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> TrainConfi
             continue
         old, new = saved[name], getattr(cfg, name)
         old = tuple(old) if isinstance(old, list) else old
-        if old == new or old is None:
-            if old is None and new is not None and name in FIXED:
-                raise UserError(f"{path} was trained with --{name} unset, not {_shown(new)}: resume without "
-                                 f"--{name}, or start a new run in another --output_dir.")
+        if old == new:
             continue
         if new is None:
             adopted[name] = old
         elif name in FIXED:
-            raise UserError(f"{path} was trained with --{name} {_shown(old)}, not {_shown(new)}: resume with "
-                             f"--{name} {_shown(old)}, or start a new run in another --output_dir.")
+            raise UserError(f"{path} was trained {_with(name, old)}, not {'with ' if old is None else ''}{_shown(new)}: "
+                             f"resume {_with(name, old)}, or start a new run in another --output_dir.")
         elif name in SAVED_WINS:
             kept[name] = old
             logger.warning("%s %s of the saved run is kept, not %s: %s.", name, _shown(old), _shown(new), SAVED_WINS[name])
-        elif name != "learning_rate":
+        elif name != "learning_rate":  # said below, as the rates in force
             changed.append(name)
     merged = cfg.replace(**adopted, **kept)
     if adopted:

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=4 -m dynamicrafter.training.cli CLIPS --resolution 512 ...
 
 Every option is a field of :class:`~dynamicrafter.training.config.TrainConfig` under the same
-name; the parser is made from that dataclass, so the two cannot disagree.
+name, with the help written on the field; the parser is made from that dataclass, so the two
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..frontend import EXIT_INTERRUPTED, Parser, configure_logging, run_command
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
+
 
 def _choices(hint: Any) -> list[str] | None:
     args = [a for a in typing.get_args(hint) if a is not type(None)]

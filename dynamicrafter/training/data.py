@@ -10,6 +10,8 @@ Frame sampling follows the original's WebVid loader: a frame stride drawn unifor
 ``T`` frames from a uniformly drawn start. The UNet's condition is that stride (256 model) or
 the clip's frame rate divided by it, rounded down (the others). Frames are resized to cover the
 model's size and centre-cropped (:func:`dynamicrafter.images.fit_image`, as the pipeline does).
+A clip whose frames are larger than an input image may be (``images.MAX_IMAGE_PIXELS``, the
+aspect-ratio limit) is refused from its header, before a frame is decoded.
 
 Every random choice for a sample comes from a seed the sampler hands over with its index, so a
 run is the same with any number of worker processes and resumes exactly.

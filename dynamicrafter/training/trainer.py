@@ -223,10 +223,10 @@ def fit(state: TrainState) -> TrainResult:
     result = TrainResult(state.step)
     _describe(state)
     metrics = Metrics(run.out / "logs", state.step, enabled=dist.is_main)
-    stop = StopRequest(announce=dist.is_main)
     bar = _progress_bar(state) if dist.is_main else None
     batches = _usable_batches(state)
     start = time.perf_counter()
+    stop = StopRequest(announce=dist.is_main)
     try:
         while state.step < cfg.max_steps:
             step_start = time.perf_counter()
