@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
 from dynamicrafter.training import data as D
 from dynamicrafter.training.cli import main as train_main
 from dynamicrafter.training.config import TrainConfig
+from dynamicrafter.training.model import lr_factor
 from dynamicrafter.training.objective import diffusion_loss
-from dynamicrafter.training.trainer import Trainer, lr_factor, train
+from dynamicrafter.training.trainer import train
 
 from .conftest import DATA
 
@@ -219,7 +221,7 @@ def test_forty_steps_on_one_clip_halve_the_loss(one_clip, tmp_path):
     before = fixed_loss()
     cfg = tiny_config(one_clip, tmp_path, mode="full", learning_rate=5e-3, max_steps=40, save_every=40,
                       cache_latents=True, unet_dropout=0.0, gradient_checkpointing=False)
-    result = Trainer(cfg, model).run()
+    result = train(cfg, model)
     model.eval()
     after = fixed_loss()
     assert result.step == 40 and (tmp_path / "checkpoint-000040" / "unet.safetensors").is_file()
@@ -227,15 +229,20 @@ def test_forty_steps_on_one_clip_halve_the_loss(one_clip, tmp_path):
     assert after <= 0.5 * before, (before, after)
 
 
-def test_ctrl_c_saves_and_stops(one_clip, tmp_path):
-    class Interrupted(Trainer):
-        def _log(self, *args):
-            super()._log(*args)
-            self._on_sigint(2, None)  # what Ctrl-C does, after the first step
+def test_ctrl_c_saves_and_stops(one_clip, tmp_path, monkeypatch):
+    from dynamicrafter.training.metrics import Metrics
 
-    result = Interrupted(tiny_config(one_clip, tmp_path, max_steps=10, gradient_checkpointing=False)).run()
+    log = Metrics.log
+
+    def log_then_ctrl_c(self, *args):  # a real SIGINT to this process, after the first step
+        log(self, *args)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Metrics, "log", log_then_ctrl_c)
+    result = train(tiny_config(one_clip, tmp_path, max_steps=10, gradient_checkpointing=False))
     assert result.interrupted and result.step == 1
     assert result.checkpoint == tmp_path / "checkpoint-000001" and (result.checkpoint / "training_state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 def test_unusable_clips_are_skipped_once_and_counted(tmp_path, caplog):
@@ -267,13 +274,16 @@ def _flags(out: Path, **changes) -> list[str]:
     values = {**TINY, "output_dir": str(out), **changes}
     flags = []
     for key, value in values.items():
+        if value is None:  # not given
+            continue
         flags += [f"--{key}" if value else f"--no-{key}"] if isinstance(value, bool) else [f"--{key}", str(value)]
     return flags
 
 
 def test_cli_errors(tmp_path, caplog, capsys):
-    assert train_main([str(tmp_path / "missing"), "--device", "cpu"]) == 1
+    assert train_main([str(tmp_path / "missing"), "--device", "cpu", "--output_dir", str(tmp_path / "out")]) == 1
     assert "does not exist" in caplog.records[-1].getMessage()
+    assert not (tmp_path / "out").exists()  # nothing written for a run that cannot start
     assert train_main([str(CLIPS), "--max_steps", "0"]) == 1
     assert "max_steps must be a whole number" in caplog.records[-1].getMessage()
     assert train_main([str(CLIPS), "--mode", "half"]) == 2

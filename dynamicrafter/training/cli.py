@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=4 -m dynamicrafter.training.cli CLIPS --resolution 512 ...
 
 Every option is a field of :class:`~dynamicrafter.training.config.TrainConfig` under the same
-name; the parser is made from that dataclass, so the two cannot disagree.
+name, with the help written on the field; the parser is made from that dataclass, so the two
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -12,66 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import typing
 from typing import Any, Sequence
 
+from ..distributed import Ranks
 from ..frontend import EXIT_INTERRUPTED, Parser, configure_logging, run_command
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-HELP = {
-    "data": "a folder of clips (.mp4 .mov .webm .gif) with same-name .txt captions, or a CSV "
-            "(videoid,name as WebVid, or path,caption)",
-    "output_dir": "where checkpoints, logs/ (TensorBoard + metrics.csv) and samples/ go",
-    "resolution": "base model: 256, 512, 1024 or 512_interp",
-    "checkpoint": "base checkpoint (default: the released one, downloaded when missing)",
-    "clip_checkpoint": "OpenCLIP ViT-H-14 weights, for a checkpoint without the CLIP towers (pruned files)",
-    "model_config": "model config YAML in the original layout (default: the resolution's preset)",
-    "video_root": "folder a CSV's clips are in (default: the CSV's folder)",
-    "frames": "frames per training clip (default: the model's 16)",
-    "height": "frame height (default: the model's)",
-    "width": "frame width (default: the model's)",
-    "frame_stride_min": "smallest frame stride drawn for a clip",
-    "frame_stride_max": "largest frame stride drawn for a clip",
-    "num_workers": "decoding processes",
-    "cache_latents": "encode every clip once (VAE + CLIP) to disk; later epochs skip the encoders",
-    "cache_dir": "where --cache_latents writes (default: OUTPUT_DIR/cache)",
-    "uncond_prob": "probability of dropping the text, both, or the image (each), for guidance",
-    "rand_cond_frame": "condition on a random frame of the clip (default: yes, except the interpolation model)",
-    "unet_dropout": "dropout in the UNet's ResBlocks and temporal convolutions (the original's 0.1)",
-    "mode": "lora: adapters on the attention and feed-forward projections; full: the whole UNet",
-    "lora_rank": "LoRA rank",
-    "lora_alpha": "LoRA alpha (default: the rank)",
-    "lora_targets": "module-name suffixes the LoRA adapts",
-    "train_image_proj": "also train the image resampler (full fine-tuning)",
-    "learning_rate": "AdamW learning rate (default: 1e-4 for LoRA, 1e-5 full)",
-    "weight_decay": "AdamW weight decay",
-    "adam_betas": "AdamW betas",
-    "optimizer": "adamw, or adamw8bit (needs bitsandbytes)",
-    "lr_schedule": "learning-rate schedule after the warm-up",
-    "lr_warmup_steps": "steps of linear warm-up",
-    "max_steps": "optimizer steps to train for",
-    "batch_size": "clips per process per micro-batch",
-    "grad_accum": "micro-batches per optimizer step",
-    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
-    "precision": "bf16 (autocast, float32 trained weights) or fp32 (default: bf16 on GPUs that have it)",
-    "gradient_checkpointing": "recompute the UNet blocks' activations in the backward pass (less memory)",
-    "compile": "torch.compile the UNet",
-    "strategy": "under torchrun: ddp, fsdp (full fine-tuning), or auto (FSDP for full fine-tuning of 1024)",
-    "seed": "seed of every random draw",
-    "device": "cuda:0, cpu, ... (default: the GPU, or the CPU without one)",
-    "save_every": "write a checkpoint every N steps (and at the end, and on Ctrl-C)",
-    "log_every": "log loss and learning rate every N steps",
-    "sample_every": "render a sample video every N steps (0: never)",
-    "sample_image": "image for the samples (default: the first clip's first frame)",
-    "sample_prompt": "prompt for the samples (default: the first clip's caption)",
-    "sample_steps": "DDIM steps of a sample",
-    "sample_frames": "frames of a sample (default: the training frames)",
-    "resume": "continue from a checkpoint folder, or 'latest' in OUTPUT_DIR",
-}
 
 
 def _choices(hint: Any) -> list[str] | None:
@@ -92,14 +42,28 @@ def _scalar(hint: Any) -> type:
     return str
 
 
+def _help(f: dataclasses.Field) -> str:
+    """The field's help, with its default appended unless the help says it (argparse's ``%`` escaped)."""
+    text = f.metadata.get("help", "")
+    default = f.default
+    if "(default" not in text and default is not None and default is not dataclasses.MISSING:
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        elif isinstance(default, tuple):
+            shown = " ".join(map(str, default))
+        else:
+            shown = str(default)
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")
+
+
 def build_parser(prog: str = "dynamicrafter train") -> argparse.ArgumentParser:
-    """The command line, one option per :class:`TrainConfig` field (defaults from the dataclass)."""
-    parser = Parser(prog=prog, description="Fine-tune a DynamiCrafter model on your own clips (LoRA or full).",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line, one option per :class:`TrainConfig` field (help and defaults from the dataclass)."""
+    parser = Parser(prog=prog, description="Fine-tune a DynamiCrafter model on your own clips (LoRA or full).")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         hint = hints[f.name]
-        helptext = HELP.get(f.name, "")
+        helptext = _help(f)
         if f.name == "data":
             parser.add_argument("data", help=helptext)
             continue
@@ -130,7 +94,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "dynamicrafter train") -
 
 
 def _train(argv: Sequence[str] | None, prog: str) -> int:
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only the first process reports progress
+    if Ranks.from_env().rank > 0:  # under torchrun only the first process reports progress
         logging.getLogger().setLevel(logging.WARNING)
     cfg = config_from_args(build_parser(prog).parse_args(argv))
     from .trainer import train  # after parsing: --help stays fast

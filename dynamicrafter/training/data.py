@@ -10,6 +10,8 @@ Frame sampling follows the original's WebVid loader: a frame stride drawn unifor
 ``T`` frames from a uniformly drawn start. The UNet's condition is that stride (256 model) or
 the clip's frame rate divided by it, rounded down (the others). Frames are resized to cover the
 model's size and centre-cropped (:func:`dynamicrafter.images.fit_image`, as the pipeline does).
+A clip whose frames are larger than an input image may be (``images.MAX_IMAGE_PIXELS``, the
+aspect-ratio limit) is refused from its header, before a frame is decoded.
 
 Every random choice for a sample comes from a seed the sampler hands over with its index, so a
 run is the same with any number of worker processes and resumes exactly.
@@ -29,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import UserError
-from ..images import fit_image
+from ..images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, fit_image
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +73,17 @@ def find_clips(source: str | Path, video_root: str | Path | None = None) -> list
 
 
 def _read_csv(path: Path, root: Path) -> list[Clip]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or ())
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark spreadsheets write
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or ())
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8 (CSV UTF-8 in a spreadsheet).") from None
+    except csv.Error as exc:
+        raise UserError(f"{path} is not a readable CSV file ({exc}).") from None
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({exc.strerror or exc}).") from None
     if {"videoid", "name"} <= columns:
         def clip(row: dict[str, str]) -> Clip:
             folder = root / row["page_dir"] if row.get("page_dir") else root
@@ -110,12 +119,25 @@ def choose_frames(num_frames: int, frames: int, stride_min: int, stride_max: int
     return [start + stride * i for i in range(frames)], stride
 
 
+def check_frame_size(width: int, height: int) -> None:
+    """Refuse frames larger than an input image may be (:data:`~dynamicrafter.images.MAX_IMAGE_PIXELS`, the aspect ratio)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ClipError(f"its frames are {width}x{height} pixels ({width * height / 1e6:.3g} megapixels), over the "
+                        f"limit of {MAX_IMAGE_PIXELS / 1e6:g}")
+    if min(width, height) > 0 and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ClipError(f"its frames are {width}x{height} pixels, a strip narrower than 1:{MAX_ASPECT_RATIO}")
+
+
 def _count_frames(path: Path, decode: bool = False) -> tuple[int, float]:
-    """Frames in the clip (from the header, or by decoding where it has none) and its frame rate."""
+    """Frames in the clip (from the header, or by decoding where it has none) and its frame rate.
+
+    The frame size in the header is checked first, before a frame is decoded.
+    """
     import av
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        check_frame_size(stream.codec_context.width, stream.codec_context.height)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         count = 0 if decode else stream.frames
         if count <= 0:  # not in the header (webm, some gifs): count by decoding
@@ -133,6 +155,7 @@ def _decode(path: Path, indices: Sequence[int], height: int, width: int) -> list
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
+            check_frame_size(frame.width, frame.height)  # a size change mid-stream
             if i in wanted:
                 got[i] = fit_image(frame.to_image(), height, width)
             if i >= last:
@@ -271,7 +294,10 @@ def first_frame(path: Path):
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
+                check_frame_size(frame.width, frame.height)
                 return frame.to_image().convert("RGB")
+    except ClipError:
+        raise
     except Exception as exc:  # PyAV raises many types
         raise ClipError(f"cannot be read ({type(exc).__name__}: {exc})") from None
     raise ClipError("it has no frames")

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class Dist(distributed.Ranks):
         t = torch.tensor([float(v) for v in values], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
+
+    def check_all(self, error: str | None) -> None:
+        """Raise the first rank's ``error`` (one sentence) as a :class:`UserError` on every rank, so none
+        waits for a rank that stopped; nothing when no rank has one."""
+        errors = [e for e in self.gather_objects(error) if e]
+        if errors:
+            raise UserError(errors[0])
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (on every rank)."""

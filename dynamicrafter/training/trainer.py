@@ -1,20 +1,22 @@
 """The fine-tuning loop: LoRA or full fine-tuning of the UNet, on one GPU, a CPU or under torchrun.
 
-One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` clips per process. Each
+:func:`train` is :func:`setup` (the output folder, the clips, the model, the optimizer and
+schedule, a resumed checkpoint) followed by :func:`fit`, a loop to read top to bottom. One
+optimizer step = ``grad_accum`` micro-batches of ``batch_size`` clips per process. Each
 micro-batch: frozen encoders (or the latent cache), the step's random draws from the run's own
 generator, :func:`~dynamicrafter.training.objective.loss_on_encoded` under bf16 autocast,
-backward. Then gradient clipping, AdamW, the learning-rate schedule, logging, and every
-``save_every`` steps an atomic checkpoint from which ``--resume`` continues exactly.
+backward. Then a check that the loss is finite, gradient clipping, AdamW, the learning-rate
+schedule, logging (:mod:`.metrics`), and every ``save_every`` steps a checkpoint
+(:mod:`.checkpointing`) from which ``--resume`` continues exactly; samples (:mod:`.samples`)
+every ``sample_every`` steps.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
-import shutil
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,23 +25,31 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoints import load_model
-from ..configs import ModelConfig, model_config, resolve_resolution
+from ..configs import ModelConfig, resolve_resolution
 from ..errors import UserError
-from ..lora import add_lora, lora_state_dict, save_lora
 from ..models.dynamicrafter import DynamiCrafter
-from ..models.unet import ResBlock, TemporalConvBlock
+from . import checkpointing
 from . import data as data_mod
 from .config import TrainConfig
-from .distributed import init, shutdown
-from .objective import EncodedBatch, NullConditioning, draw, encode_batch, loss_on_encoded, null_conditioning, sample_posterior
+from .distributed import Dist, init, shutdown
+from .metrics import Metrics
+from .model import (
+    LossModule,
+    make_optimizer,
+    make_scheduler,
+    prepare_model,
+    resolve_model_config,
+    resolve_precision,
+    sync_unsharded,
+    wrap,
+)
+from .objective import EncodedBatch, NullConditioning, draw, encode_batch, null_conditioning, sample_posterior
+from .samples import SampleInput, render_sample, sample_input
 
 logger = logging.getLogger(__name__)
-
-STATE_NAME = "training_state.pt"
-UNET_NAME = "unet.safetensors"
 
 
 @dataclass
@@ -54,611 +64,390 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------- model
-def set_unet_dropout(unet: nn.Module, p: float) -> None:
-    """Put the original's training dropout in the UNet's empty dropout slots (no new keys).
+@dataclass(frozen=True)
+class Run:
+    """What stays fixed while a run trains: its settings, processes and clip geometry."""
 
-    The original trains with dropout ``p`` in every ResBlock (before its second convolution)
-    and 0.1 in the temporal convolutions' last three stages; both are set to ``p`` here.
-    """
-    for module in unet.modules():
-        if isinstance(module, ResBlock):
-            module.out_layers[2] = nn.Dropout(p) if p > 0 else nn.Identity()
-        elif isinstance(module, TemporalConvBlock):
-            for stage in (module.conv2, module.conv3, module.conv4):
-                stage[2] = nn.Dropout(p) if p > 0 else nn.Identity()
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    model_config: ModelConfig
+    frames: int
+    height: int
+    width: int
+    rand_cond_frame: bool
+    precision: str
+    strategy: str
 
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
 
-class LossModule(nn.Module):
-    """The trained parts (UNet, resampler) with the objective as ``forward``: what DDP/FSDP wrap."""
-
-    def __init__(self, model: DynamiCrafter) -> None:
-        super().__init__()
-        self.unet = model.unet
-        self.image_proj = model.image_proj_model
-        object.__setattr__(self, "_model", model)  # not a submodule: the encoders stay outside
-        self._unet_call: nn.Module = self.unet
-
-    def compile_unet(self) -> None:
-        self._unet_call = torch.compile(self.unet)
-
-    def forward(self, encoded: EncodedBatch, fs: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-                cond_frame: torch.Tensor, drop_text: torch.Tensor, drop_image: torch.Tensor,
-                null: NullConditioning) -> torch.Tensor:
-        return loss_on_encoded(self._model, encoded, fs, timesteps=timesteps, noise=noise, cond_frame=cond_frame,
-                               drop_text=drop_text, drop_image=drop_image, null=null, unet=self._unet_call,
-                               image_proj=self.image_proj)
-
-
-def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    name = resolve_resolution(cfg.resolution)
-    return model_config(name, cfg.model_config)
-
-
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.precision is not None:
-        return cfg.precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def prepare_model(model: DynamiCrafter, cfg: TrainConfig) -> tuple[LossModule, list[nn.Parameter], Any]:
-    """Make the model trainable as ``cfg`` says: dropout, LoRA or full UNet, checkpointing, modes.
-
-    Returns the loss module, the trained parameters (float32) and the LoRA config (or ``None``).
-    """
-    model.requires_grad_(False)
-    model.eval()
-    set_unet_dropout(model.unet, cfg.unet_dropout)
-    lora_config = None
-    if cfg.mode == "lora":
-        lora_config = add_lora(model.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    else:
-        model.unet.float().requires_grad_(True)
-        if cfg.train_image_proj:
-            model.image_proj_model.float().requires_grad_(True)
-    params = [p for p in list(model.unet.parameters()) + list(model.image_proj_model.parameters()) if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    model.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    model.unet.train()
-    if cfg.train_image_proj:
-        model.image_proj_model.train()
-    module = LossModule(model)
-    if cfg.compile:
-        module.compile_unet()
-    return module, params, lora_config
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("The 8-bit optimizer needs bitsandbytes: pip install bitsandbytes.") from None
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    fused = all(p.is_cuda for p in params)  # one kernel for all parameters; else the multi-tensor path
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                             fused=fused or None, foreach=None if fused else True)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the learning rate at optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
-    if step < cfg.lr_warmup_steps:
-        return (step + 1) / (cfg.lr_warmup_steps + 1)
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    span = max(1, cfg.max_steps - cfg.lr_warmup_steps)
-    progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
-    if cfg.lr_schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ------------------------------------------------------------------------------- checkpoints
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    """The checkpoint folder ``resume`` names (``latest``: the newest in ``output_dir``)."""
-    if resume == "latest":
-        found = sorted(output_dir.glob("checkpoint-*[0-9]"))
-        found = [p for p in found if (p / STATE_NAME).is_file()]
-        if not found:
-            raise UserError(f"There is no checkpoint in {output_dir} to resume from.")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_NAME).is_file():
-        raise UserError(f"{resume} is not a training checkpoint (no {STATE_NAME} in it).")
-    return path
-
-
-def _rng_state(device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state(), "draws": generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["cpu"])
-    generator.set_state(state["draws"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ------------------------------------------------------------------------------------ trainer
-class Trainer:
-    """Runs one fine-tuning job described by a :class:`TrainConfig` (see :meth:`run`)."""
-
-    def __init__(self, cfg: TrainConfig, model: DynamiCrafter | None = None) -> None:
-        self.cfg = cfg
-        self._given_model = model
-        self._stop_requested = False
-        self._warned: set[str] = set()
-
-    # -- set-up -------------------------------------------------------------------------
-    def _setup(self) -> None:
-        cfg = self.cfg
-        self.dist, self.device = init(cfg.device)
-        self.out = Path(cfg.output_dir)
-        self.model_config = self._given_model.config if self._given_model is not None else resolve_model_config(cfg)
-        mc = self.model_config
-        self.frames = cfg.frames or mc.unet.temporal_length
-        self.height, self.width = cfg.height or mc.height, cfg.width or mc.width
-        for label, value in (("height", self.height), ("width", self.width)):
-            if value % mc.size_multiple:
-                raise UserError(f"{label} must be a multiple of {mc.size_multiple} pixels for this model, got {value}.")
-        self.rand_cond_frame = (not mc.interp) if cfg.rand_cond_frame is None else cfg.rand_cond_frame
-        self.precision = resolve_precision(cfg, self.device)
-        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError("This GPU has no bfloat16; use --precision fp32.")
-        self.strategy = cfg.strategy
-        if self.strategy == "auto":
-            large = mc.height * mc.width >= 576 * 1024
-            self.strategy = "fsdp" if cfg.mode == "full" and large and self.dist.distributed else "ddp"
-
-        # The clips first: bad data is reported before any model is loaded.
-        clips = data_mod.find_clips(cfg.data, cfg.video_root)
-        self.clip_dataset = data_mod.ClipDataset(clips, self.frames, self.height, self.width, cfg.frame_stride_min,
-                                                 cfg.frame_stride_max, mc.fs_kind)
-
-        frozen_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        if self._given_model is not None:
-            self.model = self._given_model.to(self.device)
-        else:
-            checkpoint = cfg.checkpoint
-            if checkpoint is None:
-                from ..hub import ensure_checkpoint
-
-                checkpoint = ensure_checkpoint(resolve_resolution(cfg.resolution))
-            elif not Path(checkpoint).is_file():
-                raise UserError(f"Checkpoint {checkpoint} does not exist.")
-            self.model = load_model(mc, checkpoint, dtype=frozen_dtype, device=self.device,
-                                    clip_checkpoint=cfg.clip_checkpoint)
-        self.model.to(self.device)
-        if self._given_model is None or frozen_dtype != torch.float32:
-            for part in (self.model.vae, self.model.cond_stage_model, self.model.embedder, self.model.image_proj_model):
-                part.to(frozen_dtype)
-            if cfg.mode == "lora":
-                self.model.unet.to(frozen_dtype)
-        torch.manual_seed(cfg.seed + 7919 * self.dist.rank)  # dropout and anything else on the global RNG
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.dist.rank)
-        self.module, self.params, self.lora_config = prepare_model(self.model, cfg)
-        self.null = null_conditioning(self.model, self.device)
-        self.ddp_module = self._wrap(self.module)
-        # FSDP replaces the parameters with sharded ones: collect the trained ones after wrapping.
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.step, self.epoch, self.position = 0, 0, 0
-
-        if cfg.cache_latents:
-            self._build_cache()
-        else:
-            self.dataset = self.clip_dataset
-
-    def _wrap(self, module: LossModule) -> nn.Module:
-        if not self.dist.distributed:
-            return module
-        if self.strategy == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32,
-                                          reduce_dtype=torch.float32)
-            # FSDP cannot shard scalars (the 256 model's image cross-attention weights): they stay
-            # whole on every rank and their gradients are averaged by hand (_sync_unsharded).
-            self.unsharded = [p for p in module.parameters() if p.ndim == 0]
-            unet = module.unet
-            for block in [*unet.input_blocks, *([unet.init_attn] if hasattr(unet, "init_attn") else []),
-                          unet.middle_block, *unet.output_blocks]:
-                fully_shard(block, mp_policy=policy, ignored_params=set(self.unsharded))
-            fully_shard(module, mp_policy=policy, ignored_params=set(self.unsharded))
-            return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(module, device_ids=ids)
-
-    def _sync_unsharded(self) -> None:
-        """Average the gradients of the parameters FSDP left whole (see :meth:`_wrap`)."""
-        for p in getattr(self, "unsharded", []):
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-
-    def _build_cache(self) -> None:
-        from . import latent_cache
-
-        cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
-        cond_frames = self.frames if self.rand_cond_frame else 1
-        progress = (lambda xs: self._bar(xs, "Caching latents")) if self.dist.is_main else iter
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        files = latent_cache.build_cache(self.model, self.clip_dataset, cache_dir, cond_frames, self.cfg.seed,
-                                         self.dist.rank, self.dist.world_size, progress, dtype)
-        self.dist.barrier()
-        good, errors = latent_cache.finish(files)
-        for error in errors:
-            self._warn_clip(error)
-        if not good:
-            raise UserError(self._no_usable_clip(errors))
-        self.dataset = latent_cache.CachedDataset(good)
-        logger.info("Latent cache: %d clips in %s.", len(good), cache_dir)
-
-    @staticmethod
-    def _bar(items: Any, desc: str) -> Any:
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, leave=False)
-
-    def _no_usable_clip(self, errors: list[str]) -> str:
-        first = f" The first: {errors[0]}." if errors else ""
-        return f"None of the {len(self.clip_dataset)} clips in {self.cfg.data} can be used for training.{first}"
-
-    def _warn_clip(self, error: str) -> None:
-        if error not in self._warned:
-            self._warned.add(error)
-            logger.warning("Skipping clip %s", error)
-
-    # -- data ---------------------------------------------------------------------------
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        """Batches without end, from where the run stands (``self.epoch``, ``self.position``)."""
-        sampler = data_mod.StreamSampler(len(self.dataset), self.cfg.seed, self.dist.rank, self.dist.world_size,
-                                         self.epoch, self.position)
-        self.samples_per_epoch = sampler.per_rank
-        loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
-                            num_workers=self.cfg.num_workers, collate_fn=data_mod.collate,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if self.cfg.num_workers else None,
-                            generator=torch.Generator().manual_seed(self.cfg.seed))  # leaves the global RNG alone
-        return iter(loader)
-
-    def _encode(self, batch: dict[str, Any], draws: Any) -> tuple[EncodedBatch, torch.Tensor]:
-        device = self.device
-        if "video" in batch:
-            videos = batch["video"].to(device, non_blocking=True)
-            encoded = encode_batch(self.model, videos, batch["caption"], draws.cond_frame, generator=self.generator)
-        else:
-            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
-            latents = sample_posterior(self.model, mean, std, self.generator)
-            tokens = batch["clip_tokens"].to(device)
-            index = draws.cond_frame.clamp(max=tokens.shape[1] - 1).to(device)
-            clip_tokens = tokens[torch.arange(tokens.shape[0], device=device), index].float()
-            encoded = EncodedBatch(latents, batch["text"].to(device).float(), clip_tokens)
-        return encoded, batch["fs"].to(device)
-
-    # -- checkpoints --------------------------------------------------------------------
-    def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Trained weights (full tensors on the CPU) and the optimizer state, gathered under FSDP."""
-        if self.strategy == "fsdp" and self.dist.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(self.module, options=options)
-            optim = get_optimizer_state_dict(self.module, self.optimizer, options=options)
-            return weights, optim
-        return self.module.state_dict(), self.optimizer.state_dict()
-
-    def save(self) -> Path:
-        """Write ``checkpoint-<step>`` atomically (a temporary folder renamed into place)."""
-        cfg = self.cfg
-        final = self.out / f"checkpoint-{self.step:06d}"
-        rng = self.dist.gather_objects(_rng_state(self.device, self.generator))
-        weights, optim = self._state_dicts() if cfg.mode == "full" else ({}, self.optimizer.state_dict())
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tmp = self.out / f".checkpoint-{self.step:06d}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            extra = {"step": str(self.step), "base_checkpoint": str(cfg.checkpoint or "released")}
-            if cfg.mode == "lora":
-                save_lora(tmp, lora_state_dict(self.model.unet), self.lora_config, self.model_config, extra)
-            else:
-                from safetensors.torch import save_file
-
-                prefixes = {"unet.": "model.diffusion_model.", "image_proj.": "image_proj_model."}
-                tensors = {}
-                for key, value in weights.items():
-                    for ours, theirs in prefixes.items():
-                        if key.startswith(ours) and (ours == "unet." or cfg.train_image_proj):
-                            tensors[theirs + key[len(ours):]] = value.detach().to("cpu", torch.float32).contiguous()
-                save_file(tensors, str(tmp / UNET_NAME), metadata={"step": str(self.step)})
-            state = {"step": self.step, "epoch": self.epoch, "position": self.position, "world": self.dist.world_size,
-                     "optimizer": optim, "scheduler": self.scheduler.state_dict(), "rng": rng,
-                     "config": {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}}
-            torch.save(state, tmp / STATE_NAME)
-            if final.exists():
-                old = final.with_name(final.name + f".old{os.getpid()}")
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        self.dist.barrier()
-        return final
-
-    def _resume(self, path: Path) -> None:
-        cfg = self.cfg
-        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-        saved = state.get("config", {})
-        for key in ("mode", "lora_rank", "resolution", "train_image_proj"):
-            if key in saved and saved[key] != getattr(cfg, key):
-                raise UserError(f"Checkpoint {path} was trained with {key}={saved[key]!r}, "
-                                 f"this run has {key}={getattr(cfg, key)!r}.")
-        if cfg.mode == "lora":
-            from peft import set_peft_model_state_dict
-
-            from ..lora import read_lora
-
-            weights, _ = read_lora(path)
-            result = set_peft_model_state_dict(self.model.unet, {k.removeprefix("base_model.model."): v
-                                                                 for k, v in weights.items()})
-            if [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]:
-                raise UserError(f"Checkpoint {path} lacks LoRA weights this run trains (different targets?).")
-            for p in self.params:
-                p.data = p.data.float()
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(path / UNET_NAME))
-            unet = {k.removeprefix("model.diffusion_model."): v for k, v in tensors.items()
-                    if k.startswith("model.diffusion_model.")}
-            proj = {k.removeprefix("image_proj_model."): v for k, v in tensors.items() if k.startswith("image_proj_model.")}
-            if self.strategy == "fsdp" and self.dist.distributed:
-                from torch.distributed.checkpoint.state_dict import (
-                    StateDictOptions,
-                    set_model_state_dict,
-                    set_optimizer_state_dict,
-                )
-
-                full = {f"unet.{k}": v for k, v in unet.items()} | {f"image_proj.{k}": v for k, v in proj.items()}
-                options = StateDictOptions(full_state_dict=True, strict=False)
-                set_model_state_dict(self.module, full, options=options)
-                set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=options)
-            else:
-                self.model.unet.load_state_dict(unet)
-                if proj:
-                    self.model.image_proj_model.load_state_dict(proj)
-                self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        rng = state["rng"]
-        if state.get("world") != self.dist.world_size:
-            logger.warning("Checkpoint %s was written by %s process(es), this run has %d: the random draws will "
-                           "differ from an uninterrupted run.", path, state.get("world"), self.dist.world_size)
-        _set_rng_state(rng[min(self.dist.rank, len(rng) - 1)], self.device, self.generator)
-        if self.dist.is_main:
-            logger.info("Resumed from %s at step %d.", path, self.step)
-
-    # -- logging and samples ----------------------------------------------------------------
-    def _open_logs(self) -> None:
-        self.writer = None
-        self.csv_file = None
-        if not self.dist.is_main:
-            return
-        log_dir = self.out / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        csv_path = log_dir / "metrics.csv"
-        rows = []
-        if csv_path.exists() and self.step > 0:  # keep what led up to the resumed step
-            with csv_path.open(newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if r and int(r[0]) <= self.step]
-        self.csv_file = csv_path.open("w", newline="")
-        self.csv = csv.writer(self.csv_file)
-        self.csv.writerow(["step", "loss", "lr", "seconds"])
-        self.csv.writerows(rows)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(log_dir), purge_step=self.step + 1 if self.step else None)
-        except ImportError:
-            logger.warning("TensorBoard is not installed (pip install tensorboard); logging to CSV only.")
-
-    def _log(self, loss: float, lr: float, elapsed: float) -> None:
-        if not self.dist.is_main:
-            return
-        self.csv.writerow([self.step, f"{loss:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
-        self.csv_file.flush()
-        if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, self.step)
-            self.writer.add_scalar("train/lr", lr, self.step)
-
-    def _close_logs(self) -> None:
-        if getattr(self, "csv_file", None) is not None:
-            self.csv_file.close()
-        if getattr(self, "writer", None) is not None:
-            self.writer.close()
-
-    def _sample(self) -> Path | None:
-        """Render the fixed sample (image + prompt) with the model as trained so far (main process)."""
-        cfg = self.cfg
-        if self.strategy == "fsdp" and self.dist.distributed:
-            if "fsdp-sample" not in self._warned:
-                self._warned.add("fsdp-sample")
-                logger.warning("Samples during training are not rendered under FSDP.")
-            return None
-        if not self.dist.is_main:
-            return None
-        from ..images import load_image
-        from ..pipeline import DynamiCrafterImg2VideoPipeline
-
-        if cfg.sample_image:
-            image = load_image(cfg.sample_image)
-            prompt = cfg.sample_prompt or ""
-        else:
-            clip = self.clip_dataset.clips[0]
-            image = data_mod.first_frame(clip.path)
-            prompt = clip.caption if cfg.sample_prompt is None else cfg.sample_prompt
-        # Share the training model as it is (no cast): its float32 trained weights must stay float32.
-        pipe = DynamiCrafterImg2VideoPipeline.from_model(self.model, self.device, torch.float32, cast=False,
-                                                         offload="none")
-        was_training = self.model.unet.training
-        self.model.unet.eval()
-        try:
-            with self._autocast(), torch.no_grad():
-                frames = pipe(image, prompt, num_inference_steps=cfg.sample_steps,
-                              num_frames=cfg.sample_frames or self.frames, height=self.height, width=self.width,
-                              generator=torch.Generator(self.device).manual_seed(cfg.seed))["videos"]
-        finally:
-            self.model.unet.train(was_training)
-        path = self.out / "samples" / f"step_{self.step:06d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pipe.save_video(frames, path, fps=8)
-        return path
-
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    # -- the loop -----------------------------------------------------------------------
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        """Ctrl-C (or SIGTERM, as torchrun and schedulers send): save after this step and stop."""
-        self._stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        if self.dist.is_main:
-            logger.warning("Interrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving).")
 
-    def run(self) -> TrainResult:
-        """Train to ``max_steps`` (or until Ctrl-C), saving checkpoints; returns what was done."""
-        self._setup()
-        cfg = self.cfg
-        try:
-            if cfg.resume:
-                self._resume(find_checkpoint(self.out, cfg.resume))
-            return self._loop()
-        finally:
-            self._close_logs()
-            shutdown(self.dist)
+@dataclass
+class TrainState:
+    """The run, what it trains, and where it stands: what :func:`setup` builds and :func:`fit` advances."""
 
-    def _loop(self) -> TrainResult:
-        cfg = self.cfg
-        result = TrainResult(self.step)
-        effective = cfg.batch_size * cfg.grad_accum * self.dist.world_size
-        if self.dist.is_main:
-            trained = sum(p.numel() for p in self.params)
-            logger.info("Training %s of the %s model: %.2fM parameters, %d clips, effective batch %d "
-                        "(%d per process x %d accumulation x %d process(es)), %s, %s.",
-                        "a LoRA" if cfg.mode == "lora" else "the UNet", self.model_config.name, trained / 1e6,
-                        len(self.dataset), effective, cfg.batch_size, cfg.grad_accum, self.dist.world_size,
-                        self.precision, self.strategy if self.dist.distributed else "1 process")
-        self._open_logs()
-        previous = None
-        if _main_thread():
-            previous = (signal.signal(signal.SIGINT, self._on_sigint), signal.signal(signal.SIGTERM, self._on_sigint))
-        bar = None
-        if self.dist.is_main:
-            from tqdm.auto import tqdm
+    run: Run
+    model: DynamiCrafter
+    module: LossModule  # the trained parts with the objective as forward
+    wrapped: nn.Module  # ``module`` under DDP/FSDP (``module`` itself for one process)
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator  # the step's random draws
+    null: NullConditioning
+    clips: data_mod.ClipDataset
+    dataset: Dataset  # ``clips``, or their latent cache
+    lora_config: Any = None
+    unsharded: list[nn.Parameter] = field(default_factory=list)  # parameters FSDP leaves whole
+    sample: SampleInput | None = None
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # samples of ``epoch`` used by this process
+    skipped: set[str] = field(default_factory=set)  # the unusable clips' errors, each warned once
 
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="Training", unit="step", dynamic_ncols=True)
-        batches = self._batches()
-        seen, found_usable = 0, False
-        start = time.perf_counter()
-        try:
-            while self.step < cfg.max_steps:
-                step_start = time.perf_counter()
-                losses = []
-                micro = 0
-                while micro < cfg.grad_accum:
-                    batch = next(batches)
-                    self.epoch, self.position = batch["epoch"], batch["position"]
-                    if self.position >= self.samples_per_epoch:
-                        self.epoch, self.position = self.epoch + 1, 0
-                    for error in batch["errors"]:
-                        self._warn_clip(error)
-                    seen += batch["count"]
-                    usable = 1.0 if "index" in batch else 0.0
-                    negated_lowest, highest = self.dist.reduce([-usable, usable], self.device, "max")
-                    lowest = -negated_lowest
-                    found_usable = found_usable or highest > 0
-                    if not found_usable and seen >= self.samples_per_epoch:
-                        raise UserError(self._no_usable_clip(sorted(self._warned)))
-                    if lowest == 0:
-                        continue  # some process has no usable sample in this batch: all skip it
-                    micro += 1
-                    sync = micro == cfg.grad_accum or not self.dist.distributed or self.strategy == "fsdp"
-                    with (nullcontext() if sync else self.ddp_module.no_sync()):
-                        loss = self._micro_step(batch)
-                        (loss / cfg.grad_accum).backward()
-                    losses.append(loss.detach().float().item())
-                self._sync_unsharded()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                step_loss = self.dist.reduce([sum(losses) / len(losses)], self.device)[0] / self.dist.world_size
-                lr = self.scheduler.get_last_lr()[0]
-                result.losses.append(step_loss)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                result.step_seconds.append(time.perf_counter() - step_start)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    self._log(step_loss, lr, time.perf_counter() - start)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-                stop = self.dist.reduce([1.0 if self._stop_requested else 0.0], self.device, "max")[0] > 0
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or stop:
-                    result.checkpoint = self.save()
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    sample = self._sample()
-                    if sample is not None:
-                        logger.info("Sample at step %d: %s", self.step, sample)
-                if stop:
-                    result.interrupted = True
-                    break
-        except KeyboardInterrupt:
-            result.interrupted = True
-            logger.warning("Stopped at step %d without saving.", self.step)
-        finally:
+
+# ------------------------------------------------------------------------------------- setup
+def setup(cfg: TrainConfig, model: DynamiCrafter | None = None) -> TrainState:
+    """Everything a run needs before its first step; ``model`` overrides loading one from a checkpoint.
+
+    Cheap checks first (the output folder, a resumed checkpoint's state and settings, the clips),
+    then the output folder is made and the model loaded: a mistake is reported before minutes of
+    loading, and before ``--overwrite`` deletes anything.
+    """
+    dist, device = init(cfg.device)
+    resume_from = checkpointing.check_output_dir(cfg, dist)
+    saved = None
+    if resume_from is not None:
+        saved = checkpointing.read_state(resume_from)
+        cfg = checkpointing.reconcile(cfg, saved.get("config", {}), resume_from)
+    run = _plan(cfg, dist, device, model.config if model is not None else resolve_model_config(cfg))
+    clips = data_mod.ClipDataset(data_mod.find_clips(cfg.data, cfg.video_root), run.frames, run.height, run.width,
+                                 cfg.frame_stride_min, cfg.frame_stride_max, run.model_config.fs_kind)
+    sample = sample_input(cfg, clips) if cfg.sample_every and dist.is_main else None
+    checkpointing.make_output_dir(cfg, dist)
+
+    model = _load_model(run, model)
+    torch.manual_seed(cfg.seed + 7919 * dist.rank)  # dropout and anything else on the global RNG
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank)
+    module, params, lora_config = prepare_model(model, cfg)
+    null = null_conditioning(model, device)
+    wrapped, unsharded = wrap(module, dist, device, run.strategy, run.precision)
+    params = [p for p in module.parameters() if p.requires_grad]  # FSDP replaced them with sharded ones
+    optimizer = make_optimizer(params, cfg)
+    state = TrainState(run, model, module, wrapped, params, optimizer, make_scheduler(optimizer, cfg), generator, null,
+                       clips, clips, lora_config, unsharded, sample)
+    if cfg.cache_latents:
+        state.dataset = _latent_cache(state)
+    if resume_from is not None:
+        checkpointing.restore(state, resume_from, saved)
+    return state
+
+
+def _plan(cfg: TrainConfig, dist: Dist, device: torch.device, mc: ModelConfig) -> Run:
+    """The run's fixed settings, the defaults the model gives resolved and checked."""
+    height, width = cfg.height or mc.height, cfg.width or mc.width
+    for label, value in (("height", height), ("width", width)):
+        if value % mc.size_multiple:
+            raise UserError(f"{label} must be a multiple of {mc.size_multiple} pixels for this model, got {value}.")
+    precision = resolve_precision(cfg, device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("This GPU has no bfloat16; use --precision fp32.")
+    strategy = cfg.strategy
+    if strategy == "auto":
+        large = mc.height * mc.width >= 576 * 1024
+        strategy = "fsdp" if cfg.mode == "full" and large and dist.distributed else "ddp"
+    rand_cond_frame = (not mc.interp) if cfg.rand_cond_frame is None else cfg.rand_cond_frame
+    return Run(cfg, dist, device, mc, cfg.frames or mc.unet.temporal_length, height, width, rand_cond_frame,
+               precision, strategy)
+
+
+def _load_model(run: Run, given: DynamiCrafter | None) -> DynamiCrafter:
+    """The base model on the run's device: frozen parts in the training precision."""
+    cfg = run.cfg
+    frozen_dtype = torch.bfloat16 if run.precision == "bf16" else torch.float32
+    if given is not None:
+        model = given.to(run.device)
+    else:
+        checkpoint = cfg.checkpoint
+        if checkpoint is None:
+            from ..hub import ensure_checkpoint
+
+            checkpoint = ensure_checkpoint(resolve_resolution(cfg.resolution))
+        elif not Path(checkpoint).is_file():
+            raise UserError(f"Checkpoint {checkpoint} does not exist.")
+        model = load_model(run.model_config, checkpoint, dtype=frozen_dtype, device=run.device,
+                           clip_checkpoint=cfg.clip_checkpoint)
+    model.to(run.device)
+    if given is None or frozen_dtype != torch.float32:
+        for part in (model.vae, model.cond_stage_model, model.embedder, model.image_proj_model):
+            part.to(frozen_dtype)
+        if cfg.mode == "lora":
+            model.unet.to(frozen_dtype)
+    return model
+
+
+def _latent_cache(state: TrainState) -> Dataset:
+    """Encode every clip once (``--cache_latents``); the cached clips to train from."""
+    from tqdm.auto import tqdm
+
+    from . import latent_cache
+
+    run, cfg = state.run, state.run.cfg
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.out / "cache"
+    cond_frames = run.frames if run.rand_cond_frame else 1
+    progress = (lambda xs: tqdm(xs, desc="Caching latents", leave=False)) if run.dist.is_main else iter
+    dtype = torch.bfloat16 if run.precision == "bf16" else torch.float32
+    files = latent_cache.build_cache(state.model, state.clips, cache_dir, cond_frames, cfg.seed, run.dist.rank,
+                                     run.dist.world_size, progress, dtype)
+    run.dist.barrier()
+    good, errors = latent_cache.finish(files)
+    for error in errors:
+        _skip_clip(state, error)
+    if not good:
+        raise UserError(_no_usable_clip(state))
+    logger.info("Latent cache: %d clips in %s.", len(good), cache_dir)
+    return latent_cache.CachedDataset(good)
+
+
+# --------------------------------------------------------------------------------------- fit
+def fit(state: TrainState) -> TrainResult:
+    """Train from ``state.step`` to ``max_steps`` (or until Ctrl-C), logging and saving; returns what was done."""
+    run, cfg, dist = state.run, state.run.cfg, state.run.dist
+    result = TrainResult(state.step)
+    _describe(state)
+    metrics = Metrics(run.out / "logs", state.step, enabled=dist.is_main)
+    bar = _progress_bar(state) if dist.is_main else None
+    batches = _usable_batches(state)
+    start = time.perf_counter()
+    stop = StopRequest(announce=dist.is_main)
+    try:
+        while state.step < cfg.max_steps:
+            step_start = time.perf_counter()
+            loss = _accumulate_gradients(state, batches)
+            if not math.isfinite(loss):
+                raise UserError(f"The loss is {loss} at step {state.step + 1}: training diverged (try a lower "
+                                 f"--learning_rate), and nothing of that step was saved.")
+            _optimizer_step(state)
+            state.step += 1
+            lr = state.scheduler.get_last_lr()[0]
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            result.losses.append(loss)
+            result.step_seconds.append(time.perf_counter() - step_start)
+
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                metrics.log(state.step, loss, lr, time.perf_counter() - start)
             if bar is not None:
-                bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous[0])
-                signal.signal(signal.SIGTERM, previous[1])
-        result.step = self.step
-        result.skipped_clips = len([w for w in self._warned if w != "fsdp-sample"])
-        if result.skipped_clips and self.dist.is_main:
-            logger.warning("%d clip(s) could not be used and were skipped.", result.skipped_clips)
-        return result
-
-    def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        first = batch["video"] if "video" in batch else batch["latent_mean"]
-        b = first.shape[0]
-        down = self.model_config.latent_downscale
-        shape = (b, self.model_config.vae.embed_dim, self.frames, self.height // down, self.width // down)
-        draws = draw(self.model, shape, uncond_prob=self.cfg.uncond_prob, rand_cond_frame=self.rand_cond_frame,
-                     generator=self.generator)
-        with self._autocast():
-            encoded, fs = self._encode(batch, draws)
-            return self.ddp_module(encoded, fs, draws.timesteps.to(self.device), draws.noise.to(self.device),
-                                   draws.cond_frame.to(self.device), draws.drop_text, draws.drop_image, self.null)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            stopping = dist.reduce([1.0 if stop.requested else 0.0], run.device, "max")[0] > 0
+            if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stopping:
+                result.checkpoint = checkpointing.save_checkpoint(state)
+            if cfg.sample_every and state.step % cfg.sample_every == 0:
+                _sample(state)
+            if stopping:
+                result.interrupted = True
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C
+        result.interrupted = True
+        logger.warning("Stopped at step %d without saving.", state.step)
+    finally:
+        if bar is not None:
+            bar.close()
+        stop.release()
+        metrics.close()
+    result.step = state.step
+    result.skipped_clips = len(state.skipped)
+    if result.skipped_clips and dist.is_main:
+        logger.warning("%d clip(s) could not be used and were skipped.", result.skipped_clips)
+    return result
 
 
 def train(cfg: TrainConfig, model: DynamiCrafter | None = None) -> TrainResult:
     """Run a fine-tuning job (see :class:`TrainConfig`); ``model`` overrides loading one from a checkpoint."""
-    return Trainer(cfg, model).run()
+    dist, _ = init(cfg.device)  # setup joins the same process group again (a no-op)
+    try:
+        return fit(setup(cfg, model))
+    finally:
+        shutdown(dist)
+
+
+class Trainer:
+    """``Trainer(cfg, model).run()``: :func:`train` under the earlier class's name (``training/bench.py`` uses it)."""
+
+    def __init__(self, cfg: TrainConfig, model: DynamiCrafter | None = None) -> None:
+        self.cfg, self.model = cfg, model
+
+    def run(self) -> TrainResult:
+        return train(self.cfg, self.model)
+
+
+# -------------------------------------------------------------------------------- the steps
+def _accumulate_gradients(state: TrainState, batches: Iterator[dict[str, Any]]) -> float:
+    """Forward and backward of ``grad_accum`` micro-batches; the step's loss, averaged over every process."""
+    run, cfg = state.run, state.run.cfg
+    losses: list[float] = []
+    while len(losses) < cfg.grad_accum:
+        batch = next(batches)
+        last = len(losses) + 1 == cfg.grad_accum
+        sync = last or not run.dist.distributed or run.strategy == "fsdp"
+        with nullcontext() if sync else state.wrapped.no_sync():
+            loss = _micro_step(state, batch)
+            (loss / cfg.grad_accum).backward()
+        losses.append(loss.detach().float().item())
+    return run.dist.reduce([sum(losses) / len(losses)], run.device)[0] / run.dist.world_size
+
+
+def _optimizer_step(state: TrainState) -> None:
+    """Clip the gradients, step AdamW and the schedule, clear the gradients."""
+    cfg = state.run.cfg
+    sync_unsharded(state.unsharded)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm)
+    try:
+        state.optimizer.step()
+    except RuntimeError as exc:  # AdamW's step size (lr / bias correction) beyond float32
+        if "overflow" not in str(exc):
+            raise
+        raise UserError(f"The optimizer's step {state.step + 1} overflows float32 at learning rate "
+                         f"{state.scheduler.get_last_lr()[0]:g}: try a lower --learning_rate.") from None
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+
+
+def _micro_step(state: TrainState, batch: dict[str, Any]) -> torch.Tensor:
+    run = state.run
+    first = batch["video"] if "video" in batch else batch["latent_mean"]
+    down = run.model_config.latent_downscale
+    shape = (first.shape[0], run.model_config.vae.embed_dim, run.frames, run.height // down, run.width // down)
+    draws = draw(state.model, shape, uncond_prob=run.cfg.uncond_prob, rand_cond_frame=run.rand_cond_frame,
+                 generator=state.generator)
+    device = run.device
+    with run.autocast():
+        encoded, fs = _encode(state, batch, draws)
+        return state.wrapped(encoded, fs, draws.timesteps.to(device), draws.noise.to(device),
+                             draws.cond_frame.to(device), draws.drop_text, draws.drop_image, state.null)
+
+
+def _encode(state: TrainState, batch: dict[str, Any], draws: Any) -> tuple[EncodedBatch, torch.Tensor]:
+    device = state.run.device
+    if "video" in batch:
+        videos = batch["video"].to(device, non_blocking=True)
+        encoded = encode_batch(state.model, videos, batch["caption"], draws.cond_frame, generator=state.generator)
+    else:
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        latents = sample_posterior(state.model, mean, std, state.generator)
+        tokens = batch["clip_tokens"].to(device)
+        index = draws.cond_frame.clamp(max=tokens.shape[1] - 1).to(device)
+        clip_tokens = tokens[torch.arange(tokens.shape[0], device=device), index].float()
+        encoded = EncodedBatch(latents, batch["text"].to(device).float(), clip_tokens)
+    return encoded, batch["fs"].to(device)
+
+
+def _usable_batches(state: TrainState) -> Iterator[dict[str, Any]]:
+    """Batches every process can use, without end, from where the run stands (``state.epoch``, ``.position``).
+
+    An unusable clip is warned about once; a batch that some process cannot use is skipped by all;
+    a whole epoch without a usable clip stops the run with one sentence.
+    """
+    run, cfg = state.run, state.run.cfg
+    sampler = data_mod.StreamSampler(len(state.dataset), cfg.seed, run.dist.rank, run.dist.world_size, state.epoch,
+                                     state.position)
+    loader = DataLoader(state.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=data_mod.collate, pin_memory=run.device.type == "cuda",
+                        prefetch_factor=2 if cfg.num_workers else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
+    seen, found_usable = 0, False
+    for batch in loader:
+        state.epoch, state.position = batch["epoch"], batch["position"]
+        if state.position >= sampler.per_rank:
+            state.epoch, state.position = state.epoch + 1, 0
+        for error in batch["errors"]:
+            _skip_clip(state, error)
+        seen += batch["count"]
+        usable = 1.0 if "index" in batch else 0.0
+        negated_lowest, highest = run.dist.reduce([-usable, usable], run.device, "max")
+        found_usable = found_usable or highest > 0
+        if not found_usable and seen >= sampler.per_rank:
+            raise UserError(_no_usable_clip(state))
+        if -negated_lowest > 0:
+            yield batch
+
+
+def _skip_clip(state: TrainState, error: str) -> None:
+    if error not in state.skipped:
+        state.skipped.add(error)
+        logger.warning("Skipping clip %s", error)
+
+
+def _no_usable_clip(state: TrainState) -> str:
+    errors = sorted(state.skipped)
+    first = f" The first: {errors[0]}." if errors else ""
+    return f"None of the {len(state.clips)} clips in {state.run.cfg.data} can be used for training.{first}"
+
+
+def _sample(state: TrainState) -> None:
+    """A sample video on the main process (not under FSDP); an error stops every process."""
+    run = state.run
+    if run.strategy == "fsdp" and run.dist.distributed:
+        return
+    error = None
+    if run.dist.is_main:
+        try:
+            path = render_sample(state, state.sample)
+            logger.info("Sample at step %d: %s", state.step, path)
+        except UserError as exc:
+            error = str(exc)
+    run.dist.check_all(error)
+
+
+# ------------------------------------------------------------------------------ around the loop
+def _describe(state: TrainState) -> None:
+    run, cfg = state.run, state.run.cfg
+    if not run.dist.is_main:
+        return
+    trained = sum(p.numel() for p in state.params)
+    logger.info("Training %s of the %s model: %.2fM parameters, %d clips, effective batch %d "
+                "(%d per process x %d accumulation x %d process(es)), %s, %s.",
+                "a LoRA" if cfg.mode == "lora" else "the UNet", run.model_config.name, trained / 1e6,
+                len(state.dataset), cfg.batch_size * cfg.grad_accum * run.dist.world_size, cfg.batch_size,
+                cfg.grad_accum, run.dist.world_size, run.precision, run.strategy if run.dist.distributed else "1 process")
+    if cfg.sample_every and run.strategy == "fsdp" and run.dist.distributed:
+        logger.warning("Samples during training are not rendered under FSDP.")
+
+
+def _progress_bar(state: TrainState) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=state.run.cfg.max_steps, initial=state.step, desc="Training", unit="step", dynamic_ncols=True)
+
+
+class StopRequest:
+    """Ctrl-C (or SIGTERM, as torchrun and schedulers send) asks the loop to save after this step and stop;
+    a second Ctrl-C stops at once. Installed from the main thread only (signals go there)."""
+
+    def __init__(self, announce: bool) -> None:
+        self.requested = False
+        self.announce = announce
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = (signal.signal(signal.SIGINT, self._handle), signal.signal(signal.SIGTERM, self._handle))
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.announce:
+            logger.warning("Interrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving).")
+
+    def release(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous[0])
+            signal.signal(signal.SIGTERM, self.previous[1])
+            self.previous = None
