@@ -155,7 +155,7 @@ def test_the_library_imports_no_measurement_tool_and_the_tools_no_checkout_path(
             tools = {n for n in _imports(path, package.parent) if n.startswith("dynamicrafter.bench")}
             assert not tools, f"{path} imports {tools}"
     assert _imports(package / "bench" / "training.py", package.parent) >= {  # relative imports, one and two levels up
-        "dynamicrafter.bench.generation.random_model", "dynamicrafter.training.trainer.Trainer"}
+        "dynamicrafter.bench.generation.random_model", "dynamicrafter.training.trainer.train"}
 
 
 def test_compare_reference_refuses_a_folder_without_the_original(tmp_path, caplog):

@@ -66,8 +66,6 @@ def test_the_command_prints_one_error_line(monkeypatch, tmp_path, caplog):
     assert errors == [f"RANK='abc' is not a whole number; {ADVICE}"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="training/cli.py's _train parses RANK itself with int(); it should ask Dist.from_env()")
 def test_the_training_command_prints_one_error_line(monkeypatch, caplog):
     from dynamicrafter.training.cli import main as train_main
 

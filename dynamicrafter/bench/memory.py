@@ -1,7 +1,7 @@
 """How much accelerator memory a training step needs, estimated without one.
 
 :func:`estimate_step_memory` builds the model on the meta device (shapes and dtypes, no
-values), makes it trainable exactly as :func:`~dynamicrafter.training.trainer.prepare_model`
+values), makes it trainable exactly as :func:`~dynamicrafter.training.model.prepare_model`
 does (LoRA or full, gradient checkpointing) and runs two optimizer steps on a synthetic encoded
 batch while counting the bytes of every live tensor storage. The peak, plus the weights, is
 what ``torch.cuda.max_memory_allocated`` would report, with these differences:
@@ -108,7 +108,7 @@ def estimate_step_memory(config: ModelConfig, cfg: TrainConfig, steps: int = 2) 
     Frozen weights are bfloat16 with ``cfg.precision == "bf16"`` (float32 otherwise); trained
     ones float32, as the trainer keeps them. Two optimizer steps, so the optimizer's state counts.
     """
-    from ..training.trainer import make_optimizer, prepare_model
+    from ..training.model import make_optimizer, prepare_model
 
     meta = torch.device("meta")
     frozen = torch.bfloat16 if cfg.precision == "bf16" else torch.float32

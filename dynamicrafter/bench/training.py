@@ -4,7 +4,7 @@
         --device cuda --random-weights --steps 5 --json
 
 It writes one synthetic clip at the model's size (or ``--height``/``--width``) to a temporary
-folder and runs :class:`~dynamicrafter.training.trainer.Trainer` on it for ``--steps``
+folder and runs :func:`~dynamicrafter.training.trainer.train` on it for ``--steps``
 optimizer steps: decoding, the frozen encoders, forward, backward and the optimizer, as a real
 run does (one checkpoint is written at the end, to the temporary folder). ``--random-weights``
 builds the full-size model with random weights (the same arithmetic as the released one, no
@@ -114,7 +114,8 @@ def estimate(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..training.trainer import Trainer, resolve_precision
+    from ..training.model import resolve_precision
+    from ..training.trainer import train
     from .generation import random_model
 
     device = resolve_device(args.device)
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
             model = random_model(config, device, torch.bfloat16 if precision == "bf16" else torch.float32)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result = Trainer(cfg, model).run()
+        result = train(cfg, model)
     times = result.step_seconds[1:] or result.step_seconds
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)

@@ -279,16 +279,6 @@ def train(cfg: TrainConfig, model: DynamiCrafter | None = None) -> TrainResult:
         shutdown(dist)
 
 
-class Trainer:
-    """``Trainer(cfg, model).run()``: :func:`train` under the earlier class's name (``training/bench.py`` uses it)."""
-
-    def __init__(self, cfg: TrainConfig, model: DynamiCrafter | None = None) -> None:
-        self.cfg, self.model = cfg, model
-
-    def run(self) -> TrainResult:
-        return train(self.cfg, self.model)
-
-
 # -------------------------------------------------------------------------------- the steps
 def _accumulate_gradients(state: TrainState, batches: Iterator[dict[str, Any]]) -> float:
     """Forward and backward of ``grad_accum`` micro-batches; the step's loss, averaged over every process."""
