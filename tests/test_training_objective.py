@@ -115,10 +115,9 @@ def test_draws_follow_the_original_dropout_bands(tiny256):
     assert torch.equal(fixed.cond_frame, torch.zeros(8, dtype=torch.long))
 
 
+@pytest.mark.parametrize("case", ["tiny256"], indirect=True)  # one model is enough: the switch is the same
 def test_gradient_checkpointing_changes_nothing(case):
     name, model, ref, meta, video = case
-    if name != "tiny256":
-        pytest.skip("one model is enough: the switch is the same")
     plain = _run(case, True)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.unet.gradient_checkpointing = True
