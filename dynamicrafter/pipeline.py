@@ -27,11 +27,10 @@ from .errors import GenerationError, UserError
 from .images import ImageInput, fit_image, load_image
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
-from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .offload import Offloader, offload_mode
 from .options import CALL_OPTIONS, DEFAULTS, OPTIONS
 from .quantization import quantize_mode, quantize_unet
-from .request import GenerationRequest, GeneratorInput
+from .request import GenerationRequest, GeneratorInput, check_frames
 from .runtime import (
     CompiledModule,
     allow_tf32,
@@ -535,14 +534,11 @@ class DynamiCrafterImg2VideoPipeline:
                                 for chunk in flat.split(self.decode_chunk_size)])
         return ((images.view(b, t, *images.shape[1:]) + 1) / 2).clamp(0, 1)
 
-    @staticmethod
-    def _check_reference(latents: torch.Tensor, reference: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    def _check_reference(self, latents: torch.Tensor, reference: list[torch.Tensor] | None) -> list[torch.Tensor]:
         if reference is None:
             raise UserError("ToonCrafter's decoder needs the key frames' encoder features (reference=); "
                             "get them from pipeline.model.encode_key_frames(start, end).")
-        if latents.shape[2] < DUAL_REFERENCE_MIN_FRAMES:
-            raise UserError(f"ToonCrafter's decoding needs at least {DUAL_REFERENCE_MIN_FRAMES} frames, "
-                            f"got {latents.shape[2]}.")
+        check_frames(self.config, latents.shape[2], what="The latents' frame count")
         return reference
 
     @staticmethod
