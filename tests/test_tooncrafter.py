@@ -179,6 +179,10 @@ def test_interpolation_chain_matches_reference(toon, pipe, monkeypatch, run):
 def test_decode_needs_the_key_frames(pipe, toon):
     with pytest.raises(ValueError, match="needs the key frames' encoder features"):
         pipe.decode(toon.vectors["interp.latents"])
+    latents = toon.vectors["interp.latents"][:, :, :3]
+    with pytest.raises(ValueError, match=r"^The latents' frame count must be at least 4 for ToonCrafter's decoder, "
+                                         r"got 3\.$"):
+        pipe.decode(latents, reference=[torch.zeros(1)])
 
 
 def test_too_few_frames_is_one_value_error(pipe, toon):
