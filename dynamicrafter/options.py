@@ -38,8 +38,9 @@ __all__ = [
 
 #: Seeds are 0 .. 2**32 - 1 everywhere (command line, app, pipeline helpers).
 MAX_SEED = 2**32 - 1
-#: Most frames one video may have: the models are trained on 16; memory grows linearly.
-MAX_FRAMES = 64
+#: Most frames one video may have: the models are trained on 16 (longer videos attend in windows of
+#: frames, ``window_size``); memory grows linearly.
+MAX_FRAMES = 128
 #: Largest output height or width in pixels (the largest released model makes 576x1024).
 MAX_SIDE = 2048
 #: Most sampling steps (the models have 1000 training timesteps).
@@ -99,6 +100,10 @@ class Option:
         what = self.name if what is None else what
         if value is None and self.default is None:
             return None
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise UserError(f"{what} must be True or False, got {type(value).__name__} {value!r}.")
+            return value
         if self.type is str:
             if not isinstance(value, str):
                 raise UserError(f"{what} must be a string, got {type(value).__name__}.")
@@ -186,9 +191,20 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
     Option("frame_stride", int, None,
            "motion: frame stride for the 256 model (larger = more motion), frames per second for the others "
            "(smaller = more motion)", minimum=1, maximum=100),
-    Option("num_frames", int, 16, f"frames per video, 1 to {MAX_FRAMES} (the models are trained on 16)",
+    Option("num_frames", int, 16, f"frames per video, 1 to {MAX_FRAMES} (the models are trained on 16; "
+           "longer videos attend in windows, window_size)",
            minimum=1, maximum=MAX_FRAMES, flag="--video_length", aliases=("--num_frames", "--frames"),
            ui=(1, 32, 1), label="Number of frames"),
+    Option("window_size", int, None,
+           "FreeNoise: with more frames than this, temporal attention runs in windows of this many frames",
+           minimum=1, maximum=MAX_FRAMES, label="Window size (frames)",
+           none_means="the model's trained length, 16"),
+    Option("window_stride", int, 4, "FreeNoise: frames between the starts of two windows, at most window_size",
+           minimum=1, maximum=MAX_FRAMES, label="Window stride (frames)"),
+    Option("noise_rescheduling", bool, True,
+           "FreeNoise: the starting noise of each later block of window_stride frames is a shuffled copy of "
+           "the block window_size frames earlier (with windows, unless latents are given)",
+           label="Noise rescheduling"),
     Option("height", int, None, f"video height in pixels, a multiple of 64 up to {MAX_SIDE}",
            minimum=64, maximum=MAX_SIDE),
     Option("width", int, None, f"video width in pixels, a multiple of 64 up to {MAX_SIDE}",

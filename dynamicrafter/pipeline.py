@@ -21,10 +21,12 @@ from .checkpoints import load_model
 from .configs import ModelConfig, model_config, resolve_resolution
 from .diffusion.denoiser import ModelDenoiser
 from .diffusion.guidance import GuidanceBranches, guided_model
+from .diffusion.rescheduling import block_permutations, reschedule_noise
 from .diffusion.sampling import StepInfo
 from .diffusion.sampling import sample as run_sampler
 from .errors import GenerationError, UserError
 from .images import ImageInput, fit_image, load_image
+from .models.attention import use_temporal_windows
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
 from .offload import Offloader, offload_mode
@@ -271,6 +273,9 @@ class DynamiCrafterImg2VideoPipeline:
         image_guidance_scale: float | None = DEFAULTS.image_guidance_scale,
         callback_on_step_end: Callable[..., dict[str, torch.Tensor] | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        window_size: int | None = DEFAULTS.window_size,
+        window_stride: int = DEFAULTS.window_stride,
+        noise_rescheduling: bool = DEFAULTS.noise_rescheduling,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -283,7 +288,7 @@ class DynamiCrafterImg2VideoPipeline:
             eta: DDIM stochasticity, 0 (deterministic) to 1.
             frame_stride: frame stride (256 model; larger = more motion) or frame rate (others;
                 smaller = more motion); default the model's (3 / 24 / 10 / 5).
-            num_frames: frames to generate, 1 to 64 (the models are trained on 16).
+            num_frames: frames to generate, 1 to 128 (the models are trained on 16; see ``window_size``).
             height, width: output size, multiples of 64 up to 2048; default the model's.
             guidance_rescale: guidance rescale factor in [0, 1]; default the model's (0 or 0.7).
             timestep_spacing: ``'uniform'`` or ``'uniform_trailing'``; default the model's.
@@ -316,6 +321,16 @@ class DynamiCrafterImg2VideoPipeline:
             callback_on_step_end_tensor_inputs: which tensors the callback gets: ``"latents"``
                 (``[B, 4, T, h, w]`` after the step) and/or ``"denoised"`` (the predicted clean
                 latent of the step, like ``latents``).
+            window_size: FreeNoise for videos longer than the model was trained on: with more
+                frames than this, every temporal self-attention runs inside windows of this many
+                frames, ``window_stride`` apart (plus one ending at the last frame when the stride
+                does not reach it), fused with pyramid weights; default the model's trained length
+                (16). With ``num_frames <= window_size`` nothing changes.
+            window_stride: frames between the starts of two windows, 1 to ``window_size``; default 4.
+            noise_rescheduling: with windows, the starting noise of each block of ``window_stride``
+                frames after the first window is a shuffled copy of the block ``window_size`` frames
+                earlier, the shuffles drawn from ``generator``; not applied to given ``latents``. The
+                sampler's per-step noise (``eta > 0``) stays independent per frame.
 
         Raises:
             UserError: a bad input, before any model work (one sentence; a ``ValueError``).
@@ -328,7 +343,8 @@ class DynamiCrafterImg2VideoPipeline:
             num_videos_per_prompt=num_videos_per_prompt, generator=generator, latents=latents,
             output_type=output_type, callback=callback, sampler=sampler, image_guidance_scale=image_guidance_scale,
             callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
+            window_stride=window_stride, noise_rescheduling=noise_rescheduling)
         branches, reference = self.encode(request)
         x_t = self.prepare_latents(request)
         samples = self.denoise(request, branches, x_t)
@@ -445,7 +461,20 @@ class DynamiCrafterImg2VideoPipeline:
         """The starting noise ``[B, 4, T, h, w]`` (float32): the given latents or a draw from the generator."""
         if request.latents is not None:
             return request.latents.to(self.device, torch.float32)
-        return _randn(request.latent_shape, request.generator, self.device)
+        noise = _randn(request.latent_shape, request.generator, self.device)
+        if request.windowed and request.noise_rescheduling:
+            noise = self._reschedule(noise, request)
+        return noise
+
+    @staticmethod
+    def _reschedule(noise: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        """FreeNoise's noise rescheduling, shuffles drawn after the noise: one set per generator."""
+        size, stride = request.window_size, request.window_stride
+        if isinstance(request.generator, list):
+            return torch.cat([reschedule_noise(video[None], size, stride, block_permutations(
+                noise.shape[2], size, stride, g)) for video, g in zip(noise, request.generator)])
+        return reschedule_noise(noise, size, stride, block_permutations(noise.shape[2], size, stride,
+                                                                        request.generator))
 
     # ----------------------------------------------------------------- 4. denoise
     def denoise(self, request: GenerationRequest, branches: GuidanceBranches, x_t: torch.Tensor) -> torch.Tensor:
@@ -483,7 +512,8 @@ class DynamiCrafterImg2VideoPipeline:
 
         float8 = None if self.quantize == "none" else (
             f"The float8 UNet (quantize={self.quantize}) produced NaN or infinite values; run without quantize.")
-        with self._on_device(self.model.unet):
+        window = request.window_size if request.windowed else None
+        with self._on_device(self.model.unet), use_temporal_windows(self.model.unet, window, request.window_stride):
             return finite_or_redo_in_float32(sample, self.model.unet, "The model",
                                              "check the checkpoint and the settings", no_redo=float8)
 

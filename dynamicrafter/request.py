@@ -113,6 +113,9 @@ class GenerationRequest:
     width: int
     num_videos_per_prompt: int
     latent_shape: tuple[int, ...]
+    window_size: int = 16
+    window_stride: int = 4
+    noise_rescheduling: bool = True
     generator: torch.Generator | list[torch.Generator] | None = None
     latents: torch.Tensor | None = None
     output_type: str = "pt"
@@ -127,6 +130,11 @@ class GenerationRequest:
     @property
     def mode(self) -> str:
         return "single" if self.end_images is None else "interp"
+
+    @property
+    def windowed(self) -> bool:
+        """Whether temporal attention runs in FreeNoise's windows: more frames than ``window_size``."""
+        return self.num_frames > self.window_size
 
     @property
     def uses_guidance(self) -> bool:
@@ -173,6 +181,11 @@ class GenerationRequest:
             logger.warning("image_guidance_scale has no effect with guidance_scale 1 (no guidance), "
                            "as in the original.")
             image_scale = None
+        window = _default(values.get("window_size"), config.unet.temporal_length)
+        stride = values.get("window_stride", OPTIONS["window_stride"].default)
+        if stride > window:
+            raise UserError(f"window_stride must be at most window_size ({window}), got {stride}: "
+                            "windows further apart would leave frames without temporal attention.")
         per_prompt = values["num_videos_per_prompt"]
         down = config.latent_downscale
         shape = (count * per_prompt, config.vae.embed_dim, frames, size["height"] // down, size["width"] // down)
@@ -186,6 +199,8 @@ class GenerationRequest:
             timestep_spacing=values["timestep_spacing"] or config.diffusion.timestep_spacing,
             frame_stride=_default(values["frame_stride"], config.default_fs), num_frames=frames,
             height=size["height"], width=size["width"], num_videos_per_prompt=per_prompt, latent_shape=shape,
+            window_size=window, window_stride=stride,
+            noise_rescheduling=values.get("noise_rescheduling", OPTIONS["noise_rescheduling"].default),
             generator=_check_generator(generator, count * per_prompt), latents=_check_latents(latents, shape),
             output_type=output_type, callback=callback, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs))

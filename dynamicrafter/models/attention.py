@@ -6,10 +6,15 @@ kernel where one exists.
 
 Spatial transformers see one frame at a time (``[B*T, H*W, C]``) and attend to the text
 tokens and, through a second set of key/value projections, to the image tokens.
-Temporal transformers see one pixel at a time (``[B*H*W, T, C]``) and only self-attend.
+Temporal transformers see one pixel at a time (``[B*H*W, T, C]``) and only self-attend; for
+videos longer than the model was trained on they can attend inside overlapping windows of frames
+(FreeNoise, :func:`temporal_windows`, :func:`windowed_attention`, :func:`use_temporal_windows`).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
 
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))
     return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def temporal_windows(frames: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """FreeNoise's windows ``[i * stride, i * stride + size)`` over ``frames`` frames, each frame covered.
+
+    Where ``(frames - size) % stride`` is not 0 FreeNoise's windows stop short of the last frames
+    (they would get no temporal attention); here one more window ends at the last frame. With
+    ``frames <= size`` there is one window, the whole sequence.
+    """
+    if frames <= size:
+        return [(0, frames)]
+    windows = [(start, start + size) for start in range(0, frames - size + 1, stride)]
+    if windows[-1][1] < frames:
+        windows.append((frames - size, frames))
+    return windows
+
+
+def pyramid_weights(size: int) -> list[int]:
+    """A window's weight per frame: 1, 2, ..., up to the middle and back down to 1 (FreeNoise's)."""
+    return [min(i + 1, size - i) for i in range(size)]
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       windows: list[tuple[int, int]]) -> torch.Tensor:
+    """Self-attention inside each window of the sequence, fused with FreeNoise's pyramid weights.
+
+    ``q``, ``k``, ``v`` are ``[batch, frames, heads * dim]``, projected on the whole sequence.
+    Each window attends only to itself; a frame's result is the weighted mean of the results of
+    the windows that hold it. Only one window's attention is in memory at a time.
+    """
+    total = torch.zeros_like(q)
+    weight_sum = q.new_zeros(q.shape[1])
+    for start, end in windows:
+        weights = torch.tensor(pyramid_weights(end - start), dtype=q.dtype, device=q.device)
+        out = attention(q[:, start:end], k[:, start:end], v[:, start:end], heads)
+        total[:, start:end] += out * weights[:, None]
+        weight_sum[start:end] += weights
+    return total / weight_sum[:, None]
 
 
 def frames_to_time_major(x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -79,9 +122,13 @@ class CrossAttention(nn.Module):
             self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
         self.alpha = nn.Parameter(torch.zeros(())) if image_cross_attention and learnable_alpha else None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                windows: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """``windows``: self-attention inside these frame windows (:func:`windowed_attention`)."""
         q = self.to_q(x)
         if context is None:
+            if windows is not None:
+                return self.to_out(windowed_attention(q, self.to_k(x), self.to_v(x), self.heads, windows))
             return self.to_out(attention(q, self.to_k(x), self.to_v(x), self.heads))
         # Contiguous slices: a strided 3-D input would make the projections batched matmuls
         # over a copy of the weight per frame.
@@ -146,9 +193,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                windows: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """``windows`` apply to the self-attentions (both of a temporal block, whose ``context`` is ``None``)."""
+        x = x + self.attn1(self.norm1(x), windows=windows)
+        x = x + self.attn2(self.norm2(x), context, windows=windows)
         return x + self.ff(self.norm3(x))
 
 
@@ -185,7 +234,12 @@ class TemporalTransformer(nn.Module):
 
     ``use_linear=False`` gives 1x1 ``Conv1d`` projections (the UNet's first temporal block),
     ``True`` gives ``Linear`` ones; both compute the same thing with differently shaped weights.
+
+    ``window`` (``(size, stride)``, set by :func:`use_temporal_windows`) makes the attention run
+    inside FreeNoise's windows of frames when a video has more than ``size`` frames.
     """
+
+    window: tuple[int, int] | None = None
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, use_linear: bool) -> None:
         super().__init__()
@@ -212,9 +266,27 @@ class TemporalTransformer(nn.Module):
         y = self.norm(frames_to_time_major(x, num_frames))  # [B, C, T, H*W], statistics over T too
         y = y.permute(0, 3, 2, 1).reshape(b * h * w, num_frames, c)  # the one copy: a sequence per pixel
         y = self._project(self.proj_in, y)
+        windows = None
+        if self.window is not None and num_frames > self.window[0]:
+            windows = temporal_windows(num_frames, *self.window)
         for block in self.transformer_blocks:
-            y = block(y)
+            y = block(y, windows=windows)
         y = self._project(self.proj_out, y)
         # Added back through a strided view: the sum takes x's layout, no transposed copy.
         y = y.view(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2)  # [B, T, C, H, W]
         return (x.view(b, num_frames, c, h, w) + y).reshape(bt, c, h, w)
+
+
+@contextmanager
+def use_temporal_windows(module: nn.Module, size: int | None, stride: int = 4) -> Iterator[None]:
+    """Within the block, every temporal transformer of ``module`` attends in windows of ``size``
+    frames ``stride`` apart (FreeNoise) when a video is longer than ``size``; ``None``: whole sequences."""
+    layers = [m for m in module.modules() if isinstance(m, TemporalTransformer)]
+    window = None if size is None else (size, stride)
+    for layer in layers:
+        layer.window = window
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.window = None
