@@ -50,8 +50,8 @@ BAD_INPUTS = [
     (dict(eta=float("nan")), "eta must be a finite number, got nan."),
     (dict(eta=2.0), "eta must be between 0 and 1, got 2."),
     (dict(eta=-1.0), "eta must be between 0 and 1, got -1."),
-    (dict(num_frames=10**9), "num_frames must be between 1 and 64, got 1000000000."),
-    (dict(num_frames=0), "num_frames must be between 1 and 64, got 0."),
+    (dict(num_frames=10**9), "num_frames must be between 1 and 128, got 1000000000."),
+    (dict(num_frames=0), "num_frames must be between 1 and 128, got 0."),
     (dict(num_frames=True), "num_frames must be a whole number, got bool True."),
     (dict(num_frames=3.5), "num_frames must be a whole number, got 3.5."),
     (dict(num_inference_steps=0), "num_inference_steps must be between 1 and 1000, got 0."),
@@ -78,6 +78,16 @@ BAD_INPUTS = [
     (dict(callback_on_step_end=3), "callback_on_step_end must be a function (pipe, step, t, tensors) -> dict or None."),
     (dict(callback_on_step_end_tensor_inputs=["noise"]),
      "callback_on_step_end_tensor_inputs must be a list drawn from latents, denoised; got ['noise']."),
+    (dict(num_frames=129), "num_frames must be between 1 and 128, got 129."),
+    (dict(window_stride=0), "window_stride must be between 1 and 128, got 0."),
+    (dict(window_size=0), "window_size must be between 1 and 128, got 0."),
+    (dict(window_size=2.5), "window_size must be a whole number, got 2.5."),
+    (dict(window_stride=5), "window_stride must be at most window_size (4), got 5: windows further apart would "
+                            "leave frames without temporal attention."),
+    (dict(window_size=8, window_stride=12), "window_stride must be at most window_size (8), got 12: windows further "
+                                            "apart would leave frames without temporal attention."),
+    (dict(noise_rescheduling="yes"), "noise_rescheduling must be True or False, got str 'yes'."),
+    (dict(noise_rescheduling=1), "noise_rescheduling must be True or False, got int 1."),
 ]
 
 
