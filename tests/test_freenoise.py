@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dynamicrafter.diffusion.rescheduling import block_permutations, reschedule_noise
 from dynamicrafter.models.attention import pyramid_weights, temporal_windows, use_temporal_windows
 
-from .conftest import DATA, MODULE_TOL, load_tiny, relative_error, tiny_pipeline
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, load_tiny, reference_image, relative_error, tiny_pipeline
 
 VECTORS = DATA / "freenoise.safetensors"
 IMAGE = np.full((64, 64, 3), 90, dtype=np.uint8)
@@ -181,3 +181,31 @@ def test_a_seed_gives_the_same_long_video(pipe):
     def run():
         return pipe(IMAGE, "x", num_frames=7, window_stride=2, generator=torch.Generator().manual_seed(9), **FAST)
     assert torch.equal(run()["videos"], run()["videos"])
+
+
+def _chains() -> dict:
+    with safe_open(str(DATA / "freenoise_chains.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["chains"])
+
+
+@pytest.mark.parametrize("name", ["tiny256", "tiny512"])
+def test_windowed_chain_matches_the_original_with_freenoise_attention(name):
+    settings = _chains()[name]
+    chains = load_file(str(DATA / "freenoise_chains.safetensors"))
+    pipe = tiny_pipeline(name, dtype="float32")
+    image = reference_image(load_tiny(name).vectors)
+
+    def run(**options):
+        return pipe(image, settings["prompt"], num_inference_steps=settings["steps"],
+                    guidance_scale=settings["guidance_scale"], eta=settings["eta"],
+                    frame_stride=settings["frame_stride"], num_frames=settings["frames"], height=settings["height"],
+                    width=settings["width"], guidance_rescale=settings["guidance_rescale"],
+                    timestep_spacing=settings["timestep_spacing"], latents=chains[f"{name}.chain.x_T"],
+                    output_type="latent", return_dict=False, **options)
+
+    assert temporal_windows(settings["frames"], 4, 2) == [tuple(v) for v in settings["views"]]
+    ours = run(window_size=settings["window_size"], window_stride=settings["window_stride"])
+    err = relative_error(ours, chains[f"{name}.chain.latents"])
+    assert err < CHAIN_TOL, f"{name} windowed chain: relative error {err:.3g}"
+    unwindowed = run(window_size=settings["frames"])  # the same call with whole-sequence attention
+    assert relative_error(unwindowed, chains[f"{name}.chain.latents"]) > 10 * CHAIN_TOL
