@@ -32,7 +32,16 @@ from .configs import PRESETS, ModelConfig
 from .errors import GenerationError, UserError
 from .frontend import EXIT_USAGE, CliError, Parser, build_pipeline, configure_logging, resolution_arg, run_command
 from .images import IMAGE_EXTENSIONS, load_image
-from .options import MAX_SEED, OPTIONS, Option, add_model_arguments, check_number, motion_control, number_arg
+from .options import (
+    MAX_FRAMES,
+    MAX_SEED,
+    OPTIONS,
+    Option,
+    add_model_arguments,
+    check_number,
+    motion_control,
+    number_arg,
+)
 from .request import check_frames, close_loop
 
 logger = logging.getLogger(__name__)
@@ -46,7 +55,9 @@ KEEP_MINUTES = 60
 #: these names, the pipeline's): shown, then folded under "Advanced settings".
 MAIN_CONTROLS = ("num_inference_steps", "frame_stride", "num_frames", "seed")
 ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps")
-CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS)
+#: FreeNoise's windows: shown only while the frame count is above the model's trained length.
+WINDOW_CONTROLS = ("window_size", "window_stride")
+CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS)
 
 
 def _fail(message: str) -> gr.Error:
@@ -60,7 +71,7 @@ def _slider(option: Option, config: ModelConfig) -> tuple[str, tuple[float, floa
         name, hint, ui = motion_control(config)
         return f"{name} ({hint})", ui
     if option.name == "num_frames":
-        low, high, step = option.ui or (1, 32, 1)
+        low, high, step = option.ui or (1, MAX_FRAMES, 1)
         return option.label, (low, max(high, config.unet.temporal_length), step)
     return option.label, option.ui or (option.minimum or 0, option.maximum or 100, 1)
 
@@ -232,7 +243,7 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
         return gr.Textbox(value="", label=option.label, placeholder="What to avoid (optional)", elem_id=elem_id)
     label, (low, high, step) = _slider(option, config)
     default = config.default_fs if option.name == "frame_stride" else option.default or 0
-    if option.name == "num_frames":
+    if option.name in ("num_frames", "window_size"):
         default = config.unet.temporal_length
     return gr.Slider(low, high, value=min(max(default, low), high), step=step, label=label, elem_id=elem_id)
 
@@ -249,6 +260,12 @@ def _controls(config: ModelConfig) -> tuple[gr.Textbox, list[gr.components.Compo
         for name in MAIN_CONTROLS[2:]:
             controls[name] = _control(OPTIONS[name], config)
         random_seed = gr.Checkbox(value=False, label="Random seed", elem_id="random-seed")
+    trained = config.unet.temporal_length
+    with gr.Row(visible=False, elem_id="windows") as windows:
+        for name in WINDOW_CONTROLS:
+            controls[name] = _control(OPTIONS[name], config)
+    controls["num_frames"].change(lambda frames: gr.Row(visible=(frames or 0) > trained), inputs=controls["num_frames"],
+                                  outputs=windows, queue=False, api_visibility="private")
     with gr.Accordion("Advanced settings", open=False):
         controls["negative_prompt"] = _control(OPTIONS["negative_prompt"], config)
         for row in (ADVANCED_CONTROLS[1:3], ADVANCED_CONTROLS[3:]):

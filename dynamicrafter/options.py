@@ -194,7 +194,7 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
     Option("num_frames", int, 16, f"frames per video, 1 to {MAX_FRAMES} (the models are trained on 16; "
            "longer videos attend in windows, window_size)",
            minimum=1, maximum=MAX_FRAMES, flag="--video_length", aliases=("--num_frames", "--frames"),
-           ui=(1, 32, 1), label="Number of frames"),
+           ui=(1, MAX_FRAMES, 1), label="Number of frames"),
     Option("window_size", int, None,
            "FreeNoise: with more frames than this, temporal attention runs in windows of this many frames",
            minimum=1, maximum=MAX_FRAMES, label="Window size (frames)",

@@ -239,3 +239,29 @@ def test_sampler_and_two_scale_guidance_from_the_page(client, gradient_png):
         client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
                        **{**FAST, "sampler": "euler"})
     assert str(info.value) == "Unknown sampler 'euler'; choose one of: ddim, dpmpp_2m, unipc."
+
+
+def test_window_controls_are_hidden_up_to_the_trained_length_and_reach_the_pipeline(client, demo, pipeline,
+                                                                                       gradient_png, monkeypatch):
+    components = demo.get_config_file()["components"]
+    (row,) = [c for c in components if c.get("props", {}).get("elem_id") == "windows"]
+    assert row["props"]["visible"] is False
+    labels = {c.get("props", {}).get("label") for c in components}
+    assert {"Window size (frames)", "Window stride (frames)"} <= labels
+    seen = {}
+    call = type(pipeline).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.update(kwargs)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", spy)
+    _, _, timing = client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                                  **{**FAST, "num_frames": 6, "window_size": 4, "window_stride": 2})
+    assert timing.startswith("Generated 6 frames in ")
+    assert (seen["window_size"], seen["window_stride"]) == (4, 2)
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                       **{**FAST, "num_frames": 6, "window_size": 4, "window_stride": 5})
+    assert str(info.value) == ("window_stride must be at most window_size (4), got 5: windows further apart would "
+                               "leave frames without temporal attention.")

@@ -209,3 +209,30 @@ def test_windowed_chain_matches_the_original_with_freenoise_attention(name):
     assert err < CHAIN_TOL, f"{name} windowed chain: relative error {err:.3g}"
     unwindowed = run(window_size=settings["frames"])  # the same call with whole-sequence attention
     assert relative_error(unwindowed, chains[f"{name}.chain.latents"]) > 10 * CHAIN_TOL
+
+
+@pytest.mark.parametrize("model", ["512_interp", "tooncrafter"])
+def test_interpolation_models_make_windowed_videos(model, tmp_path):
+    from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+    from .test_tooncrafter import assemble_checkpoint
+
+    if model == "tooncrafter":
+        checkpoint, config = assemble_checkpoint(tmp_path / "tinytoon.ckpt"), DATA / "tinytoon.yaml"
+    else:
+        checkpoint, config = DATA / "tiny512.ckpt", load_tiny("tiny512").config.replace(interp=True)
+    pipe = DynamiCrafterImg2VideoPipeline(model, device="cpu", checkpoint=checkpoint, config=config, dtype="float32")
+    end = np.full((64, 64, 3), 200, dtype=np.uint8)
+    seen = []
+    forward = type(pipe.model.unet.init_attn[0]).forward
+
+    def spy(layer, x, num_frames):
+        seen.append(layer.window)
+        return forward(layer, x, num_frames)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(pipe.model.unet.init_attn[0]), "forward", spy)
+        video = pipe(IMAGE, "x", end_image=end, num_frames=7, window_stride=2, num_inference_steps=2, height=64,
+                     width=64, generator=torch.Generator().manual_seed(0))["videos"]
+    assert video.shape == (1, 7, 3, 64, 64) and torch.isfinite(video).all()
+    assert set(seen) == {(4, 2)}

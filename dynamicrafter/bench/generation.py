@@ -254,7 +254,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.channels_last == "on":
             pipe.model.unet.channels_last_weights()
     settings = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                    image_guidance_scale=args.image_guidance_scale)
+                    image_guidance_scale=args.image_guidance_scale, window_size=args.window_size,
+                    window_stride=args.window_stride, noise_rescheduling=args.noise_rescheduling)
     quantized = {}
     if quantize != "none":
         quantized = quantize_and_compare(pipe, image, quantize, args.num_inference_steps, **settings)
@@ -292,6 +293,7 @@ def run(args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     result = {
         "resolution": config.name, "frames": args.num_frames, "steps": args.num_inference_steps,
+        "window_size": args.window_size or config.unet.temporal_length, "window_stride": args.window_stride,
         "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
         "offload": pipe.offload, "compile": pipe.compile_mode, "quantize": pipe.quantize,
         "fused_norm": args.fused_norm, "fused_norm_used": fused_norm_used(pipe, device),
@@ -352,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m dynamicrafter.bench", description=__doc__.splitlines()[0])
     parser.add_argument("resolution", nargs="?", type=resolution_arg, help=f"model: {', '.join(PRESETS)} (default 256)")
     parser.add_argument("--res", "--resolution", dest="res", type=resolution_arg, help="the model, as a flag")
-    add_arguments(parser, ("num_inference_steps", "num_frames", "guidance_scale", "image_guidance_scale", "sampler"))
+    add_arguments(parser, ("num_inference_steps", "num_frames", "guidance_scale", "image_guidance_scale", "sampler",
+                           "window_size", "window_stride", "noise_rescheduling"))
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
