@@ -33,7 +33,7 @@ from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
 from .options import CALL_OPTIONS, OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
 from .quantization import quantize_mode
-from .request import check_frames, check_mode, close_loop
+from .request import check_frames, check_mode, check_windows, close_loop
 from .runtime import resolve_dtype
 from .video import is_complete_video
 
@@ -96,6 +96,7 @@ def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> 
     try:
         check_mode(config, mode, f"--{mode}")
         check_frames(config, args.num_frames, mode, "--video_length")
+        check_windows(config, args.window_size, args.window_stride, ("--window_size", "--window_stride"))
     except UserError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 

@@ -11,7 +11,8 @@ The request rules are defined here once and used by the pipeline, the command li
   (from a start to an end image) or ``loop`` (the image is both; the repeated last frame is
   dropped, :func:`close_loop`), and that the last two need an interpolation model
   (:func:`check_mode`);
-- the fewest frames a mode and model can make (:func:`frame_floor`, :func:`check_frames`).
+- the fewest frames a mode and model can make (:func:`frame_floor`, :func:`check_frames`);
+- FreeNoise's window stride at most its window size (:func:`check_windows`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from .configs import ModelConfig
 
 __all__ = ["GenerationRequest", "MODES", "MIN_INTERP_FRAMES", "OUTPUT_TYPES", "CALLBACK_TENSOR_INPUTS",
-           "check_mode", "frame_floor", "check_frames", "close_loop"]
+           "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop"]
 
 #: How a video is made: from one image, between two images, or a seamless loop of one image.
 MODES = ("single", "interp", "loop")
@@ -79,6 +80,19 @@ def check_frames(config: "ModelConfig", frames: int, mode: str = "single", what:
     if frames < least:
         raise UserError(f"{what} must be at least {least} for {reason}, got {frames}.")
     return frames
+
+
+def check_windows(config: "ModelConfig", size: int | None, stride: int,
+                  names: tuple[str, str] = ("window_size", "window_stride")) -> tuple[int, int]:
+    """FreeNoise's window size (``None``: the model's trained length) and stride, or one sentence naming ``names``.
+
+    A stride above the size is refused: the windows would leave frames without temporal attention.
+    """
+    size = config.unet.temporal_length if size is None else size
+    if stride > size:
+        raise UserError(f"{names[1]} must be at most {names[0]} ({size}), got {stride}: "
+                        "windows further apart would leave frames without temporal attention.")
+    return size, stride
 
 
 def close_loop(videos: Any) -> Any:
@@ -181,11 +195,8 @@ class GenerationRequest:
             logger.warning("image_guidance_scale has no effect with guidance_scale 1 (no guidance), "
                            "as in the original.")
             image_scale = None
-        window = _default(values.get("window_size"), config.unet.temporal_length)
-        stride = values.get("window_stride", OPTIONS["window_stride"].default)
-        if stride > window:
-            raise UserError(f"window_stride must be at most window_size ({window}), got {stride}: "
-                            "windows further apart would leave frames without temporal attention.")
+        window, stride = check_windows(config, values.get("window_size"),
+                                       values.get("window_stride", OPTIONS["window_stride"].default))
         per_prompt = values["num_videos_per_prompt"]
         down = config.latent_downscale
         shape = (count * per_prompt, config.vae.embed_dim, frames, size["height"] // down, size["width"] // down)

@@ -501,6 +501,11 @@ def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
     (["256", "--num_inference_steps", "0"], 2, "--num_inference_steps: must be between 1 and 1000, got 0"),
     (["256", "--video_length", "0"], 2, "--video_length: must be between 1 and 128, got 0"),
     (["256", "--frames", "1000000000"], 2, "--video_length: must be between 1 and 128, got 1000000000"),
+    (["256", "--window_stride", "0"], 2, "--window_stride: must be between 1 and 128, got 0"),
+    (["256", "--window_size", "0"], 2, "--window_size: must be between 1 and 128, got 0"),
+    (["256", "--video_length", "32", "--window_stride", "20"], 2,
+     "--window_stride must be at most --window_size (16), got 20: windows further apart would leave frames "
+     "without temporal attention."),
     (["256", "--batch_size", "0"], 2, "--batch_size: must be between 1 and 256, got 0"),
     (["256", "--fps", "0"], 2, "--fps: must be between 1 and 120, got 0"),
     (["256", "--frame_stride", "-5"], 2, "--frame_stride: must be between 1 and 100, got -5"),
