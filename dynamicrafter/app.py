@@ -15,18 +15,9 @@ import sys
 import time
 from typing import Sequence
 
+from . import frontend
 from .configs import model_config
 from .errors import UserError
-from .frontend import (
-    EXIT_USAGE,
-    CliError,
-    Parser,
-    add_model_choice,
-    build_pipeline,
-    chosen_model,
-    configure_logging,
-    run_command,
-)
 from .options import add_model_arguments, number_arg
 
 __all__ = ["KEEP_MINUTES", "MB", "main"]
@@ -40,8 +31,8 @@ KEEP_MINUTES = 60
 
 def _parser() -> argparse.ArgumentParser:
     """Command-line options of ``dynamicrafter app`` (the model options are the command line's)."""
-    parser = Parser(prog="dynamicrafter app", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    add_model_choice(parser, "256")
+    parser = frontend.Parser(prog="dynamicrafter app", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    frontend.add_model_choice(parser, "256")
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=number_arg(True, 1, 65535), default=7860, help="port to listen on (default 7860)")
@@ -57,19 +48,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Load one model and serve the page until interrupted; returns the exit status."""
-    configure_logging()
+    frontend.configure_logging()
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check from gradio
-    return run_command(lambda: _serve(argv))
+    return frontend.run_command(lambda: _serve(argv))
 
 
 def _serve(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    resolution = chosen_model(args, "256")
+    resolution = frontend.chosen_model(args, "256")
     try:
         model_config(resolution, args.config)  # a bad config is refused before anything heavy is imported
-        pipeline = build_pipeline(args, resolution, args.device)
+        pipeline = frontend.build_pipeline(args, resolution, args.device)
     except UserError as exc:  # bad config, LoRA, missing or undownloadable checkpoint: a start-up usage error
-        raise CliError(str(exc), EXIT_USAGE) from None
+        raise frontend.CliError(str(exc), frontend.EXIT_USAGE) from None
     from .page import build_demo
 
     demo = build_demo(pipeline, max_upload_mb=args.max_upload_mb, keep_minutes=args.keep_minutes)

@@ -269,7 +269,7 @@ def test_the_app_logs_as_the_command_line_and_its_hint_names_share(monkeypatch, 
     from dynamicrafter import app, page
 
     demo = _FakeDemo()
-    monkeypatch.setattr(app, "build_pipeline", lambda args, resolution, device: object())
+    monkeypatch.setattr(app.frontend, "build_pipeline", lambda args, resolution, device: object())
     monkeypatch.setattr(page, "build_demo", lambda pipeline, **options: demo)
     caplog.set_level(logging.INFO)
     assert app.main(["256", "--device", "cpu"]) == 0
