@@ -9,6 +9,8 @@ asks for one, no telemetry, no version check. The log has the format of every co
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -77,7 +79,8 @@ def _serve(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         logger.info("Stopping the server.")
     finally:
-        demo.close()
+        with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "Closing server running on port: ..."
+            demo.close()
     return 0
 
 
