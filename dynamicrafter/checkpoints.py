@@ -299,9 +299,9 @@ def _complete_towers(state: dict[str, torch.Tensor], own: Mapping[str, torch.Ten
     if clip_checkpoint is None:
         from .hub import CLIP_WEIGHTS, ensure_clip_weights  # the download stack is only needed here
 
-        tag = CLIP_WEIGHTS.get(config.clip.arch, ("?",))[0]
-        logger.info("%s has no CLIP towers (%s); taking them from the OpenCLIP %s %s weights.",
-                    path, names, config.clip.arch, tag)
+        if config.clip.arch in CLIP_WEIGHTS:  # else ensure_clip_weights says that none are known
+            logger.info("%s has no CLIP towers (%s); taking them from the OpenCLIP %s %s weights.",
+                        path, names, config.clip.arch, CLIP_WEIGHTS[config.clip.arch][0])
         clip_path = ensure_clip_weights(config.clip.arch)
     else:
         clip_path = Path(clip_checkpoint)

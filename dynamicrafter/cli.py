@@ -7,6 +7,11 @@ out over the processes. docs/cli.md describes every option, how prompts are foun
 are named, seeds, resuming and the exit codes.
 
 ``dynamicrafter`` with no command name runs this too (see :mod:`dynamicrafter.__main__`).
+
+A run is checked before anything heavy is imported: the arguments, the model's config and the
+request rules, the images and prompts, and which videos are already made (a complete video of
+the expected frame count is skipped). torch and the model are loaded only when something is
+left to make, so a mistake or a finished run answers at once.
 """
 
 from __future__ import annotations
@@ -18,24 +23,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import distributed
-from .configs import PRESETS, ModelConfig, model_config
+from .configs import ModelConfig, model_config
 from .errors import GenerationError, UserError
-from .frontend import EXIT_FAILED, EXIT_USAGE, CliError, Parser, build_pipeline, configure_logging, resolution_arg, run_command
+from .frontend import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CliError,
+    Parser,
+    add_model_choice,
+    build_pipeline,
+    chosen_model,
+    configure_logging,
+    run_command,
+)
 from .images import load_image
 from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
 from .options import CALL_OPTIONS, OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
-from .quantization import quantize_mode
-from .request import check_frames, check_mode, check_windows, close_loop
-from .runtime import resolve_dtype
+from .request import check_frames, check_mode, check_windows, close_loop, model_defaults
 from .video import is_complete_video
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "build_parser"]
 
@@ -47,10 +59,14 @@ PIPELINE_OPTIONS = tuple(name for name in CALL_OPTIONS if name not in ("num_vide
 MODE_SEEDS = {"interp": 12306, "loop": 234}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``run_pipeline.py``; names and defaults follow the usage guide."""
-    parser = Parser(prog="run_pipeline.py", description="Animate images with a DynamiCrafter model; see docs/cli.md.")
-    parser.add_argument("resolution", type=resolution_arg, help=f"model: {', '.join(PRESETS)}")
+def build_parser(prog: str = "run_pipeline.py", usage: str | None = None,
+                 description: str = "Animate images with a DynamiCrafter model; see docs/cli.md.") -> argparse.ArgumentParser:
+    """The parser of ``run_pipeline.py``; names and defaults follow the usage guide.
+
+    ``prog``, ``usage`` and ``description`` are how the ``dynamicrafter`` command shows it, with its other commands.
+    """
+    parser = Parser(prog=prog, usage=usage, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_choice(parser)
     add_arguments(parser, [o.name for o in SAMPLING_OPTIONS], defaults={"seed": None},
                   shown={"seed": "123; 12306 with --interp, 234 with --loop, as the original"})
     inputs = parser.add_argument_group("inputs and outputs")
@@ -133,7 +149,7 @@ def _prepare_output_dir(output_dir: Path) -> None:
 
 
 def _resolve_device(args: argparse.Namespace, ranks: distributed.Ranks) -> torch.device:
-    """The requested device, checked; under torchrun ``cuda`` (or nothing) means ``cuda:LOCAL_RANK``."""
+    """The requested device, checked (this imports torch); under torchrun ``cuda`` (or nothing) means ``cuda:LOCAL_RANK``."""
     try:
         return ranks.device_for(args.device)
     except UserError as exc:
@@ -144,6 +160,9 @@ def _check_quantize(args: argparse.Namespace, device: torch.device) -> None:
     """Refuse, before the model loads, a ``--quantize`` mode this device, dtype or installation cannot run."""
     if args.quantize in (None, "none"):
         return
+    from .quantization import quantize_mode
+    from .runtime import resolve_dtype
+
     try:
         quantize_mode(args.quantize, device, resolve_dtype(args.dtype, device))
     except UserError as exc:
@@ -165,11 +184,18 @@ class _Runner:
         self.manifest = output_dir / MANIFEST_NAME
         self.ranks = ranks
         self.settings = {name: getattr(args, name) for name in PIPELINE_OPTIONS}
+        # what the manifest records: the values used, the model's where the command line left them to it
+        used = model_defaults(pipe.config)
+        self.recorded = {name: used[name] if value is None and name in used else value
+                         for name, value in self.settings.items()}
         self.done = self.failed = 0
 
     def run(self, jobs: list[Job]) -> None:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         show = self.ranks.is_main
-        with tqdm(total=len(jobs), desc="Videos", unit="video", disable=not show) as bar:
+        with logging_redirect_tqdm(), tqdm(total=len(jobs), desc="Videos", unit="video", disable=not show) as bar:
             for start in range(0, len(jobs), self.args.batch_size):
                 batch = jobs[start : start + self.args.batch_size]
                 self._batch(batch)
@@ -195,6 +221,8 @@ class _Runner:
         self._animate(ready)
 
     def _animate(self, ready: list[tuple[Job, tuple[Any, Any]]]) -> None:
+        import torch
+
         if not ready:
             return
         jobs = [job for job, _ in ready]
@@ -244,7 +272,7 @@ class _Runner:
             "end_image": None if job.end_image is None or job.loop else str(job.end_image),
             "loop": job.loop, "prompt": job.prompt, "negative_prompt": self.args.negative_prompt,
             "seed": job.seed, "sample": job.sample, "frames": int(frames), "fps": self.args.fps,
-            "settings": self.settings,
+            "settings": self.recorded,
             "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
             "dtype": str(self.pipe.dtype).replace("torch.", ""), "quantize": self.pipe.quantize,
             "lora": self.args.lora, "lora_scale": self.args.lora_scale if self.args.lora else None,
@@ -255,32 +283,33 @@ class _Runner:
 
 def _run(args: argparse.Namespace) -> int:
     """Make every video the arguments name; returns the exit status."""
+    args.resolution = chosen_model(args)
     ranks = distributed.Ranks.from_env()
     mode = _mode(args)
     config = _model_config(args)
     _check_request(args, mode, config)
     seed, prompt_dir, output_dir = _defaults(args, mode)
-    device = _resolve_device(args, ranks)
-    _check_quantize(args, device)
     try:
         images = find_images(args.image_path, prompt_dir)
         jobs = make_jobs(images, output_dir, mode=mode, prompt_text=args.prompt_text, seed=seed,
                          n_samples=args.num_videos_per_prompt)
     except UserError as exc:
         raise CliError(str(exc)) from None
+    mine = ranks.share(jobs)
+    todo = _still_to_make(mine, args.num_frames, args.overwrite)
+    skipped = len(mine) - len(todo)
+    device = None
+    if todo:  # something to make: only now torch is imported, to check the device and --quantize
+        device = _resolve_device(args, ranks)
+        _check_quantize(args, device)
     created = not output_dir.exists()
     _prepare_output_dir(output_dir)
     distributed.init(ranks)
     try:
-        mine = ranks.share(jobs)
-        todo = _still_to_make(mine, args.num_frames, args.overwrite)
-        skipped = len(mine) - len(todo)
         done = failed = 0
         if todo:
-            pipe = _load_pipeline(args, device)
-            runner = _Runner(pipe, args, output_dir, ranks)
-            with logging_redirect_tqdm():
-                runner.run(todo)
+            runner = _Runner(_load_pipeline(args, device), args, output_dir, ranks)
+            runner.run(todo)
             done, failed = runner.done, runner.failed
         if ranks.distributed:
             logger.info("Rank %d: %d done, %d failed, %d skipped", ranks.rank, done, failed, skipped)
@@ -294,10 +323,13 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``run_pipeline.py`` with ``argv`` (default: the command line); returns the exit status."""
+def main(argv: Sequence[str] | None = None, prog: str = "run_pipeline.py", **shown: str) -> int:
+    """Run ``run_pipeline.py`` with ``argv`` (default: the command line); returns the exit status.
+
+    ``prog`` and ``shown`` (``usage``, ``description``) are what its ``--help`` shows.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
-    return run_command(lambda: _run(build_parser().parse_args(argv)),
+    return run_command(lambda: _run(build_parser(prog, **shown).parse_args(argv)),
                        out_of_memory="Out of GPU memory; try a smaller --batch_size, a shorter --video_length "
                                      "or a lower resolution.")

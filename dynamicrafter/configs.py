@@ -105,6 +105,11 @@ class UNetConfig:
                      f"multiple of num_head_channels ({self.num_head_channels}) and of 32.")
 
 
+#: Fewest frames ToonCrafter's two-pass decoding (``dual_reference``) can make: it leaves out the second and
+#: second-to-last frame.
+DUAL_REFERENCE_MIN_FRAMES = 4
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """The Stable-Diffusion ``AutoencoderKL`` (``first_stage_model``).

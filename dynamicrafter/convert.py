@@ -16,47 +16,75 @@ a temporary name in the output's folder and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from .checkpoints import (
-    CLIP_TOWERS,
-    CheckpointMismatchError,
-    read_release_state_dict,
-    release_mapped_pages,
-    write_safetensors,
-    wrong_file_message,
-)
-from .configs import DiffusionConfig
-from .diffusion.schedule import checkpoint_buffers
 from .errors import UserError
-from .files import write_atomically
 from .frontend import Parser, configure_logging, run_command
 
-__all__ = ["DTYPES", "convert", "main"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DTYPE_NAMES", "check_output", "convert", "main", "schedule_keys"]
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-#: The schedule buffers the original stores at the top level of its checkpoints; kept in float32.
-SCHEDULE_KEYS = frozenset(checkpoint_buffers(DiffusionConfig(use_dynamic_rescale=True)))
+#: The dtypes a converted checkpoint's weights can have (``torch.<name>``).
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+
+@functools.cache
+def schedule_keys() -> frozenset[str]:
+    """The schedule buffers the original stores at the top level of its checkpoints; kept in float32."""
+    from .configs import DiffusionConfig
+    from .diffusion.schedule import checkpoint_buffers
+
+    return frozenset(checkpoint_buffers(DiffusionConfig(use_dynamic_rescale=True)))
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _target_dtype(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     """``dtype`` for weights; float32 for the schedule buffers; anything else (integers) unchanged."""
-    if key in SCHEDULE_KEYS:
+    import torch
+
+    if key in schedule_keys():
         return torch.float32
     return dtype if value.is_floating_point() else value.dtype
 
 
-def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.float16, without_clip: bool = False,
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``dtype`` (a name of :data:`DTYPE_NAMES` or the torch dtype) as the torch dtype."""
+    import torch
+
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    if name not in DTYPE_NAMES:
+        raise UserError(f"Unsupported dtype {dtype}; choose one of: {', '.join(DTYPE_NAMES)}.")
+    return getattr(torch, name)
+
+
+def check_output(target: str | Path, overwrite: bool = False) -> Path:
+    """``target`` as a path if a conversion may write it: a ``.safetensors`` file, not a folder, new unless ``overwrite``.
+
+    Imports nothing heavy, so the command refuses an existing output at once.
+    """
+    target = Path(target)
+    if target.suffix != ".safetensors":
+        raise UserError(f"The output {target} must be a .safetensors file.")
+    if target.is_dir():
+        raise UserError(f"The output {target} is a folder; give a file name ending in .safetensors.")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it.")
+    return target
+
+
+def convert(source: str | Path, target: str | Path, dtype: str | torch.dtype = "float16", without_clip: bool = False,
             overwrite: bool = False, merge: Sequence[str | Path] = ()) -> Path:
     """Write checkpoint ``source`` as the ``.safetensors`` file ``target``; returns ``target``.
 
@@ -64,7 +92,7 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
         source: any checkpoint :func:`dynamicrafter.checkpoints.load_model` reads (release
             ``.ckpt``, bare state dict, ``.safetensors``, with or without the CLIP towers).
         target: the ``.safetensors`` file to write; never left half-written.
-        dtype: the floating-point weights' dtype (schedule buffers stay float32).
+        dtype: the floating-point weights' dtype, a torch dtype or its name (schedule buffers stay float32).
         without_clip: leave out ``cond_stage_model.*`` and ``embedder.*``.
         overwrite: replace ``target`` if it exists.
         merge: files whose tensors replace the source's tensors of the same (release) names, in
@@ -74,15 +102,21 @@ def convert(source: str | Path, target: str | Path, dtype: torch.dtype = torch.f
         ValueError: one sentence: unreadable or wrong input, existing or unwritable target, or a
             weight too large for float16.
     """
-    source, target = Path(source), Path(target)
-    if dtype not in DTYPES.values():
-        raise UserError(f"Unsupported dtype {dtype}; choose one of: {', '.join(DTYPES)}.")
-    if target.suffix != ".safetensors":
-        raise UserError(f"The output {target} must be a .safetensors file.")
-    if target.is_dir():
-        raise UserError(f"The output {target} is a folder; give a file name ending in .safetensors.")
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite to replace it.")
+    import torch
+
+    from .checkpoints import (
+        CLIP_TOWERS,
+        CheckpointMismatchError,
+        read_release_state_dict,
+        release_mapped_pages,
+        write_safetensors,
+        wrong_file_message,
+    )
+    from .files import write_atomically
+
+    source = Path(source)
+    dtype = _torch_dtype(dtype)
+    target = check_output(target, overwrite)
     started = time.perf_counter()
     state, mapped = read_release_state_dict(source)
     problem = wrong_file_message(state, source)
@@ -138,7 +172,7 @@ def build_parser(prog: str = "dynamicrafter convert") -> argparse.ArgumentParser
                                             "with the release key names.")
     parser.add_argument("input", type=Path, help="checkpoint to read (.ckpt, .pt, .pth, .bin or .safetensors)")
     parser.add_argument("output", type=Path, help="the .safetensors file to write")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16",
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float16",
                         help="dtype of the weights (default float16; schedule buffers stay float32)")
     parser.add_argument("--without-clip", "--without_clip", dest="without_clip", action="store_true",
                         help="leave out the OpenCLIP text and image towers (cond_stage_model.*, embedder.*)")
@@ -155,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         args = build_parser().parse_args(argv)
-        convert(args.input, args.output, DTYPES[args.dtype], args.without_clip, args.overwrite, args.merge)
+        check_output(args.output, args.overwrite)  # before torch is imported: an existing output answers at once
+        convert(args.input, args.output, args.dtype, args.without_clip, args.overwrite, args.merge)
 
     return run_command(body, interrupted="Interrupted; nothing was written.")
 

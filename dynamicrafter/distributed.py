@@ -3,7 +3,8 @@
 Under ``torchrun`` (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) each process takes every
 ``world_size``-th job, runs on ``cuda:LOCAL_RANK`` (or the CPU), and joins a process group
 (NCCL for CUDA tensors, gloo for CPU ones) only for the start and the final tally. Without
-``torchrun`` everything here is a no-op for a single process.
+``torchrun`` everything here is a no-op for a single process. torch is imported only where a
+collective or a device needs it, so reading the rank layout costs nothing.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Sequence, TypeVar
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Ranks", "init", "barrier", "sum_counts", "shutdown"]
 
@@ -80,6 +82,8 @@ class Ranks:
 
     def default_device(self) -> torch.device | None:
         """``cuda:LOCAL_RANK`` when CUDA is here and the run is distributed; else ``None`` (the usual choice)."""
+        import torch
+
         if self.distributed and torch.cuda.is_available():
             return torch.device(f"cuda:{self.local_rank % torch.cuda.device_count()}")
         return None
@@ -98,7 +102,11 @@ class Ranks:
 
 def init(ranks: Ranks) -> None:
     """Join the process group of a distributed run (no-op for one process)."""
-    if not ranks.distributed or torch.distributed.is_initialized():
+    if not ranks.distributed:
+        return
+    import torch
+
+    if torch.distributed.is_initialized():
         return
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     torch.distributed.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world_size,
@@ -114,12 +122,18 @@ def sum_counts(counts: Sequence[int], ranks: Ranks) -> list[int]:
     """Element-wise sums of ``counts`` over every rank (the counts themselves for one process)."""
     if not ranks.distributed:
         return list(counts)
+    import torch
+
     tensor = torch.tensor(list(counts), dtype=torch.long)
     torch.distributed.all_reduce(tensor)  # a CPU tensor: gloo carries it
     return tensor.tolist()
 
 
 def shutdown(ranks: Ranks) -> None:
-    if ranks.distributed and torch.distributed.is_initialized():
+    if not ranks.distributed:
+        return
+    import torch
+
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -21,13 +21,15 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "ImageInput",
            "load_image", "fit_image", "cover_geometry"]
@@ -165,6 +167,8 @@ def fit_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
     narrower strips), so memory stays bounded by the output. An image already of the output
     size is used untouched.
     """
+    import torch  # here only: reading and checking images needs no torch
+
     if image.size != (width, height):
         if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
             raise UserError(f"The image is {image.width}x{image.height} pixels, too narrow a strip to animate.")

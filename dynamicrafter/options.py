@@ -18,22 +18,20 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .diffusion.sampling import SAMPLERS as SAMPLER_SPECS
-from .diffusion.schedule import SPACINGS
 from .errors import UserError
-from .offload import OFFLOAD_MODES
-from .quantization import QUANTIZE_MODES
 
 if TYPE_CHECKING:
     from .configs import ModelConfig
 
 __all__ = [
     "Option", "SAMPLING_OPTIONS", "RUNTIME_OPTIONS", "OPTIONS", "CALL_OPTIONS", "DEFAULTS", "MAX_SEED", "MAX_FRAMES",
-    "MAX_SIDE", "MAX_STEPS", "MODEL_ARGUMENTS", "add_arguments", "add_model_arguments", "check_number", "motion_control",
+    "MAX_SIDE", "MAX_STEPS", "MODEL_ARGUMENTS", "SAMPLERS", "SPACINGS", "OFFLOAD_MODES", "QUANTIZE_MODES", "COMPILE_MODES",
+    "add_arguments", "add_model_arguments", "check_number", "check_device_name", "motion_control", "number_arg",
 ]
 
 #: Seeds are 0 .. 2**32 - 1 everywhere (command line, app, pipeline helpers).
@@ -45,8 +43,19 @@ MAX_FRAMES = 128
 MAX_SIDE = 2048
 #: Most sampling steps (the models have 1000 training timesteps).
 MAX_STEPS = 1000
-#: Sampler names (``dynamicrafter.diffusion.sampling.SAMPLERS``); the first is the default.
-SAMPLERS = tuple(SAMPLER_SPECS)
+
+# The names the table offers, spelled here so that a command checks its arguments without importing torch;
+# tests/test_options.py holds each to the module that implements it.
+#: Sampler names, the keys of ``dynamicrafter.diffusion.sampling.SAMPLERS``; the first is the default.
+SAMPLERS = ("ddim", "dpmpp_2m", "unipc")
+#: ``dynamicrafter.diffusion.schedule.SPACINGS``: which training timesteps a sampler visits.
+SPACINGS = ("uniform", "uniform_trailing")
+#: ``dynamicrafter.offload.OFFLOAD_MODES``.
+OFFLOAD_MODES = ("none", "encoders", "model")
+#: ``dynamicrafter.quantization.QUANTIZE_MODES``.
+QUANTIZE_MODES = ("none", "fp8", "fp8_weights")
+#: ``dynamicrafter.runtime.COMPILE_MODES``: the ``torch.compile`` modes.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _all_models(_: "ModelConfig") -> bool:
@@ -70,6 +79,7 @@ class Option:
         ui: ``(low, high, step)`` of the app's slider, or ``None`` when the app shows no slider.
         label: the app's label.
         none_means: what a ``None`` default means, for the help text.
+        text_check: for a string option, raises a one-sentence ``UserError`` for a malformed value.
     """
 
     name: str
@@ -85,6 +95,7 @@ class Option:
     ui: tuple[float, float, float] | None = None
     label: str = ""
     none_means: str = "the model's"
+    text_check: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -109,6 +120,8 @@ class Option:
                 raise UserError(f"{what} must be a string, got {type(value).__name__}.")
             if self.choices is not None and value not in self.choices:
                 raise UserError(f"Unknown {what} {value!r}; choose one of: {', '.join(self.choices)}.")
+            if self.text_check is not None:
+                self.text_check(value)
             return value
         return check_number(value, what, integer=self.type is int, minimum=self.minimum, maximum=self.maximum)
 
@@ -116,6 +129,12 @@ class Option:
         """An argparse ``type``: the text as this option's value, or an ``ArgumentTypeError``."""
         if self.type is str:
             value: Any = text
+            if self.text_check is not None:
+                try:
+                    self.text_check(text)
+                except UserError as exc:
+                    raise argparse.ArgumentTypeError(str(exc).rstrip(".")) from None
+                return text
         else:
             try:
                 value = self.type(text)
@@ -164,6 +183,21 @@ def _show(number: float) -> str:
     """A bound or value as a user typed it: whole numbers in full, others shortest."""
     return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
+
+
+#: Device types torch knows besides those a command runs on (cpu, mps, cuda).
+OTHER_TORCH_DEVICES = ("xpu", "hip", "hpu", "xla", "lazy", "meta", "mtia", "maia", "ipu", "ve", "fpga", "vulkan",
+                       "mkldnn", "ideep", "opengl", "opencl", "privateuseone")
+
+
+def check_device_name(text: str) -> None:
+    """Refuse a device name that no command accepts, without importing torch (whether it is there is checked later)."""
+    if re.fullmatch(r"auto|(cpu|mps|cuda)(:\d+)?", text):
+        return
+    kind = re.fullmatch(r"([a-z]+)(:\d+)?", text)
+    if kind and kind[1] in OTHER_TORCH_DEVICES:
+        raise UserError(f"Device type {kind[1]!r} is not supported; use cuda, mps or cpu.")
+    raise UserError(f"{text!r} is not a torch device; use for example cuda:0, mps or cpu.")
 
 
 def motion_control(config: "ModelConfig") -> tuple[str, str, tuple[float, float, float]]:
@@ -226,7 +260,9 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
 #: Options that choose how the model runs: device, precision, memory, files.
 RUNTIME_OPTIONS: tuple[Option, ...] = (
     Option("device", str, None, "torch device such as cuda:0, cuda:1, mps or cpu",
-           none_means="cuda:0, else mps, else cpu"),
+           none_means="cuda:0, else mps, else cpu", text_check=check_device_name),
+    Option("threads", int, None, "CPU threads for the model's arithmetic on the CPU", minimum=1, maximum=1024,
+           none_means="the usable CPUs not busy with other work, said in the log"),
     Option("dtype", str, "auto", "weights and compute precision; auto picks per device",
            choices=("auto", "float32", "float16", "bfloat16")),
     Option("offload", str, None,
@@ -284,12 +320,14 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str], *
         elif option.type is not str:
             kwargs["type"] = option.parse
             kwargs["metavar"] = "N" if option.type is int else "X"
+        elif option.text_check is not None:
+            kwargs["type"] = option.parse
         parser.add_argument(*option.flags, **kwargs)
 
 
 #: The runtime options every front end takes (the command line, the app, the benchmark).
-MODEL_ARGUMENTS = ("device", "dtype", "offload", "quantize", "checkpoint", "config", "clip_checkpoint", "lora",
-                   "lora_scale", "compile")
+MODEL_ARGUMENTS = ("device", "dtype", "threads", "offload", "quantize", "checkpoint", "config", "clip_checkpoint",
+                   "lora", "lora_scale", "compile")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser | Any) -> None:

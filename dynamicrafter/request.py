@@ -12,7 +12,11 @@ The request rules are defined here once and used by the pipeline, the command li
   dropped, :func:`close_loop`), and that the last two need an interpolation model
   (:func:`check_mode`);
 - the fewest frames a mode and model can make (:func:`frame_floor`, :func:`check_frames`);
-- FreeNoise's window stride at most its window size (:func:`check_windows`).
+- FreeNoise's window stride at most its window size (:func:`check_windows`);
+- the values a call uses for the options left to the model (:func:`model_defaults`).
+
+Importing this module does not import torch: the command line checks a run with these rules
+before it loads anything heavy.
 """
 
 from __future__ import annotations
@@ -22,20 +26,19 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
-import torch
-
+from .configs import DUAL_REFERENCE_MIN_FRAMES
 from .errors import UserError
 from .images import load_image
-from .models.vae_dualref import MIN_FRAMES as DUAL_REFERENCE_MIN_FRAMES
 from .options import OPTIONS
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
     from .configs import ModelConfig
 
 __all__ = ["GenerationRequest", "MODES", "MIN_INTERP_FRAMES", "OUTPUT_TYPES", "CALLBACK_TENSOR_INPUTS",
-           "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop"]
+           "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop", "model_defaults"]
 
 #: How a video is made: from one image, between two images, or a seamless loop of one image.
 MODES = ("single", "interp", "loop")
@@ -46,7 +49,7 @@ OUTPUT_TYPES = ("pt", "np", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 logger = logging.getLogger(__name__)
 
-GeneratorInput = Union[torch.Generator, Sequence[torch.Generator], None]
+GeneratorInput = Union["torch.Generator", Sequence["torch.Generator"], None]
 
 
 def check_mode(config: "ModelConfig", mode: str, what: str | None = None) -> None:
@@ -93,6 +96,12 @@ def check_windows(config: "ModelConfig", size: int | None, stride: int,
         raise UserError(f"{names[1]} must be at most {names[0]} ({size}), got {stride}: "
                         "windows further apart would leave frames without temporal attention.")
     return size, stride
+
+
+def model_defaults(config: "ModelConfig") -> dict[str, Any]:
+    """The value a call uses for each option left at ``None`` ("the model's"), by option name."""
+    return {"guidance_rescale": config.diffusion.guidance_rescale, "timestep_spacing": config.diffusion.timestep_spacing,
+            "frame_stride": config.default_fs, "height": config.height, "width": config.width}
 
 
 def close_loop(videos: Any) -> Any:
@@ -185,9 +194,10 @@ class GenerationRequest:
             raise UserError(f"num_inference_steps can be at most {max_steps}, got {steps}.")
         frames = check_frames(config, values["num_frames"], "single" if end_images is None else "interp",
                               decoded=output_type != "latent")
+        defaults = model_defaults(config)
         size = {}
         for side in ("height", "width"):
-            size[side] = getattr(config, side) if values[side] is None else values[side]
+            size[side] = _default(values[side], defaults[side])
             if size[side] % config.size_multiple:
                 raise UserError(f"{side} must be a multiple of {config.size_multiple} pixels, got {size[side]}.")
         image_scale = values["image_guidance_scale"]
@@ -205,10 +215,10 @@ class GenerationRequest:
             end_images=None if end_images is None else [load_image(i) for i in end_images],
             prompts=prompts, negative_prompts=negative, num_inference_steps=steps,
             guidance_scale=values["guidance_scale"], image_guidance_scale=image_scale,
-            guidance_rescale=_default(values["guidance_rescale"], config.diffusion.guidance_rescale),
+            guidance_rescale=_default(values["guidance_rescale"], defaults["guidance_rescale"]),
             eta=values["eta"], sampler=values["sampler"],
-            timestep_spacing=values["timestep_spacing"] or config.diffusion.timestep_spacing,
-            frame_stride=_default(values["frame_stride"], config.default_fs), num_frames=frames,
+            timestep_spacing=values["timestep_spacing"] or defaults["timestep_spacing"],
+            frame_stride=_default(values["frame_stride"], defaults["frame_stride"]), num_frames=frames,
             height=size["height"], width=size["width"], num_videos_per_prompt=per_prompt, latent_shape=shape,
             window_size=window, window_stride=stride,
             noise_rescheduling=values.get("noise_rescheduling", OPTIONS["noise_rescheduling"].default),
@@ -261,6 +271,8 @@ def _check_callbacks(callback: Any, on_step_end: Any, tensor_inputs: Any) -> Non
 
 
 def _check_generator(generator: Any, batch: int) -> torch.Generator | list[torch.Generator] | None:
+    import torch
+
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
@@ -273,6 +285,8 @@ def _check_generator(generator: Any, batch: int) -> torch.Generator | list[torch
 
 
 def _check_latents(latents: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+    import torch
+
     if latents is None:
         return None
     if not isinstance(latents, torch.Tensor):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -201,3 +202,66 @@ class CompiledModule:
             logger.info("Compiling the UNet for input %s (mode %s): minutes, once per size; kernels are cached in %s.",
                         "x".join(map(str, x.shape)), self.mode, os.environ["TORCHINDUCTOR_CACHE_DIR"])
         return self.compiled(x, *args, **kwargs)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its CPU affinity, within a container's CPU quota (cgroup v2 or v1)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        count = os.cpu_count() or 1
+    quota = None
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+            if fields[0] not in ("max", "-1"):
+                quota = int(fields[0]) / int(fields[1])
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return count
+
+
+def choose_cpu_threads(requested: int | None = None) -> tuple[int, str]:
+    """How many threads the CPU arithmetic should use, and why, in words for the log.
+
+    ``requested`` (``--threads``) is used as given. Otherwise: the CPUs this process may use
+    (:func:`usable_cpus`) less those busy with other work (the 1-minute load average), at least
+    one, and never more than PyTorch's own choice. Each thread of an OpenMP region waits for the
+    others at its end, so a thread whose CPU is taken stalls all of them: on a shared 2-CPU machine
+    a tiny model's video took 29.6 s with PyTorch's default of 2 threads against 1.2 s with one
+    (docs/benchmarks.md, "CPU threads").
+    """
+    if requested is not None:
+        return requested, "as --threads asks"
+    usable = usable_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    idle = (os.cpu_count() or usable) - load  # the load average counts the whole machine's CPUs
+    threads = max(1, min(torch.get_num_threads(), usable, math.floor(idle + 0.5)))
+    if threads < min(torch.get_num_threads(), usable):
+        why = f"of {usable} usable CPUs; the others are busy, load average {load:.1f}"
+    else:
+        why = f"{usable} usable CPUs, load average {load:.1f}"
+    return threads, why
+
+
+def use_cpu_threads(requested: int | None, device: torch.device | str | None) -> int | None:
+    """Set PyTorch's CPU threads for a model on ``device`` and say so in the log; returns the count set.
+
+    Without ``requested`` the count is chosen (:func:`choose_cpu_threads`) only when the model runs
+    on the CPU; on a GPU PyTorch's default stays (returns ``None``).
+    """
+    if requested is None and torch.device(device or "cpu").type != "cpu":
+        return None
+    threads, why = choose_cpu_threads(requested)
+    torch.set_num_threads(threads)
+    logger.info("Using %d CPU thread%s (%s); --threads N changes it.", threads, "" if threads == 1 else "s", why)
+    return threads

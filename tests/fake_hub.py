@@ -22,6 +22,7 @@ class FakeHub:
     requests: list[dict[str, str | None]] = field(default_factory=list)
     cut_next_get_after: int | None = None  # drop the connection after this many body bytes, once
     forced_status: int | None = None
+    unavailable: int = 0  # answer this many file requests with HTTP 503 first (a busy server: huggingface_hub retries)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,6 +47,9 @@ class Handler(BaseHTTPRequestHandler):
         match = RESOLVE.match(self.path)
         if hub.forced_status is not None:
             return self.fail(hub.forced_status, {})
+        if hub.unavailable and match is not None:
+            hub.unavailable -= 1
+            return self.fail(503, {})
         if match is None or match["repo"] not in {repo for repo, _ in hub.files}:
             return self.fail(404, {"X-Error-Code": "RepoNotFound"})
         data = hub.files.get((match["repo"], match["filename"]))

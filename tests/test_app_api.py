@@ -17,8 +17,8 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from safetensors.torch import save_file
 
-from dynamicrafter.app import build_demo
 from dynamicrafter.configs import load_config
+from dynamicrafter.page import build_demo
 from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
 
 from .conftest import DATA
@@ -265,3 +265,40 @@ def test_window_controls_are_hidden_up_to_the_trained_length_and_reach_the_pipel
                        **{**FAST, "num_frames": 6, "window_size": 4, "window_stride": 5})
     assert str(info.value) == ("window_stride must be at most window_size (4), got 5: windows further apart would "
                                "leave frames without temporal attention.")
+
+
+class _FakeDemo:
+    """Stands in for the page's Blocks: records how it is launched; serves until its first look."""
+
+    local_url, share_url = "http://127.0.0.1:7860/", None
+
+    def __init__(self) -> None:
+        self.launched: dict = {}
+        self.closed = False
+
+    def queue(self, **options):
+        return self
+
+    def launch(self, **options):
+        self.launched = options
+
+    @property
+    def is_running(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_app_logs_as_the_command_line_and_its_hint_names_share(monkeypatch, caplog):
+    """Gradio's own start-up lines (its "set share=True in launch()" hint) give way to one line of the app's log."""
+    from dynamicrafter import app, page
+
+    demo = _FakeDemo()
+    monkeypatch.setattr(app.frontend, "build_pipeline", lambda args, resolution, device: object())
+    monkeypatch.setattr(page, "build_demo", lambda pipeline, **options: demo)
+    caplog.set_level(logging.INFO)
+    assert app.main(["256", "--device", "cpu"]) == 0
+    assert (demo.launched["quiet"], demo.launched["share"], demo.closed) == (True, False, True)
+    assert caplog.messages[-1] == ("Serving on http://127.0.0.1:7860/; Ctrl-C stops it. For a public link, start the app "
+                                   "with --share.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dynamicrafter.bench import generation as bench
+from dynamicrafter.bench import timing
 from dynamicrafter.configs import get_config, load_config
 from dynamicrafter.errors import UserError
 
@@ -40,7 +41,7 @@ def test_json_report_on_the_tiny_model(capsys):
 @pytest.mark.parametrize(("resolution", "tflop"), [("256", 4.90), ("512", 12.6), ("1024", 52.3)])
 def test_unet_flops_of_the_released_models(resolution, tflop):
     """One UNet call, batch 1, 16 frames: the figures the original's profile gives."""
-    flops = bench.unet_flops(get_config(resolution), frames=16, batch=1)
+    flops = timing.unet_flops(get_config(resolution), frames=16, batch=1)
     assert flops / 1e12 == pytest.approx(tflop, rel=5e-3)
 
 
@@ -51,7 +52,7 @@ def test_random_model_has_the_real_shapes_and_runs_finite():
 
     from .conftest import load_tiny
 
-    model = bench.random_model(load_config(DATA / "tiny256.yaml"), torch.device("cpu"), torch.float32)
+    model = timing.random_model(load_config(DATA / "tiny256.yaml"), torch.device("cpu"), torch.float32)
     real = load_tiny("tiny256").model.state_dict()
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in real.items()}
     v = load_tiny("tiny256").vectors
@@ -80,7 +81,7 @@ def test_flags_share_the_command_lines_names():
     assert (args.resolution, args.num_inference_steps, args.num_frames, args.offload, args.compile) == (
         "512", 7, 3, "model", True)
     old = bench.build_parser().parse_args(["--resolution", "320_512", "--steps", "7", "--frames", "3"])
-    assert (old.res, old.num_inference_steps, old.num_frames, old.compile) == ("512", 7, 3, False)
+    assert (old.resolution_flag, old.num_inference_steps, old.num_frames, old.compile) == ("512", 7, 3, False)
     assert bench.build_parser().parse_args(["--compile", "--no-compile"]).compile is False
     graphs = bench.build_parser().parse_args(["--compile-mode", "reduce-overhead"])
     assert (graphs.compile, graphs.compile_mode) == (False, "reduce-overhead")
@@ -100,17 +101,17 @@ def test_fused_norm_setting_and_whether_it_ran(monkeypatch):
     pipe = type("Pipe", (), {"model": load_tiny("tiny256").model, "compile_mode": None})()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(fused_norm, "triton_available", lambda: True)
-    assert not bench.fused_norm_used(pipe, cuda)  # auto: the library's default, off until timed on a GPU
+    assert not timing.fused_norm_used(pipe, cuda)  # auto: the library's default, off until timed on a GPU
     monkeypatch.setattr(unet_module, "FUSED_NORM_BY_DEFAULT", True)
-    assert bench.fused_norm_used(pipe, cuda) and not bench.fused_norm_used(pipe, cpu)
+    assert timing.fused_norm_used(pipe, cuda) and not timing.fused_norm_used(pipe, cpu)
     pipe.compile_mode = "default"
-    assert not bench.fused_norm_used(pipe, cuda)  # Inductor's own fusion instead
+    assert not timing.fused_norm_used(pipe, cuda)  # Inductor's own fusion instead
     pipe.compile_mode = None
     for setting, used in (("on", True), ("off", False)):
         unet.fused_norm = bench.FUSED_NORM_SETTINGS[setting]
-        assert bench.fused_norm_used(pipe, cuda) is used
+        assert timing.fused_norm_used(pipe, cuda) is used
     monkeypatch.setattr(fused_norm, "triton_available", lambda: False)
-    assert not bench.fused_norm_used(pipe, cuda)
+    assert not timing.fused_norm_used(pipe, cuda)
 
 
 def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):
@@ -118,7 +119,7 @@ def test_checkpoint_run_counts_the_flops_of_the_model_it_times(capsys):
                        "--frames", "2", "--steps", "2", "--device", "cpu", "--dtype", "float32", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    tiny = bench.unet_flops(load_config(DATA / "tiny256.yaml"), frames=2, batch=2)
+    tiny = timing.unet_flops(load_config(DATA / "tiny256.yaml"), frames=2, batch=2)
     assert report["unet_tflop_per_step"] == pytest.approx(tiny / 1e12)
 
 
@@ -155,7 +156,7 @@ def test_the_library_imports_no_measurement_tool_and_the_tools_no_checkout_path(
             tools = {n for n in _imports(path, package.parent) if n.startswith("dynamicrafter.bench")}
             assert not tools, f"{path} imports {tools}"
     assert _imports(package / "bench" / "training.py", package.parent) >= {  # relative imports, one and two levels up
-        "dynamicrafter.bench.generation.random_model", "dynamicrafter.training.trainer.train"}
+        "dynamicrafter.bench.timing.random_model", "dynamicrafter.training.trainer.train"}
 
 
 def test_compare_reference_refuses_a_folder_without_the_original(tmp_path, caplog):
@@ -173,7 +174,7 @@ def test_compare_reference_reports_an_unimportable_original_in_one_line(tmp_path
     source.write_text("import a_module_that_is_not_installed\n")
     try:
         with pytest.raises(UserError) as info:
-            bench.reference_unet(None, tmp_path, None)
+            timing.reference_unet(None, tmp_path, None)
     finally:
         for name in [n for n in sys.modules if n == "lvdm" or n.startswith("lvdm.")]:
             del sys.modules[name]
@@ -240,7 +241,7 @@ def test_text_report_ends_with_the_profile_table(monkeypatch, capsys):
     """Without --json: one aligned line per figure, then the profile by kind of operation."""
     profile = {"total_ms": 12.5, "by_category": {"convolution": {"ms": 10.0, "share": 0.8, "calls": 4},
                                                  "norm": {"ms": 2.5, "share": 0.2, "calls": 3}}, "top": []}
-    monkeypatch.setattr(bench, "run", lambda args: {"device": "cuda", "s_per_step": 0.1372, "profile": profile})
+    monkeypatch.setattr(timing, "run", lambda args: {"device": "cuda", "s_per_step": 0.1372, "profile": profile})
     assert bench.main(["--profile"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "                device: cuda",

@@ -6,6 +6,7 @@ pipeline on the tiny test checkpoints and read the videos back with PyAV.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import subprocess
@@ -395,6 +396,12 @@ def test_manifest_and_resume(fake, tmp_path, caplog):
     assert (first["prompt"], first["seed"], first["model"], first["rank"]) == ("go", 123, "256", 0)
     assert first["settings"]["num_inference_steps"] == 50 and first["image"].endswith("p.png")
     assert (first["quantize"], first["lora"], first["lora_scale"], first["dtype"]) == ("none", None, None, "float32")
+    # the values used, the model's where the command line left them to it (this was "frame_stride": null)
+    assert {name: first["settings"][name] for name in ("frame_stride", "guidance_rescale", "timestep_spacing",
+                                                       "height", "width", "image_guidance_scale")} == {
+        "frame_stride": 3, "guidance_rescale": 0.0, "timestep_spacing": "uniform", "height": 256, "width": 256,
+        "image_guidance_scale": None}
+    assert fake[0].calls[0]["frame_stride"] is None  # the pipeline still gets what was given
     (out / "q.mp4").unlink()  # as if the run had been interrupted before q
     caplog.clear()
     assert cli.main(argv) == 0
@@ -497,7 +504,8 @@ def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, code, fragment", [
     (["999"], 2, "unknown resolution '999'; choose one of 256, 512, 1024, 512_interp"),
-    ([], 2, "required: resolution"),
+    ([], 2, "Give the model as the first argument or --resolution (256, 512, 1024, 512_interp, tooncrafter)"),
+    (["256", "--resolution", "512"], 2, "The model is given twice, as 256 and --resolution 512; give it once."),
     (["256", "--num_inference_steps", "0"], 2, "--num_inference_steps: must be between 1 and 1000, got 0"),
     (["256", "--video_length", "0"], 2, "--video_length: must be between 1 and 128, got 0"),
     (["256", "--frames", "1000000000"], 2, "--video_length: must be between 1 and 128, got 1000000000"),
@@ -804,22 +812,19 @@ def test_real_torchrun_gives_the_single_process_videos(tmp_path):
 def test_every_flag_is_documented():
     documented = (ROOT / "docs" / "cli.md").read_text()
     flags = [flag for action in cli.build_parser()._actions for flag in action.option_strings
-             if flag not in ("-h", "--help")]
+             if flag not in ("-h", "--help") and action.help != argparse.SUPPRESS]  # not the hidden old spellings
     missing = [flag for flag in flags if f"`{flag}" not in documented]
     assert not missing, f"flags missing from docs/cli.md: {missing}"
 
 
-def test_front_ends_share_the_model_flags():
-    from dynamicrafter import app
-    from dynamicrafter.bench import generation as bench
-
-    def flags(parser):
-        return {flag for action in parser._actions for flag in action.option_strings}
-
-    model = {"--device", "--dtype", "--offload", "--checkpoint", "--config", "--compile"}
-    assert model <= flags(cli.build_parser()) and model <= flags(app._parser()) and model <= flags(bench.build_parser())
-    shared = {"--num_inference_steps", "--steps", "--video_length", "--frames", "--guidance_scale"}
-    assert shared <= flags(cli.build_parser()) and shared <= flags(bench.build_parser())
+def test_threads_flag_sets_the_cpu_threads(fake, tmp_path, caplog, monkeypatch):
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    image = make_image(tmp_path / "a.png")
+    assert cli.main(["256", "--image_path", str(image), "--output_dir", str(tmp_path / "o"), "--device", "cpu",
+                     "--threads", "3"]) == 0
+    assert "Using 3 CPU threads (as --threads asks); --threads N changes it." in caplog.messages
+    assert set_to == [3]
 
 
 def test_lora_flags_load_the_lora(fake, tmp_path):

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dynamicrafter import convert as convert_module
+from dynamicrafter import checkpoints as checkpoints_module
 from dynamicrafter.checkpoints import CLIP_TOWERS, load_model
 from dynamicrafter.configs import load_config
-from dynamicrafter.convert import SCHEDULE_KEYS, convert, main
+from dynamicrafter.convert import convert, main, schedule_keys
 
 from .conftest import DATA, load_tiny, relative_error
 
@@ -45,9 +45,9 @@ def test_round_trip(dtype, release_state, config256, tmp_path) -> None:
     assert set(stored) == set(release_state)  # release names: framestride_embed stays
     assert any(".framestride_embed." in k for k in stored)
     for key, value in release_state.items():
-        expected = value.float() if key in SCHEDULE_KEYS else value.to(dtype)
+        expected = value.float() if key in schedule_keys() else value.to(dtype)
         assert stored[key].dtype == expected.dtype and torch.equal(stored[key], expected), key
-    assert {d for k, d in _dtypes(out).items() if k not in SCHEDULE_KEYS} == {ST_DTYPES[dtype]}
+    assert {d for k, d in _dtypes(out).items() if k not in schedule_keys()} == {ST_DTYPES[dtype]}
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
     # The tiny weights are float16 values, so every dtype but bfloat16 gives the same model (float32
@@ -90,7 +90,7 @@ def test_refuses_to_overwrite(tmp_path, caplog) -> None:
 def test_a_failure_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"previous")
-    write = convert_module.write_safetensors
+    write = checkpoints_module.write_safetensors
 
     def write_until_the_disk_is_full(path, layout, tensor, metadata=None, written=None):
         done = []
@@ -103,7 +103,7 @@ def test_a_failure_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
 
         return write(path, layout, third_fails, metadata, written)
 
-    monkeypatch.setattr(convert_module, "write_safetensors", write_until_the_disk_is_full)
+    monkeypatch.setattr(checkpoints_module, "write_safetensors", write_until_the_disk_is_full)
     with pytest.raises(ValueError, match=r"^Cannot write .*out.safetensors \(No space left on device\)\.$"):
         convert(CKPT, target, overwrite=True)
     assert target.read_bytes() == b"previous"

@@ -61,3 +61,26 @@ def test_declared_dependencies_are_exactly_those_imported():
     assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
     unused = {name for name in declared if name not in imported} - NOT_IMPORTED_ON_PURPOSE
     assert not unused, f"declared but never imported: {sorted(unused)}"
+
+
+def test_the_test_extra_brings_everything_the_tests_import():
+    """``pip install -e ".[test]"`` is enough for every test to run: nothing skipped for a missing package.
+
+    What a test imports, or skips without (``pytest.importorskip``), is a dependency or in the test extra.
+    """
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    available = _requirement_names(project["dependencies"]) | _requirement_names(project["optional-dependencies"]["test"])
+    distributions = metadata.packages_distributions()
+    local = {"dynamicrafter", "tests", "scripts", "conftest"} | {path.stem for path in (ROOT / "tests").glob("*.py")}
+    skipped_without = {node.args[0].value.split(".")[0] for path in (ROOT / "tests").glob("*.py")
+                       for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                       if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
+                       and node.args and isinstance(node.args[0], ast.Constant)}
+    missing = {}
+    for module in (_imported_top_level(ROOT / "tests") | skipped_without) - set(sys.stdlib_module_names) - local:
+        owners = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+        if not owners & available:
+            missing[module] = sorted(owners)
+    assert not missing, f"imported by the tests but not in the test extra of pyproject.toml: {missing}"

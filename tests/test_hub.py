@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from dynamicrafter.hub import (
     ensure_clip_weights,
 )
 
+from .conftest import ROOT
 from .fake_hub import PAYLOAD, REPO
 
 
@@ -75,7 +79,7 @@ def test_not_found(hub, hf_env, files, message):
     with pytest.raises(CheckpointError) as info:
         ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
     assert str(info.value) == message.format(repo=REPO, url=hub.url)
-    assert list(hf_env.rglob("*")) == [hf_env / "dynamicrafter_256_v1"]
+    assert not hf_env.exists()  # the folders the download made are gone again
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -85,12 +89,46 @@ def test_auth_error_suggests_hf_token(hub, hf_env, status):
         ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
 
 
-def test_unreachable_endpoint(hf_env, monkeypatch):
-    with socket.socket() as sock:  # a port nobody listens on
+def _refusing_url() -> str:
+    with socket.socket() as sock:  # bound, then closed: a port nobody listens on
         sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_unreachable_endpoint_stops_at_once(hf_env, monkeypatch):
+    """Tried once before huggingface_hub's retries; the one line says what to do instead."""
+    url = _refusing_url()
     monkeypatch.setenv("HF_ENDPOINT", url)
-    with pytest.raises(CheckpointError, match=rf"^Could not reach {re.escape(url)} to download model.ckpt"):
+    target = default_checkpoint_path("256", hf_env)
+    with pytest.raises(CheckpointError) as info:
+        ensure_checkpoint("256", target)
+    assert str(info.value) == (
+        f"Could not reach {url} to download model.ckpt of the 256 model ({url[7:]} refused the connection); download "
+        f"{url}/{REPO}/resolve/main/model.ckpt yourself and put it at {target} (or pass --checkpoint FILE), and set "
+        "HF_HUB_OFFLINE=1 to stop trying the network.")
+    assert not hf_env.exists()
+
+
+@pytest.mark.parametrize("host, reason", [
+    ("no-such-host.invalid", "its host no-such-host.invalid is unknown: no network or name service, or a wrong "
+                             "HF_ENDPOINT"),
+])
+def test_unknown_host_stops_at_once(hf_env, monkeypatch, host, reason):
+    """``.invalid`` never resolves (RFC 2606): no network is needed to find that out."""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://{host}")
+    with pytest.raises(CheckpointError, match=rf"^Could not reach http://{re.escape(host)} to download model\.ckpt "
+                                               rf"of the 256 model \({re.escape(reason)}\); download "):
+        ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
+
+
+def test_a_proxy_is_what_is_tried(hf_env, monkeypatch):
+    """Through a proxy the client connects to the proxy: that is the connection tried first."""
+    proxy = _refusing_url()
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example")
+    monkeypatch.setenv("http_proxy", proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(CheckpointError, match=rf"\({re.escape(proxy[7:])} refused the connection\)"):
         ensure_checkpoint("256", default_checkpoint_path("256", hf_env))
 
 
@@ -107,8 +145,9 @@ def test_offline_with_missing_file_makes_no_request(hub, hf_env, monkeypatch):
     target = default_checkpoint_path("256", hf_env)
     with pytest.raises(CheckpointError) as info:
         ensure_checkpoint("256", target)
-    assert str(info.value) == (f"Checkpoint {target} is missing and HF_HUB_OFFLINE is set; "
-                               "download it or pass --checkpoint.")
+    assert str(info.value) == (f"Checkpoint {target} is missing and HF_HUB_OFFLINE is set; download "
+                               f"{hub.url}/{REPO}/resolve/main/model.ckpt yourself and put it at {target} "
+                               "(or pass --checkpoint FILE).")
     assert hub.requests == []
     assert not target.parent.exists()
 
@@ -152,15 +191,14 @@ def test_clip_weights_not_found(hub, hf_env):
 
 
 def test_clip_weights_unreachable(hf_env, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    url = _refusing_url()
     monkeypatch.setenv("HF_ENDPOINT", url)
     with pytest.raises(CheckpointError) as info:
         ensure_clip_weights("ViT-H-14")
-    message = str(info.value)
-    assert message.startswith(f"Could not reach {url} to download open_clip_model.safetensors from {CLIP_REPO} (")
-    assert message.endswith("download it yourself and pass --clip_checkpoint.") and "\n" not in message
+    assert str(info.value) == (
+        f"Could not reach {url} to download open_clip_model.safetensors from {CLIP_REPO} ({url[7:]} refused the "
+        f"connection); download {url}/{CLIP_REPO}/resolve/main/open_clip_model.safetensors yourself and pass it as "
+        "--clip_checkpoint FILE, and set HF_HUB_OFFLINE=1 to stop trying the network.")
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -175,5 +213,35 @@ def test_clip_weights_offline(hub, hf_env, monkeypatch):
     with pytest.raises(CheckpointError) as info:
         ensure_clip_weights("ViT-H-14")
     assert str(info.value) == (f"The OpenCLIP ViT-H-14 laion2b_s32b_b79k weights ({CLIP_REPO}) are not in the Hugging "
-                               "Face cache and HF_HUB_OFFLINE is set; download them or pass --clip_checkpoint.")
+                               f"Face cache and HF_HUB_OFFLINE is set; download {hub.url}/{CLIP_REPO}/resolve/main/"
+                               "open_clip_model.safetensors yourself and pass it as --clip_checkpoint FILE.")
     assert hub.requests == []
+
+
+_DOWNLOAD = """
+import sys
+from dynamicrafter.frontend import configure_logging
+from dynamicrafter.hub import ensure_checkpoint
+
+configure_logging()
+ensure_checkpoint("256", sys.argv[1])
+"""
+
+
+def test_a_retried_download_says_each_retry_once_and_shows_its_progress(hub, tmp_path):
+    """A busy server (HTTP 503 twice: huggingface_hub's first metadata request is not retried, its second is):
+    the command's log has each retry's line once, in its format, and the bar gives the size and the speed (also
+    in a log file, where huggingface_hub's own bar is off)."""
+    hub.unavailable = 2
+    target = tmp_path / "weights" / "model.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", _DOWNLOAD, str(target)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == PAYLOAD
+    lines = [line for line in re.split(r"[\r\n]+", done.stderr) if line.strip()]
+    retries = [line for line in lines if "503" in line or "Retrying" in line]
+    assert retries == [f"WARNING: HTTP Error 503 thrown while requesting HEAD {hub.url}/{REPO}/resolve/main/model.ckpt",
+                       "WARNING: Retrying in 1s [Retry 1/5]."]
+    bar = [line for line in lines if line.startswith("model.ckpt:")]
+    assert bar and "307k/307k" in bar[-1] and "B/s" in bar[-1], lines

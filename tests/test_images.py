@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from dynamicrafter import app, cli, images, pipeline
+from dynamicrafter import cli, images, page, pipeline
 from dynamicrafter.images import MAX_ASPECT_RATIO, fit_image, load_image
 
 
@@ -24,7 +24,7 @@ def test_every_front_end_uses_the_same_loader():
 
     assert pipeline.load_image is images.load_image
     assert cli.load_image is images.load_image
-    assert app.load_image is images.load_image
+    assert page.load_image is images.load_image
     assert examples.load_image is images.load_image
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from dynamicrafter import cli
 from dynamicrafter.bench import generation as bench
+from dynamicrafter.bench import timing
 from dynamicrafter.checkpoints import load_model
 from dynamicrafter.configs import load_config
 from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline, GenerationError
@@ -207,7 +208,7 @@ def test_app_refuses_fp8_off_a_capable_gpu_before_loading(tmp_path, monkeypatch,
 
 
 def test_bench_reports_the_latent_difference(capsys, monkeypatch, caplog):
-    monkeypatch.setattr(bench, "matmul_tflops", lambda device, dtype: 1.0)  # the CPU matmul takes seconds
+    monkeypatch.setattr(timing, "matmul_tflops", lambda device, dtype: 1.0)  # the CPU matmul takes seconds
     code = bench.main(["--config", str(DATA / "tiny256.yaml"), "--checkpoint", str(DATA / "tiny256.ckpt"), "--frames",
                        "1", "--steps", "2", "--device", "cpu", "--dtype", "float32", "--quantize", "fp8_weights",
                        "--json"])

@@ -75,3 +75,55 @@ def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
         assert third.device_for(choice) == torch.device("cuda:2")
     assert third.device_for("cuda:3") == torch.device("cuda:3") and third.device_for("cpu") == torch.device("cpu")
     assert Ranks().device_for("cuda") == torch.device("cuda:0")  # one process: the current GPU
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+
+@pytest.fixture
+def two_cpus(monkeypatch):
+    """A machine of 2 CPUs, both usable, PyTorch's default 2 threads; the load average is set by each test."""
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+    def load(value):
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (value, value, value))
+
+    return load
+
+
+@pytest.mark.parametrize("load, threads, why", [
+    (0.3, 2, "2 usable CPUs, load average 0.3"),
+    (1.2, 1, "of 2 usable CPUs; the others are busy, load average 1.2"),
+    (4.4, 1, "of 2 usable CPUs; the others are busy, load average 4.4"),  # never fewer than one
+])
+def test_threads_leave_out_the_busy_cpus(two_cpus, load, threads, why):
+    two_cpus(load)
+    assert runtime.choose_cpu_threads() == (threads, why)
+
+
+def test_threads_as_asked_and_said(two_cpus, monkeypatch, caplog):
+    two_cpus(4.0)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    with caplog.at_level("INFO", logger="dynamicrafter.runtime"):
+        assert runtime.use_cpu_threads(8, torch.device("cuda:0")) == 8  # asked for: set on any device
+        assert runtime.use_cpu_threads(None, "cpu") == 1
+        assert runtime.use_cpu_threads(None, torch.device("cuda:0")) is None  # a GPU keeps PyTorch's default
+    assert set_to == [8, 1]
+    assert caplog.messages == [
+        "Using 8 CPU threads (as --threads asks); --threads N changes it.",
+        "Using 1 CPU thread (of 2 usable CPUs; the others are busy, load average 4.0); --threads N changes it."]
+
+
+def test_usable_cpus_follow_a_containers_quota(monkeypatch, tmp_path):
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: two threads may run, at most
+    real = runtime.Path
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(runtime, "Path", lambda name: quota if name == "/sys/fs/cgroup/cpu.max" else real(name))
+    assert runtime.usable_cpus() == 2
+    quota.write_text("max 100000\n")
+    assert runtime.usable_cpus() == 8

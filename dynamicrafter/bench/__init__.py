@@ -4,7 +4,8 @@ Nothing else in the package imports these modules; each is a command of its own,
 files of the repository's checkout (the tiny test models, for one, are given as an argument).
 
 - :mod:`.generation`: ``python -m dynamicrafter.bench`` (``dynamicrafter bench``), a guided step and a video
-  (``--profile``: :mod:`.profiling`, one UNet call's time by kind of operation);
+  (the command; the measuring is :mod:`.timing`; ``--profile``: :mod:`.profiling`, one UNet call's time by
+  kind of operation);
 - :mod:`.load`: ``python -m dynamicrafter.bench.load``, loading and converting a full-size checkpoint;
 - :mod:`.training`: ``python -m dynamicrafter.bench.training``, a training step (``--estimate``: :mod:`.memory`,
   its peak memory estimated on the meta device);

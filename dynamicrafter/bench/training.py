@@ -1,17 +1,19 @@
 """Training benchmark: seconds per optimizer step and peak memory of the real training loop.
 
-    python -m dynamicrafter.bench.training --resolution 512 --frames 16 --mode lora --lora_rank 64 \\
-        --device cuda --random-weights --steps 5 --json
+    python -m dynamicrafter.bench.training 512 --video_length 16 --mode lora --lora_rank 64 \\
+        --device cuda --random-weights --max_steps 5 --json
 
 It writes one synthetic clip at the model's size (or ``--height``/``--width``) to a temporary
-folder and runs :func:`~dynamicrafter.training.trainer.train` on it for ``--steps``
+folder and runs :func:`~dynamicrafter.training.trainer.train` on it for ``--max_steps``
 optimizer steps: decoding, the frozen encoders, forward, backward and the optimizer, as a real
 run does (one checkpoint is written at the end, to the temporary folder). ``--random-weights``
 builds the full-size model with random weights (the same arithmetic as the released one, no
 download). Reported: the median seconds per step after the first (warm-up) step, and the peak
 memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set on the CPU.
 ``--estimate`` instead estimates the peak memory of a step on the meta device, without a GPU or
-weights (:mod:`dynamicrafter.bench.memory`).
+weights (:mod:`dynamicrafter.bench.memory`). The flags are ``dynamicrafter train``'s (the model as the
+first argument or ``--resolution``, ``--config``, ``--video_length``, ``--dtype``, ...); the earlier
+``--frames``, ``--precision`` and ``--steps`` are still accepted.
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..configs import ModelConfig, model_config
-from ..frontend import EXIT_USAGE, CliError, Parser
-from ..runtime import resolve_device
-from ..training.config import TrainConfig
+from ..frontend import EXIT_USAGE, CliError, Parser, add_model_choice, chosen_model
+from ..options import add_arguments
+from ..training.config import TrainConfig, precision_arg
 from . import run_tool
 
 
@@ -57,23 +57,21 @@ def write_clip(path: Path, frames: int, height: int, width: int, fps: int = 24) 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m dynamicrafter.bench.training", description=__doc__.split("\n\n")[0])
-    p.add_argument("--resolution", default="512")
-    p.add_argument("--config", help="model YAML (default: the resolution's preset)")
-    p.add_argument("--checkpoint", help="checkpoint (needed unless --random-weights)")
+    add_model_choice(p, "512")
+    add_arguments(p, ("config", "checkpoint", "clip_checkpoint", "device", "threads"),
+                  shown={"checkpoint": "needed unless --random-weights"})
+    p.add_argument("--dtype", dest="precision", type=precision_arg, metavar="{auto,bfloat16,float32}",
+                   help="training precision (default: auto, bfloat16 on GPUs that have it, else float32)")
+    p.add_hidden_alias("--precision", "precision", type=precision_arg)
     p.add_argument("--random-weights", action="store_true", help="full-size model with random weights")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--batch_size", type=int, default=1)
+    add_arguments(p, ("num_frames", "height", "width", "batch_size", "compile"))
     p.add_argument("--mode", choices=("lora", "full"), default="lora")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--train_image_proj", action="store_true")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
-    p.add_argument("--precision", choices=("bf16", "fp32"))
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps (the first is the warm-up)")
-    p.add_argument("--device")
+    p.add_argument("--max_steps", type=int, default=5, help="optimizer steps (the first is the warm-up; default 5)")
+    p.add_hidden_alias("--steps", "max_steps", type=int)
     p.add_argument("--estimate", action="store_true",
                    help="estimate the peak memory on the meta device instead of running (no GPU, no weights)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -82,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace, config: ModelConfig, **run: Any) -> TrainConfig:
     """The fine-tuning settings the benchmark's flags describe; ``run`` adds where and how it runs."""
-    return TrainConfig(resolution=args.resolution, model_config=args.config, frames=args.frames,
+    return TrainConfig(resolution=args.resolution, model_config=args.config, frames=args.num_frames,
                        height=args.height or config.height, width=args.width or config.width,
                        batch_size=args.batch_size, mode=args.mode, lora_rank=args.lora_rank,
                        train_image_proj=args.train_image_proj, gradient_checkpointing=args.gradient_checkpointing,
@@ -91,6 +89,8 @@ def _train_config(args: argparse.Namespace, config: ModelConfig, **run: Any) -> 
 
 def _settings(cfg: TrainConfig, config: ModelConfig, precision: str) -> dict:
     """The report's description of what was measured or estimated."""
+    import torch
+
     return {
         "resolution": config.name, "height": cfg.height, "width": cfg.width, "frames": cfg.frames,
         "batch_size": cfg.batch_size, "mode": cfg.mode, "lora_rank": cfg.lora_rank if cfg.mode == "lora" else None,
@@ -114,9 +114,12 @@ def estimate(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ..runtime import resolve_device
     from ..training.model import resolve_precision
     from ..training.trainer import train
-    from .generation import random_model
+    from .timing import random_model
 
     device = resolve_device(args.device)
     config = model_config(args.resolution, args.config)
@@ -124,10 +127,11 @@ def run(args: argparse.Namespace) -> dict:
         clips = Path(tmp) / "clips"
         clips.mkdir()
         cfg = _train_config(args, config, data=str(clips), output_dir=str(Path(tmp) / "out"),
-                            checkpoint=args.checkpoint, optimizer=args.optimizer, precision=args.precision,
-                            compile=args.compile, max_steps=args.steps, save_every=10**9, num_workers=1,
+                            checkpoint=args.checkpoint, clip_checkpoint=args.clip_checkpoint, optimizer=args.optimizer,
+                            precision=args.precision, compile=args.compile, max_steps=args.max_steps,
+                            save_every=10**9, num_workers=1, threads=args.threads,
                             device=str(device), frame_stride_min=1, frame_stride_max=1)
-        write_clip(clips / "clip.mp4", max(args.frames * 2, 32), cfg.height, cfg.width)
+        write_clip(clips / "clip.mp4", max(args.num_frames * 2, 32), cfg.height, cfg.width)
         (clips / "clip.txt").write_text("a bright square moving over a gradient\n")
         precision = resolve_precision(cfg, device)
         model = None
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
+    args.resolution = chosen_model(args, "512")
     if not args.random_weights and not args.checkpoint and not args.estimate:
         raise CliError("Give --checkpoint, or --random-weights for a full-size model with random weights.", EXIT_USAGE)
     report = estimate(args) if args.estimate else run(args)

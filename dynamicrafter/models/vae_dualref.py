@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..configs import VAEConfig
+from ..configs import DUAL_REFERENCE_MIN_FRAMES, VAEConfig
 from ..errors import UserError
 from .attention import attention
 from .unet import GroupNorm32
@@ -218,7 +218,7 @@ class DualRefDecoder(nn.Module):
 
 
 #: Fewest frames the two-pass decoding can make (it leaves out the second and second-to-last frame).
-MIN_FRAMES = 4
+MIN_FRAMES = DUAL_REFERENCE_MIN_FRAMES
 
 
 def splice_frames(num_frames: int) -> tuple[list[int], slice, slice]:

@@ -30,7 +30,7 @@ import torch
 from ..errors import UserError
 from ..files import write_atomically
 from ..lora import lora_state_dict, save_lora
-from .config import DEFAULT_LR, TrainConfig
+from .config import DEFAULT_LR, TrainConfig, flag
 from .distributed import Dist
 from .model import set_hyperparameters
 
@@ -50,7 +50,7 @@ FIXED = ("mode", "resolution", "lora_rank", "lora_alpha", "lora_targets", "train
 #: Settings the saved run keeps, with the reason.
 SAVED_WINS = {"seed": "the data order and the random draws continue from it"}
 #: Settings about this invocation only, never compared with the saved run's.
-THIS_RUN = ("output_dir", "resume", "overwrite", "device")
+THIS_RUN = ("output_dir", "resume", "overwrite", "device", "threads")
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -328,7 +328,7 @@ def _shown(value: Any) -> str:
 
 
 def _with(name: str, value: Any) -> str:
-    return f"without --{name}" if value is None else f"with --{name} {_shown(value)}"
+    return f"without {flag(name)}" if value is None else f"with {flag(name)} {_shown(value)}"
 
 
 def reconcile(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> TrainConfig:

@@ -6,6 +6,7 @@ field under the same name, its help text from the field's ``metadata["help"]``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import math
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS
 
 Mode = Literal["lora", "full"]
 Schedule = Literal["constant", "cosine", "linear"]
@@ -23,6 +23,29 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-5}
 #: The largest float32: the optimizer's settings are used in float32 arithmetic.
 FLOAT32_MAX = 3.4028234663852886e38
+#: ``dynamicrafter.lora.DEFAULT_TARGETS``, spelled here so that the options are read without torch (a test holds
+#: the two equal).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "to_k_ip", "to_v_ip", "ff.net.0.proj", "ff.net.2")
+#: The fields whose flag is the shared vocabulary's (:mod:`dynamicrafter.options`), not ``--<field>``; the
+#: field's own name stays accepted for one release.
+FLAGS = {"model_config": "--config", "frames": "--video_length", "precision": "--dtype"}
+
+
+#: ``--dtype``: the option table's names of the two training precisions (and the field's own values), as the field's.
+PRECISIONS = {"auto": None, "bfloat16": "bf16", "float32": "fp32", "bf16": "bf16", "fp32": "fp32"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of the field ``name``."""
+    return FLAGS.get(name, f"--{name}")
+
+
+def precision_arg(text: str) -> str | None:
+    """An argparse type: ``--dtype`` (``auto``, ``bfloat16``, ``float32``) as the ``precision`` field's value."""
+    if text not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose auto, bfloat16 or float32; "
+                                         "training has no float16)")
+    return PRECISIONS[text]
 
 
 def option(default: Any, help: str) -> Any:
@@ -43,7 +66,8 @@ class TrainConfig:
                                         "or a CSV (videoid,name as WebVid, or path,caption)"})
     output_dir: str = option("runs/finetune", "where checkpoints, logs/ (TensorBoard + metrics.csv) and samples/ go")
     # -- model
-    resolution: str = option("256", "base model: 256, 512, 1024 or 512_interp")
+    resolution: str = option("256", "base model: 256, 512, 1024, 512_interp or tooncrafter, as the first argument or "
+                                    "--resolution")
     checkpoint: str | None = option(None, "base checkpoint (default: the released one, downloaded when missing)")
     clip_checkpoint: str | None = option(None, "OpenCLIP ViT-H-14 weights, for a checkpoint without the CLIP towers "
                                                "(pruned files)")
@@ -82,8 +106,8 @@ class TrainConfig:
     batch_size: int = option(1, "clips per process per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     max_grad_norm: float = option(0.5, "clip the gradient norm to this (0: no clipping)")
-    precision: Literal["bf16", "fp32"] | None = option(None, "bf16 (autocast, float32 trained weights) or fp32 "
-                                                             "(default: bf16 on GPUs that have it)")
+    precision: Literal["bf16", "fp32"] | None = option(None, "bfloat16 (autocast, float32 trained weights) or "
+                                                             "float32 (default: auto, bfloat16 on GPUs that have it)")
     gradient_checkpointing: bool = option(True, "recompute the UNet blocks' activations in the backward pass "
                                                 "(less memory)")
     compile: bool = option(False, "torch.compile the UNet")
@@ -91,6 +115,8 @@ class TrainConfig:
                                         "(FSDP for full fine-tuning of 1024)")
     seed: int = option(0, "seed of every random draw")
     device: str | None = option(None, "cuda:0, cpu, ... (default: the GPU, or the CPU without one)")
+    threads: int | None = option(None, "CPU threads for the arithmetic on the CPU (default: the usable CPUs not busy "
+                                       "with other work, said in the log)")
     # -- output
     save_every: int = option(500, "write a checkpoint every N steps (and at the end, and on Ctrl-C)")
     log_every: int = option(1, "log loss and learning rate every N steps")
@@ -113,7 +139,7 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a whole number of at least 1, got {value!r}.")
-        for name in ("frames", "height", "width", "sample_frames"):
+        for name in ("frames", "height", "width", "sample_frames", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"{name} must be a whole number of at least 1, got {value!r}.")

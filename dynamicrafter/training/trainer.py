@@ -31,6 +31,7 @@ from ..checkpoints import load_model
 from ..configs import ModelConfig, resolve_resolution
 from ..errors import UserError
 from ..models.dynamicrafter import DynamiCrafter
+from ..runtime import use_cpu_threads
 from . import checkpointing
 from . import data as data_mod
 from .config import TrainConfig
@@ -122,6 +123,7 @@ def setup(cfg: TrainConfig, model: DynamiCrafter | None = None) -> TrainState:
     loading, and before ``--overwrite`` deletes anything.
     """
     dist, device = init(cfg.device)
+    use_cpu_threads(cfg.threads, device)
     resume_from = checkpointing.check_output_dir(cfg, dist)
     saved = None
     if resume_from is not None:
@@ -158,7 +160,7 @@ def _plan(cfg: TrainConfig, dist: Dist, device: torch.device, mc: ModelConfig) -
             raise UserError(f"{label} must be a multiple of {mc.size_multiple} pixels for this model, got {value}.")
     precision = resolve_precision(cfg, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("This GPU has no bfloat16; use --precision fp32.")
+        raise UserError("This GPU has no bfloat16; use --dtype float32.")
     strategy = cfg.strategy
     if strategy == "auto":
         large = mc.height * mc.width >= 576 * 1024

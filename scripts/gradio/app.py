@@ -1,4 +1,4 @@
-"""Serve the DynamiCrafter browser demo: ``python scripts/gradio/app.py --res 256``.
+"""Serve the DynamiCrafter browser demo: ``python scripts/gradio/app.py 256``.
 
 A thin wrapper around :func:`dynamicrafter.app.main` (also installed as ``dynamicrafter-app``)
 that works from a checkout without installing the package.
