@@ -65,7 +65,9 @@ def norm_silu(layers: nn.Sequential, x: torch.Tensor, fused: bool = False,
     (float32 inside, one rounding); otherwise the modules themselves run, as they always did.
     """
     norm = layers[0]
-    if fused and fused_norm.kernel_applies(x, norm.weight, norm.bias, shift):
+    # Not while torch.compile traces (Inductor fuses these ops itself): asked first, because reading
+    # Triton's interpreter setting off CUDA would break the graph.
+    if fused and not torch.compiler.is_compiling() and fused_norm.kernel_applies(x, norm.weight, norm.bias, shift):
         return fused_norm.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift)
     if shift is not None:
         x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
@@ -191,6 +193,10 @@ class Stage(nn.ModuleList):
 
 class UNet3D(nn.Module):
     """The denoiser: ``(x [B, 8, T, h, w], t [B], context [B, L, D], fs [B]) -> [B, 4, T, h, w]``."""
+
+    #: The blocks that repeat through the network, what regional compilation compiles one by one
+    #: (:func:`dynamicrafter.runtime.compile_repeated_blocks`): each traces to one graph, no break.
+    repeated_blocks: tuple[type[nn.Module], ...] = (ResBlock, SpatialTransformer, TemporalTransformer)
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
