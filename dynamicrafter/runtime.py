@@ -187,7 +187,7 @@ def compile_cache_dir() -> Path:
 
 #: How many graphs regional compilation lets Dynamo keep per block of a class (video sizes, dtypes,
 #: weight formats) before it would run the class's new variants eagerly; Dynamo's own limit is 8
-#: per compiled function, fewer than the distinct ResBlocks of one size (11 in the tiny UNet).
+#: per compiled function, fewer than the distinct ResBlocks of one size (14 in the full-size UNets).
 VARIANTS_PER_BLOCK = 8
 
 
@@ -199,7 +199,7 @@ def compile_repeated_blocks(module: torch.nn.Module, backend: str | Callable = "
     with static shapes, and every block of the class runs through that one compiled function:
     Dynamo makes a graph per distinct block (input shapes, weight shapes and dtypes, arguments
     such as the frame count) and every block and call that matches one reuses it. The graphs are
-    therefore the distinct block shapes, not the blocks (27 for the tiny UNet's 55 blocks), and
+    therefore the distinct block shapes, not the blocks (23 for the 55 blocks of a full-size UNet), and
     each is small; the code between the blocks (embeddings, skips, up- and downsampling) runs
     eagerly. A block's ``forward`` becomes an instance attribute calling the compiled function;
     the module, its parameters and key names are unchanged; :func:`restore_blocks` undoes it.
