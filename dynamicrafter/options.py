@@ -55,7 +55,7 @@ OFFLOAD_MODES = ("none", "encoders", "model")
 #: ``dynamicrafter.quantization.QUANTIZE_MODES``.
 QUANTIZE_MODES = ("none", "fp8", "fp8_weights")
 #: ``dynamicrafter.runtime.COMPILE_MODES``: the ``torch.compile`` modes.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("regional", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _all_models(_: "ModelConfig") -> bool:

@@ -86,10 +86,12 @@ class DynamiCrafterImg2VideoPipeline:
             else float32. The VAE never runs in float16.
         offload: what stays in host memory between uses: ``'none'``, ``'encoders'`` (the
             default on CUDA) or ``'model'`` (``True``); nothing is offloaded on other devices.
-        compile: ``torch.compile`` the UNet: ``True``, a mode such as ``'reduce-overhead'``
-            (CUDA graphs), or ``False`` (default). The first video of each size compiles, which
-            takes minutes for the full-size models; the kernels are cached on disk for the next
-            process.
+        compile: ``torch.compile`` the UNet: ``True`` (= ``'regional'``: its repeated blocks, one
+            graph per distinct block shape shared by every block of that shape), a mode of
+            :data:`~dynamicrafter.runtime.COMPILE_MODES` that compiles the whole UNet as one graph
+            (``'default'``, ``'reduce-overhead'`` with CUDA graphs, ...), or ``False`` (default).
+            The first video of each size compiles; the kernels are cached on disk for the next
+            process (see :meth:`compile_unet`).
         quantize: float8 weights for the UNet's linear layers through ``torchao`` (see
             :mod:`dynamicrafter.quantization`): ``'fp8'`` (float8 weights and activations, float8
             matmuls: CUDA GPUs of compute capability 8.9+ and ``dtype`` bfloat16), ``'fp8_weights'``
@@ -200,8 +202,23 @@ class DynamiCrafterImg2VideoPipeline:
         self._wrap_unet()
         return count
 
+    def compile_unet(self, compile: bool | str | None) -> str | None:
+        """Compile the UNet from the next call on, in another mode, or not (``False``); returns the mode.
+
+        ``compile`` is the constructor's: ``True`` (``'regional'``), a mode of
+        :data:`~dynamicrafter.runtime.COMPILE_MODES`, or ``False``/``None`` (eager). Regional
+        compilation compiles the UNet's blocks in place (their ``forward``; weights and key names
+        are untouched) and a change of mode gives them back their eager ``forward`` first.
+        """
+        self.compile_mode = compile_mode(compile)
+        self._wrap_unet()
+        return self.compile_mode
+
     def _wrap_unet(self) -> None:
         """What the sampler calls: the UNet, or its ``torch.compile`` wrapper in :attr:`compile_mode`."""
+        previous = getattr(self, "_unet_forward", None)
+        if isinstance(previous, CompiledModule):
+            previous.restore()
         unet = self.model.unet
         self._unet_forward: Callable = CompiledModule(unet, self.compile_mode) if self.compile_mode else unet
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
 import os
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,21 +157,24 @@ def finite_or_redo_in_float32(run: Callable[[], torch.Tensor], module: torch.nn.
     return out
 
 
-#: ``torch.compile`` modes the pipeline accepts (``compile="reduce-overhead"`` adds CUDA graphs).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: ``torch.compile`` modes the pipeline accepts. ``regional`` (what ``compile=True`` means) compiles the
+#: UNet's repeated blocks (:func:`compile_repeated_blocks`); the others compile the whole UNet as one
+#: graph in that Inductor mode (``reduce-overhead`` adds CUDA graphs).
+COMPILE_MODES = ("regional", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_mode(compile: bool | str | None) -> str | None:
-    """The ``torch.compile`` mode for the UNet, or ``None`` to run it eagerly.
+    """The UNet's ``torch.compile`` mode (one of :data:`COMPILE_MODES`), or ``None`` to run it eagerly.
 
-    ``compile`` is ``True`` (mode "default"), ``False``/``None``, or a mode of :data:`COMPILE_MODES`.
-    It is off unless asked for: on an H100 a 512 benchmark run with it had not finished after four
-    minutes, most of them compiling (docs/benchmarks.md), where a whole video without it takes 7.3 s.
+    ``compile`` is ``True`` (``"regional"``), ``False``/``None``, or a mode of :data:`COMPILE_MODES`.
+    It is off unless asked for: compiling the whole UNet had not finished after four minutes at 512
+    on an H100, where a whole video without it takes 7.3 s, and regional compilation, which
+    compiles a few dozen block graphs instead, has not been timed on a GPU yet (docs/benchmarks.md).
     """
     if compile is None or compile is False:
         return None
     if compile is True:
-        return "default"
+        return "regional"
     if compile not in COMPILE_MODES:
         raise UserError(f"Unknown compile mode {compile!r}; use True, False or one of: {', '.join(COMPILE_MODES)}.")
     return compile
@@ -181,27 +186,85 @@ def compile_cache_dir() -> Path:
                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dynamicrafter" / "inductor")
 
 
+#: How many graphs regional compilation lets Dynamo keep per block of a class (video sizes, dtypes,
+#: weight formats) before it would run the class's new variants eagerly; Dynamo's own limit is 8
+#: per compiled function, fewer than the distinct ResBlocks of one size (14 in the full-size UNets).
+VARIANTS_PER_BLOCK = 8
+
+
+def compile_repeated_blocks(module: torch.nn.Module, backend: str | Callable = "inductor") -> list[torch.nn.Module]:
+    """Compile ``module``'s repeated blocks in place ("regional" compilation); returns the blocks compiled.
+
+    ``module.repeated_blocks`` names the block classes (the UNet's: ``ResBlock``,
+    ``SpatialTransformer``, ``TemporalTransformer``). Each class's ``forward`` is compiled once,
+    with static shapes, and every block of the class runs through that one compiled function:
+    Dynamo makes a graph per distinct block (input shapes, weight shapes and dtypes, arguments
+    such as the frame count) and every block and call that matches one reuses it. The graphs are
+    therefore the distinct block shapes, not the blocks (23 for the 55 blocks of a full-size UNet), and
+    each is small; the code between the blocks (embeddings, skips, up- and downsampling) runs
+    eagerly. A block's ``forward`` becomes an instance attribute calling the compiled function;
+    the module, its parameters and key names are unchanged; :func:`restore_blocks` undoes it.
+    """
+    kinds = tuple(getattr(module, "repeated_blocks", ()))
+    if not kinds:
+        raise TypeError(f"{type(module).__name__} names no repeated_blocks to compile.")
+    compiled = {kind: torch.compile(kind.forward, dynamic=False, backend=backend) for kind in kinds}
+    blocks = [block for block in module.modules() if type(block) in compiled]
+    for block in blocks:
+        block.forward = types.MethodType(compiled[type(block)], block)
+    return blocks
+
+
+def restore_blocks(blocks: list[torch.nn.Module]) -> None:
+    """Undo :func:`compile_repeated_blocks`: each block runs its class's own ``forward`` again."""
+    for block in blocks:
+        block.__dict__.pop("forward", None)
+
+
 class CompiledModule:
     """A module run through ``torch.compile`` with static shapes, saying when a new size compiles.
 
-    One compilation per video size (``dynamic=False``), reused by every later call and step of
-    that size; Inductor's kernels are cached on disk (:func:`compile_cache_dir`) for the next process.
+    ``mode`` ``"regional"`` compiles the module's repeated blocks (:func:`compile_repeated_blocks`),
+    any other mode of :data:`COMPILE_MODES` the whole module as one graph. Either way graphs are
+    made once per video size (``dynamic=False``) and reused by every later call and step of that
+    size; Inductor's kernels are cached on disk (:func:`compile_cache_dir`) for the next process.
+    ``backend`` is ``torch.compile``'s (tests count graphs with their own).
     """
 
-    def __init__(self, module: torch.nn.Module, mode: str) -> None:
+    def __init__(self, module: torch.nn.Module, mode: str, backend: str | Callable = "inductor") -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))  # read at the first compilation
         self.module = module
         self.mode = mode
-        self.compiled: Callable = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
+        #: The blocks compiled one by one (mode "regional"), else none.
+        self.blocks: list[torch.nn.Module] = []
+        self.compiled: Callable = module
+        if mode == "regional":
+            self.blocks = compile_repeated_blocks(module, backend)
+        else:
+            self.compiled = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False,
+                                          backend=backend)
+        per_class = collections.Counter(type(block) for block in self.blocks)
+        self._recompile_limit = VARIANTS_PER_BLOCK * max(per_class.values(), default=1)
         self._sizes: set[tuple] = set()
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         size = (tuple(x.shape), x.device.type)
         if size not in self._sizes:
             self._sizes.add(size)
-            logger.info("Compiling the UNet for input %s (mode %s): minutes, once per size; kernels are cached in %s.",
-                        "x".join(map(str, x.shape)), self.mode, os.environ["TORCHINDUCTOR_CACHE_DIR"])
-        return self.compiled(x, *args, **kwargs)
+            what = "the UNet's repeated blocks" if self.blocks else "the UNet"
+            logger.info("Compiling %s for input %s (mode %s): once per size; kernels are cached in %s.",
+                        what, "x".join(map(str, x.shape)), self.mode, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        if not self.blocks:
+            return self.compiled(x, *args, **kwargs)
+        dynamo = torch._dynamo.config
+        with dynamo.patch(recompile_limit=max(dynamo.recompile_limit, self._recompile_limit),
+                          accumulated_recompile_limit=max(dynamo.accumulated_recompile_limit, self._recompile_limit)):
+            return self.compiled(x, *args, **kwargs)
+
+    def restore(self) -> None:
+        """Give the module back its eager blocks (regional mode; the whole-module wrapper leaves it untouched)."""
+        restore_blocks(self.blocks)
+        self.blocks = []
 
 
 def usable_cpus() -> int:

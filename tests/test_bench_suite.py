@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from dynamicrafter.bench import suite as bench_suite
-from dynamicrafter.bench.suite import TESTS, Item, run_suite
+from dynamicrafter.bench.suite import OUT, TESTS, Item, run_suite
 
 
 def test_items_run_apart_and_each_leaves_a_line(tmp_path, capsys):
@@ -46,13 +46,25 @@ def test_an_item_that_runs_the_tests_needs_their_folder(tmp_path):
     assert ran["rc"] == 0 and ran["report"] == {} and ran["command"].endswith(f"{tmp_path}/tests/report.json")
 
 
+def test_an_item_can_keep_files_in_the_output_folder(tmp_path):
+    """The compile items share a kernel cache under the suite's --out folder: cold for the first, warm for the second."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text('{"files": 1}')
+    (line,) = run_suite([Item("out", "json.tool", (f"{OUT}/report.json",))], tmp_path / "out", budget=600)
+    assert line["rc"] == 0 and line["report"] == {"files": 1}
+    assert line["command"].endswith(f"{tmp_path / 'out'}/report.json")
+    first, second = (item for item in bench_suite.SUITE if item.name.startswith("compile-512-"))
+    assert first.args == second.args and f"{OUT}/inductor" in first.args and "--first-compiled-video" in first.args
+
+
 def test_list_and_unknown_items(capsys, caplog, tmp_path):
     assert bench_suite.main(["--list", "--only", "sample-256", "fused-norm-tests"]) == 0
     fused, sample = capsys.readouterr().out.strip().splitlines()  # in the suite's order
     assert sample.startswith("sample-256 ") and "-m dynamicrafter.bench 256 --device cuda" in sample and "--json" in sample
     assert fused.startswith("fused-norm-tests ") and "-m pytest {tests}/test_fused_norm.py -k kernel" in fused
     names = [item.name for item in bench_suite.SUITE]
-    assert len(set(names)) == len(names) and names[0] == "train-lora-512"
+    assert len(set(names)) == len(names) and names[:3] == ["compile-512-first-process", "compile-512-second-process",
+                                                           "train-lora-512"]
     for argv, message in ((["--list", "--only", "sample-256", "sample-4096"], "Unknown item sample-4096; --list shows them."),
                           (["--list", "--tests", str(tmp_path / "none")], f"--tests: {tmp_path / 'none'} is not a folder; "
                                                                            "give the repository's tests folder."),

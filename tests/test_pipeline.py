@@ -222,43 +222,6 @@ def test_offload_modes():
         offload_mode("disk", cuda)
 
 
-def test_compiled_unet_gives_the_same_latents_and_compiles_once_per_size(pipes, tmp_path, monkeypatch, caplog):
-    """Dynamo's graph capture and guards, with its eager backend: Inductor's CPU code generation
-    takes minutes on two cores and says nothing about the GPU kernels."""
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend="eager", dynamic=kw["dynamic"]))
-    pipe = tiny_pipeline("tiny256", dtype="float32", compile=True)
-    assert pipe.compile_mode == "default"
-    image = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(8))
-    args = dict(latents=noise, eta=0.0, output_type="latent", **FAST)
-    with caplog.at_level(logging.INFO, logger="dynamicrafter.runtime"):
-        ours = pipe(image, "x", **args)["videos"]
-    ref = pipes["tiny256"](image, "x", **args)["videos"]
-    compiling = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling the UNet")]
-    assert compiling == [f"Compiling the UNet for input 2x8x3x8x8 (mode default): minutes, once per size; "
-                         f"kernels are cached in {tmp_path / 'inductor'}."]  # batch 2: both guidance branches
-    assert pipe._unet_forward is not pipe.model.unet
-    assert relative_error(ours, ref) < 1e-4
-    graphs = counters["stats"]["unique_graphs"]
-    again = pipe(image, "another prompt", **{**args, "num_inference_steps": 3, "guidance_scale": 4.0})["videos"]
-    assert counters["stats"]["unique_graphs"] == graphs  # other steps, prompt and scale: no recompilation
-    assert torch.isfinite(again).all()
-
-
-def test_compile_modes():
-    from dynamicrafter.runtime import compile_mode
-
-    assert compile_mode(False) is None and compile_mode(None) is None  # off unless asked for
-    assert compile_mode(True) == "default"
-    assert compile_mode("reduce-overhead") == "reduce-overhead"
-    with pytest.raises(ValueError, match="Unknown compile mode 'fast'"):
-        compile_mode("fast")
-
-
 def test_offloader_lends_and_returns_weights():
     """Host-kept modules are on the device only inside ``on_device``; their host copies are kept, not copied back."""
     from dynamicrafter.offload import Offloader

@@ -21,6 +21,13 @@ it in place and samples them again from the same noise with the same settings; t
 their relative L2 difference (``quantized_latent_rel_diff``) and the UNet's weight bytes before
 and after, besides the timings of the quantized model.
 
+``--first-compiled-video [MODE]`` measures what compilation costs a user: after the eager
+measurements above, it times one more eager video, compiles the UNet (``MODE``, default
+``regional``: its repeated blocks) and times the first video, compilation included, and a second
+one, each against that eager video; run it twice for the second process's figure (the kernels
+from the on-disk cache, ``--compile-cache DIR`` or :func:`~dynamicrafter.runtime.compile_cache_dir`).
+The report says how many files the cache held before and how many graphs were compiled.
+
 ``--compare-reference DIR`` then times the original implementation's guided step from a
 DynamiCrafter checkout at ``DIR`` (never part of this package: imported from there only when
 asked) on the same device, shapes and weights, right after ours, and reports the ratio.
@@ -72,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
     parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES,
-                        help="compile the UNet in this torch.compile mode (reduce-overhead adds CUDA graphs)")
+                        help="compile the UNet in this mode: regional (its repeated blocks, what --compile does) or "
+                             "a torch.compile mode for the whole UNet (reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--first-compiled-video", nargs="?", const="regional", choices=COMPILE_MODES, metavar="MODE",
+                        help="after the eager figures, compile the UNet (default regional) and time its first video, "
+                             "compilation included, and a second one against the eager video")
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="Inductor's on-disk kernel cache for this run (default: TORCHINDUCTOR_CACHE_DIR or "
+                             "~/.cache/dynamicrafter/inductor)")
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                         help="UNet activations (and, with on, convolution weights) channels-last; auto: on the CPU only")
     parser.add_argument("--profile", action="store_true",
@@ -100,6 +114,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.compare_reference and args.quantize != "none":
         raise CliError("--compare-reference runs the original on unquantized weights; leave out --quantize.",
                        EXIT_USAGE)
+    if args.first_compiled_video and (args.compile or args.compile_mode):
+        raise CliError("--first-compiled-video compiles the UNet after timing it eagerly; leave out --compile and "
+                       "--compile-mode.", EXIT_USAGE)
     if args.compare_reference:
         try:
             check_reference_checkout(args.compare_reference)

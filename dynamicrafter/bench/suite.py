@@ -5,7 +5,8 @@
 Each item is one command run in its own process (mostly ``dynamicrafter.bench`` or
 ``dynamicrafter.bench.training`` with ``--json``, whose last output line is a JSON report; a few
 tests and checks), so one that fails or runs out of time does not stop the others. An item that
-runs the repository's tests needs their folder, ``--tests DIR``; without it, it is skipped. Items run in
+runs the repository's tests needs their folder, ``--tests DIR``; without it, it is skipped. An
+item may keep files in the output folder (the compile items' kernel cache, ``DIR/inductor``). Items run in
 the order of :data:`SUITE` (the most wanted first) while the budget lasts; each gets at most its
 own limit and what is left of the budget. Every item adds one line to ``DIR/results.jsonl``
 (name, command, exit status, seconds, the JSON report or the end of the error output) as soon
@@ -26,10 +27,12 @@ from pathlib import Path
 from ..frontend import EXIT_USAGE, CliError, Parser
 from . import run_tool
 
-__all__ = ["Item", "SUITE", "TESTS", "main", "run_suite"]
+__all__ = ["Item", "OUT", "SUITE", "TESTS", "main", "run_suite"]
 
 #: Stands in an item's arguments for the folder of the repository's tests (``--tests``).
 TESTS = "{tests}"
+#: Stands in an item's arguments for the suite's output folder (``--out``).
+OUT = "{out}"
 
 
 @dataclass(frozen=True)
@@ -46,18 +49,26 @@ class Item:
         """Whether an argument names the repository's tests (:data:`TESTS`)."""
         return any(TESTS in arg for arg in self.args)
 
-    def command(self, tests: Path | None = None) -> list[str]:
-        """The command line, with ``tests`` for :data:`TESTS` where it is given."""
-        args = [arg.replace(TESTS, str(tests)) for arg in self.args] if tests else list(self.args)
+    def command(self, tests: Path | None = None, out: Path | None = None) -> list[str]:
+        """The command line, with ``tests`` for :data:`TESTS` and ``out`` for :data:`OUT` where they are given."""
+        args = list(self.args)
+        for placeholder, path in ((TESTS, tests), (OUT, out)):
+            if path is not None:
+                args = [arg.replace(placeholder, str(path)) for arg in args]
         return [sys.executable, "-m", self.module, *args]
 
 
 _GPU = ("--device", "cuda", "--random-weights", "--json")
 _SAMPLING = (*_GPU, "--dtype", "bfloat16", "--frames", "16", "--steps", "50")
 _TRAINING = ("--resolution", "512", "--frames", "16", *_GPU, "--steps", "5")
+# Issue 20's compile targets: eager, then the first and second video with regional compilation, in a
+# process with a cold kernel cache and then in one with the cache the first wrote.
+_FIRST_COMPILED = ("512", *_SAMPLING, "--first-compiled-video", "regional", "--compile-cache", f"{OUT}/inductor")
 
 #: What is still to measure on a GPU, most wanted first (docs/benchmarks.md says why).
 SUITE: tuple[Item, ...] = (
+    Item("compile-512-first-process", "dynamicrafter.bench", _FIRST_COMPILED, limit=300.0),
+    Item("compile-512-second-process", "dynamicrafter.bench", _FIRST_COMPILED, limit=150.0),
     Item("train-lora-512", "dynamicrafter.bench.training", (*_TRAINING, "--mode", "lora", "--lora_rank", "64")),
     Item("train-full-512", "dynamicrafter.bench.training", (*_TRAINING, "--mode", "full")),
     Item("sample-512-profile", "dynamicrafter.bench", ("512", *_SAMPLING, "--profile")),
@@ -89,7 +100,8 @@ def run_suite(items: tuple[Item, ...] | list[Item], out: Path, budget: float, te
     with open(out / "results.jsonl", "a") as results, open(out / "log.txt", "a") as log:
         for item in items:
             left = deadline - time.monotonic()
-            line: dict = {"name": item.name, "command": " ".join(item.command(tests)[1:])}
+            command = item.command(tests, out)
+            line: dict = {"name": item.name, "command": " ".join(command[1:])}
             if item.needs_tests and tests is None:
                 line.update(rc=None, seconds=0.0, skipped="needs --tests DIR, the repository's tests folder")
             elif left < 10:
@@ -97,7 +109,7 @@ def run_suite(items: tuple[Item, ...] | list[Item], out: Path, budget: float, te
             else:
                 start = time.monotonic()
                 try:
-                    done = subprocess.run(item.command(tests), capture_output=True, text=True,
+                    done = subprocess.run(command, capture_output=True, text=True,
                                           timeout=min(item.limit, left))
                     rc, stdout, stderr = done.returncode, done.stdout, done.stderr
                 except subprocess.TimeoutExpired as expired:
@@ -155,7 +167,7 @@ def _suite(args: argparse.Namespace) -> int:
         raise CliError(f"--tests: {args.tests} is not a folder; give the repository's tests folder.", EXIT_USAGE)
     if args.list:
         for item in items:
-            print(f"{item.name:28} {' '.join(item.command(args.tests)[1:])}")
+            print(f"{item.name:28} {' '.join(item.command(args.tests, args.out)[1:])}")
         return 0
     if args.out is None:
         raise CliError("--out is needed to run the suite.", EXIT_USAGE)

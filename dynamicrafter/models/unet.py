@@ -64,12 +64,14 @@ def norm_silu(layers: nn.Sequential, x: torch.Tensor, fused: bool = False,
     :func:`fused_norm.kernel_applies` (CUDA, no autograd), one Triton kernel does it all
     (float32 inside, one rounding); otherwise the modules themselves run, as they always did.
     """
-    norm = layers[0]
-    if fused and fused_norm.kernel_applies(x, norm.weight, norm.bias, shift):
+    norm, silu, *_ = layers  # unpacked: indexing an nn.Sequential is what torch.compile's tracing spends most on
+    # Not while torch.compile traces (Inductor fuses these ops itself): asked first, because reading
+    # Triton's interpreter setting off CUDA would break the graph.
+    if fused and not torch.compiler.is_compiling() and fused_norm.kernel_applies(x, norm.weight, norm.bias, shift):
         return fused_norm.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift)
     if shift is not None:
         x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
-    return layers[1](norm(x))
+    return silu(norm(x))
 
 
 class TemporalConvBlock(nn.Module):
@@ -99,9 +101,9 @@ class TemporalConvBlock(nn.Module):
     @staticmethod
     def _stage(stage: nn.Sequential, x: torch.Tensor, fused: bool) -> torch.Tensor:
         x = norm_silu(stage, x, fused)
-        for layer in stage[2:-1]:  # the dropout slot
+        _, _, *dropout_slot, conv = stage  # unpacked, not sliced (see norm_silu)
+        for layer in dropout_slot:
             x = layer(x)
-        conv = stage[-1]
         return F.conv2d(x, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
 
     def forward(self, x: torch.Tensor, fused_norm: bool = False) -> torch.Tensor:
@@ -139,10 +141,11 @@ class ResBlock(nn.Module):
         ``fused_norm``: run each norm and SiLU (with the embedding added before the second) as
         one kernel where it applies (:func:`norm_silu`); the layers and their keys are the same.
         """
-        h = self.in_layers[2](norm_silu(self.in_layers, x, fused_norm))
+        *_, in_conv = self.in_layers  # unpacked, not indexed or sliced (see norm_silu)
+        *_, dropout_slot, out_conv = self.out_layers
+        h = in_conv(norm_silu(self.in_layers, x, fused_norm))
         h = norm_silu(self.out_layers, h, fused_norm, shift=self.emb_layers(emb).to(h.dtype))
-        for layer in self.out_layers[2:]:  # the dropout slot, the convolution
-            h = layer(h)
+        h = out_conv(dropout_slot(h))
         h = self.skip_connection(x) + h
         if self.temopral_conv is None:
             return h
@@ -191,6 +194,10 @@ class Stage(nn.ModuleList):
 
 class UNet3D(nn.Module):
     """The denoiser: ``(x [B, 8, T, h, w], t [B], context [B, L, D], fs [B]) -> [B, 4, T, h, w]``."""
+
+    #: The blocks that repeat through the network, what regional compilation compiles one by one
+    #: (:func:`dynamicrafter.runtime.compile_repeated_blocks`): each traces to one graph, no break.
+    repeated_blocks: tuple[type[nn.Module], ...] = (ResBlock, SpatialTransformer, TemporalTransformer)
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -339,5 +346,6 @@ class UNet3D(nn.Module):
         hidden = run(self.middle_block, hidden)
         for block in self.output_blocks:
             hidden = run(block, torch.cat([hidden, skips.pop()], dim=1))
-        out = self.out[2](norm_silu(self.out, hidden, fused))
+        *_, out_conv = self.out
+        out = out_conv(norm_silu(self.out, hidden, fused))
         return out.view(b, t, -1, h, w).transpose(1, 2).to(x.dtype)
