@@ -50,7 +50,7 @@ def test_an_item_can_keep_files_in_the_output_folder(tmp_path):
     """The compile items share a kernel cache under the suite's --out folder: cold for the first, warm for the second."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "report.json").write_text('{"files": 1}')
-    (line,) = run_suite([Item("out", "json.tool", (f"{OUT}/report.json",))], tmp_path / "out", budget=600)
+    (line,) = run_suite([Item("out", "json.tool", ("--compact", f"{OUT}/report.json"))], tmp_path / "out", budget=600)
     assert line["rc"] == 0 and line["report"] == {"files": 1}
     assert line["command"].endswith(f"{tmp_path / 'out'}/report.json")
     first, second = (item for item in bench_suite.SUITE if item.name.startswith("compile-512-"))
