@@ -281,8 +281,8 @@ RUNTIME_OPTIONS: tuple[Option, ...] = (
            "float8 weights for the UNet's linear layers (torchao): fp8 (float8 matmuls; a CUDA GPU of compute "
            "capability 8.9+ such as Ada or Hopper, with bfloat16) or fp8_weights (half the linear weight memory, "
            "any device, not faster)", choices=QUANTIZE_MODES),
-    Option("compile", bool, False, "torch.compile the UNet: the first video of each size compiles (minutes; "
-           "cached on disk), later ones are faster"),
+    Option("compile", bool, False, "torch.compile the UNet's repeated blocks (regional): the first video of each "
+           "size compiles about two dozen block graphs, cached on disk for later processes"),
     Option("batch_size", int, 1, "videos per pipeline call; more is faster on a large GPU and needs more memory",
            minimum=1, maximum=256),
 )
