@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from . import distributed
 from .configs import ModelConfig, model_config
 from .errors import GenerationError, UserError
+from .files import missing_folders, remove_empty
 from .frontend import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -302,7 +303,7 @@ def _run(args: argparse.Namespace) -> int:
     if todo:  # something to make: only now torch is imported, to check the device and --quantize
         device = _resolve_device(args, ranks)
         _check_quantize(args, device)
-    created = not output_dir.exists()
+    made = missing_folders(output_dir)
     _prepare_output_dir(output_dir)
     distributed.init(ranks)
     try:
@@ -316,8 +317,8 @@ def _run(args: argparse.Namespace) -> int:
         done, failed, skipped = distributed.sum_counts([done, failed, skipped], ranks)
     finally:
         distributed.shutdown(ranks)
-        if created and not ranks.distributed and not any(output_dir.iterdir()):
-            output_dir.rmdir()  # nothing was made (a missing checkpoint, say): leave no empty folder
+        if made and not ranks.distributed:
+            remove_empty(made)  # nothing was made (a missing checkpoint, say): leave no empty folder
     if ranks.is_main:
         logger.info("%d done, %d failed, %d skipped", done, failed, skipped)
     return EXIT_FAILED if failed else 0

@@ -7,7 +7,25 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["write_atomically", "user_file_mode"]
+__all__ = ["write_atomically", "user_file_mode", "missing_folders", "remove_empty"]
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first: what ``mkdir(parents=True)`` makes."""
+    folder = Path(folder)
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first, as :func:`missing_folders` lists them) while they are empty.
+
+    What a command made for work that then failed is not left behind as an empty folder.
+    """
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): its parents are not empty either
+            return
 
 
 def user_file_mode() -> int:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from .configs import PRESETS, resolve_resolution
 from .errors import UserError
+from .files import missing_folders, remove_empty
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def ensure_checkpoint(name: str, path: str | Path | None = None) -> Path:
                 FILENAME, name, repo_id, target, CHECKPOINT_GB)
     # A private folder next to the target: huggingface_hub keeps its .cache/ bookkeeping there,
     # and the finished file is renamed into place, so `target` is never half-written.
-    made = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
+    made = missing_folders(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".download", dir=target.parent))
@@ -174,7 +175,7 @@ def ensure_checkpoint(name: str, path: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not done:
-            _remove_empty(made)
+            remove_empty(made)
     return target
 
 
@@ -303,15 +304,6 @@ def _hub_logging() -> Iterator[None]:
         for handler in own:
             if handler not in hub_logger.handlers:
                 hub_logger.addHandler(handler)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (innermost first) that are empty: those a failed download made."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:

@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import os
+import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -290,29 +291,54 @@ def usable_cpus() -> int:
     return count
 
 
+def busy_cpus(interval: float = 0.25) -> float:
+    """How many of the machine's CPUs other work keeps busy now, measured over ``interval`` seconds.
+
+    From ``/proc/stat`` (time stolen by the hypervisor counts as busy: a shared virtual machine's
+    neighbours); where there is none, the 1-minute load average. This process sleeps meanwhile, so
+    its own earlier work (the last video's threads, which a load average still counts for a
+    minute) does not count.
+    """
+    def times() -> tuple[int, int]:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + waiting for I/O
+
+    try:
+        total, idle = times()
+        time.sleep(interval)
+        total_after, idle_after = times()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+    elapsed = total_after - total
+    return 0.0 if elapsed <= 0 else (1 - (idle_after - idle) / elapsed) * (os.cpu_count() or 1)
+
+
 def choose_cpu_threads(requested: int | None = None) -> tuple[int, str]:
     """How many threads the CPU arithmetic should use, and why, in words for the log.
 
     ``requested`` (``--threads``) is used as given. Otherwise: the CPUs this process may use
-    (:func:`usable_cpus`) less those busy with other work (the 1-minute load average), at least
-    one, and never more than PyTorch's own choice. Each thread of an OpenMP region waits for the
-    others at its end, so a thread whose CPU is taken stalls all of them: on a shared 2-CPU machine
-    a tiny model's video took 29.6 s with PyTorch's default of 2 threads against 1.2 s with one
-    (docs/benchmarks.md, "CPU threads").
+    (:func:`usable_cpus`) less those other work keeps busy (:func:`busy_cpus`), at least one, and
+    never more than PyTorch's own choice. Each thread of an OpenMP region waits for the others
+    at its end, so a thread whose CPU is taken stalls all of them: on a shared 2-CPU machine a
+    tiny model's video took 30 to 34 s with PyTorch's default of 2 threads against 0.9 to 1.2 s
+    with one (docs/benchmarks.md, "CPU threads").
     """
     if requested is not None:
         return requested, "as --threads asks"
     usable = usable_cpus()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    idle = (os.cpu_count() or usable) - load  # the load average counts the whole machine's CPUs
-    threads = max(1, min(torch.get_num_threads(), usable, math.floor(idle + 0.5)))
-    if threads < min(torch.get_num_threads(), usable):
-        why = f"of {usable} usable CPUs; the others are busy, load average {load:.1f}"
+    ceiling = min(torch.get_num_threads(), usable)
+    if ceiling <= 1:  # nothing to choose: no need to measure
+        return 1, "the one usable CPU" if usable <= 1 else "PyTorch's own limit: OMP_NUM_THREADS or torch.set_num_threads"
+    busy = busy_cpus()
+    free = (os.cpu_count() or usable) - busy  # the machine's CPUs, which a container's quota may not all give
+    threads = max(1, min(ceiling, math.floor(free + 0.5)))
+    if threads < ceiling:
+        why = f"of {usable} usable CPUs; other work keeps {busy:.1f} busy"
     else:
-        why = f"{usable} usable CPUs, load average {load:.1f}"
+        why = f"{usable} usable CPUs, {busy:.1f} busy with other work"
     return threads, why
 
 

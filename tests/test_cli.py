@@ -621,10 +621,14 @@ def test_pipeline_construction_errors_exit_1(fake, tmp_path, monkeypatch, caplog
 
 
 def run_script(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
-    """Run a script (a .py with this Python, anything else directly) and capture its output."""
+    """Run a script (a .py with this Python, anything else directly) and capture its output.
+
+    One CPU thread, as in the test process (conftest.py): the tiny models gain nothing from more, and
+    on a busy machine PyTorch's default made test_real_pipeline_examples take 122 s (7 s with one thread).
+    """
     command = [sys.executable, *args] if args[0].endswith(".py") else list(args)
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHON": sys.executable, **env})
+                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env})
 
 
 @pytest.mark.parametrize("args, code", [

@@ -195,18 +195,19 @@ def test_a_refused_download_stops_at_once_with_what_to_do(tmp_path, record_prope
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     image = make_image(tmp_path / "a.png")
+    run = tmp_path / "run"
+    run.mkdir()
     env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
-    done, seconds, lines, _ = _child(["256", "--image_path", str(image), "--output_dir", "out", "--device", "cpu"],
-                                     tmp_path, **env)
+    done, seconds, lines, _ = _child(["256", "--image_path", str(image), "--device", "cpu"], run, **env)
     record_property("seconds", round(seconds, 2))
-    target = tmp_path / "checkpoints" / "dynamicrafter_256_v1" / "model.ckpt"
+    target = run / "checkpoints" / "dynamicrafter_256_v1" / "model.ckpt"
     assert done.returncode == 1
     assert lines[-1] == (
         f"ERROR: Could not reach {url} to download model.ckpt of the 256 model ({url[7:]} refused the connection); "
         f"download {url}/Doubiiu/DynamiCrafter/resolve/main/model.ckpt yourself and put it at {target} "
         "(or pass --checkpoint FILE), and set HF_HUB_OFFLINE=1 to stop trying the network.")
     assert not any("Retrying" in line for line in lines) and len(set(lines)) == len(lines)
-    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "out").exists()  # no empty folder left
+    assert list(run.iterdir()) == []  # no empty checkpoints/ nor results/ folder left behind
 
 
 # ------------------------------------------------------------------ one log format, no known noise

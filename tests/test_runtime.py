@@ -82,29 +82,37 @@ def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
 
 @pytest.fixture
 def two_cpus(monkeypatch):
-    """A machine of 2 CPUs, both usable, PyTorch's default 2 threads; the load average is set by each test."""
+    """A machine of 2 CPUs, both usable, PyTorch's default 2 threads; how busy other work keeps it is set by each test."""
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
 
-    def load(value):
-        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (value, value, value))
+    def busy(value):
+        monkeypatch.setattr(runtime, "busy_cpus", lambda: value)
 
-    return load
+    return busy
 
 
-@pytest.mark.parametrize("load, threads, why", [
-    (0.3, 2, "2 usable CPUs, load average 0.3"),
-    (1.2, 1, "of 2 usable CPUs; the others are busy, load average 1.2"),
-    (4.4, 1, "of 2 usable CPUs; the others are busy, load average 4.4"),  # never fewer than one
+@pytest.mark.parametrize("busy, threads, why", [
+    (0.3, 2, "2 usable CPUs, 0.3 busy with other work"),
+    (0.7, 1, "of 2 usable CPUs; other work keeps 0.7 busy"),
+    (4.4, 1, "of 2 usable CPUs; other work keeps 4.4 busy"),  # never fewer than one
 ])
-def test_threads_leave_out_the_busy_cpus(two_cpus, load, threads, why):
-    two_cpus(load)
+def test_threads_leave_out_the_busy_cpus(two_cpus, busy, threads, why):
+    two_cpus(busy)
     assert runtime.choose_cpu_threads() == (threads, why)
 
 
+def test_nothing_to_choose_measures_nothing(two_cpus, monkeypatch):
+    monkeypatch.setattr(runtime, "busy_cpus", lambda: pytest.fail("measured"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # OMP_NUM_THREADS=1, or the tests' own setting
+    assert runtime.choose_cpu_threads() == (1, "PyTorch's own limit: OMP_NUM_THREADS or torch.set_num_threads")
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 1)
+    assert runtime.choose_cpu_threads() == (1, "the one usable CPU")
+
+
 def test_threads_as_asked_and_said(two_cpus, monkeypatch, caplog):
-    two_cpus(4.0)
+    two_cpus(2.0)
     set_to = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
     with caplog.at_level("INFO", logger="dynamicrafter.runtime"):
@@ -114,7 +122,21 @@ def test_threads_as_asked_and_said(two_cpus, monkeypatch, caplog):
     assert set_to == [8, 1]
     assert caplog.messages == [
         "Using 8 CPU threads (as --threads asks); --threads N changes it.",
-        "Using 1 CPU thread (of 2 usable CPUs; the others are busy, load average 4.0); --threads N changes it."]
+        "Using 1 CPU thread (of 2 usable CPUs; other work keeps 2.0 busy); --threads N changes it."]
+
+
+def test_busy_cpus_count_what_others_used_while_this_process_slept(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    samples = iter([
+        "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 ...\n",
+        "cpu  160 0 70 900 60 0 0 20 0 0\ncpu0 ...\n",  # 100 of 210 jiffies busy (steal included)
+    ])
+    real = runtime.Path
+    monkeypatch.setattr(runtime, "Path", lambda name: stat if name == "/proc/stat" else real(name))
+    monkeypatch.setattr(runtime.time, "sleep", lambda seconds: stat.write_text(next(samples)))
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    stat.write_text(next(samples))
+    assert runtime.busy_cpus() == pytest.approx(2 * 100 / 210)
 
 
 def test_usable_cpus_follow_a_containers_quota(monkeypatch, tmp_path):
