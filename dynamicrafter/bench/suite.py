@@ -79,6 +79,9 @@ SUITE: tuple[Item, ...] = (
     Item("sample-512-fused-norm", "dynamicrafter.bench", ("512", *_SAMPLING, "--fused-norm", "on")),
     Item("sample-512-channels-last", "dynamicrafter.bench", ("512", *_SAMPLING, "--channels-last", "on")),
     Item("sample-512-fp8", "dynamicrafter.bench", ("512", *_SAMPLING, "--quantize", "fp8")),
+    # Issue 17/20: a long video with FreeNoise windows (16-frame windows, stride 4): time and peak memory.
+    Item("sample-512-64-frames-windows", "dynamicrafter.bench",
+         ("512", *_GPU, "--dtype", "bfloat16", "--video_length", "64", "--num_inference_steps", "10"), limit=150.0),
     Item("sample-256", "dynamicrafter.bench", ("256", *_SAMPLING)),
     Item("sample-1024-profile", "dynamicrafter.bench", ("1024", *_SAMPLING, "--profile"), limit=180.0),
     Item("train-lora-1024", "dynamicrafter.bench.training",
