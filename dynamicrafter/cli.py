@@ -127,11 +127,11 @@ def _still_to_make(jobs: list[Job], frames: int, overwrite: bool) -> list[Job]:
     """The jobs whose video is not yet a complete, playable file of the expected frame count."""
     todo = []
     for job in jobs:
+        expected = _frames_written(job, frames)
         if overwrite or not job.output.exists():
             todo.append(job)
-        elif not is_complete_video(job.output, _frames_written(job, frames)):
-            logger.warning("Making %s again: it is not a complete video of %d frames.", job.output,
-                           _frames_written(job, frames))
+        elif not is_complete_video(job.output, expected):
+            logger.warning("Making %s again: it is not a complete video of %d frames.", job.output, expected)
             todo.append(job)
     return todo
 

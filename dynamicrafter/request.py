@@ -21,7 +21,6 @@ before it loads anything heavy.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
@@ -225,10 +224,6 @@ class GenerationRequest:
             generator=_check_generator(generator, count * per_prompt), latents=_check_latents(latents, shape),
             output_type=output_type, callback=callback, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs))
-
-    def replace(self, **changes: Any) -> "GenerationRequest":
-        """A copy with some fields changed (not checked again)."""
-        return dataclasses.replace(self, **changes)
 
 
 def _default(value: Any, default: Any) -> Any:

@@ -7,6 +7,7 @@ its DDIM step, and whole chains with eta 1 (noise replayed) and eta 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -187,7 +188,7 @@ def test_image_scale_one_drops_the_unconditional_branch(pipes, image, monkeypatc
     real = pipeline_module.DynamiCrafterImg2VideoPipeline.encode
 
     def with_uncond(self, request):  # encode the unconditional branch too; the image scale stays 1
-        return real(self, request.replace(image_guidance_scale=1.5))
+        return real(self, dataclasses.replace(request, image_guidance_scale=1.5))
 
     monkeypatch.setattr(pipeline_module.DynamiCrafterImg2VideoPipeline, "encode", with_uncond)
     three = pipe(image, "x", latents=noise(), guidance_scale=4.0, image_guidance_scale=1.0, **FAST)["videos"]

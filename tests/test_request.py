@@ -140,3 +140,11 @@ def test_interp_and_loop_need_an_interpolation_model():
 def test_a_loop_drops_its_repeated_last_frame():
     videos = torch.arange(2 * 5).view(2, 5)
     assert close_loop(videos).tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]]
+
+
+def test_check_inputs_names_an_unknown_argument_and_returns_the_request(pipe, no_model_work):
+    with pytest.raises(UserError) as info:
+        pipe.check_inputs(IMAGE, "x", num_frame=3)
+    assert str(info.value) == "Unknown argument(s): num_frame."
+    request = pipe.check_inputs(IMAGE, "x", num_frames=3)
+    assert (request.num_frames, request.frame_stride, request.latent_shape) == (3, 3, (1, 4, 3, 32, 32))

@@ -28,6 +28,7 @@ from ..models.dynamicrafter import DynamiCrafter
 from ..offload import offload_mode
 from ..pipeline import DynamiCrafterImg2VideoPipeline
 from ..quantization import quantize_mode, weight_bytes
+from ..request import check_windows
 from ..runtime import compile_cache_dir, resolve_device, resolve_dtype, use_cpu_threads
 from .generation import FUSED_NORM_SETTINGS, REFERENCE_UNET, check_reference_checkout
 from .profiling import profile_call
@@ -302,7 +303,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "resolution": config.name, "height": config.height, "width": config.width, "frames": args.num_frames,
         "steps": args.num_inference_steps,
-        "window_size": args.window_size or config.unet.temporal_length, "window_stride": args.window_stride,
+        "window_size": check_windows(config, args.window_size, args.window_stride)[0], "window_stride": args.window_stride,
         "dtype": str(dtype).split(".")[-1], "sampler": args.sampler, "guidance_branches": branches,
         "offload": pipe.offload, "compile": pipe.compile_mode, "quantize": pipe.quantize,
         "fused_norm": args.fused_norm, "fused_norm_used": fused_norm_used(pipe, device),
