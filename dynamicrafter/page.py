@@ -31,6 +31,7 @@ from .app import KEEP_MINUTES, MB
 from .configs import PRESETS, ModelConfig
 from .errors import GenerationError, UserError
 from .images import IMAGE_EXTENSIONS, load_image
+from .masks import load_mask
 from .options import MAX_FRAMES, MAX_SEED, OPTIONS, Option, check_number, motion_control
 from .request import check_frames, close_loop
 
@@ -41,7 +42,8 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 #: The sampling controls on the page, in order (the endpoints take them as keyword arguments of
 #: these names, the pipeline's): shown, then folded under "Advanced settings".
 MAIN_CONTROLS = ("num_inference_steps", "frame_stride", "num_frames", "seed")
-ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps")
+ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps",
+                     "augmentation_level")
 #: FreeNoise's windows: shown only while the frame count is above the model's trained length.
 WINDOW_CONTROLS = ("window_size", "window_stride")
 CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS)
@@ -72,8 +74,8 @@ class _VideoMaker:
         self.max_upload_mb = max_upload_mb
         self.cache_dir: str | None = None  # Gradio's file cache, set when the page is built
 
-    def load_image(self, payload: Any, noun: str) -> Image.Image:
-        """Read an uploaded image (a Gradio file payload) with the project's one image loader."""
+    def load_image(self, payload: Any, noun: str, loader: Any = load_image) -> Image.Image:
+        """Read an uploaded image (a Gradio file payload) with the project's one image loader (or ``loader``)."""
         if not payload:
             raise _fail(f"Please upload the {noun}.")
         path = payload.get("path") if isinstance(payload, dict) else None
@@ -86,7 +88,7 @@ class _VideoMaker:
         if size > self.max_upload_mb * MB:
             raise _fail(f"The {noun} is larger than the {self.max_upload_mb:g} MB upload limit.")
         try:
-            return load_image(path, f"The {noun}")
+            return loader(path, f"The {noun}")
         except UserError as exc:
             raise _fail(str(exc)) from None
 
@@ -126,8 +128,8 @@ class _VideoMaker:
         return checked
 
     def run(self, image: Image.Image, end_image: Image.Image | None, mode: str, prompt: Any,
-            values: dict[str, Any], random_seed: Any, progress: gr.Progress) -> tuple[str, int, str]:
-        """Generate one video of ``mode`` (see :data:`~dynamicrafter.request.MODES`).
+            values: dict[str, Any], random_seed: Any, progress: gr.Progress, **extra: Any) -> tuple[str, int, str]:
+        """Generate one video of ``mode`` (see :data:`~dynamicrafter.request.MODES`); ``extra``: more pipeline keywords.
 
         Returns (mp4 path in Gradio's cache, seed used, timing message).
         """
@@ -146,7 +148,7 @@ class _VideoMaker:
                     settings["num_inference_steps"], seed, prompt)
         try:
             videos = self.pipeline(image, prompt=str(prompt or ""), generator=generator, end_image=end_image,
-                                   callback=report, **settings)["videos"]
+                                   callback=report, **settings, **extra)["videos"]
             if mode == "loop":
                 videos = close_loop(videos)
             path = self._publish(videos, fps)
@@ -169,26 +171,38 @@ class _VideoMaker:
             # content-addressed place) means the output is never copied a second time.
             return save_file_to_cache(written, self.cache_dir or tempfile.gettempdir())
 
-    def generate(self, image: Any, prompt: Any, random_seed: Any, progress: gr.Progress, **values: Any
-                 ) -> tuple[str, int, str]:
-        """Animate one image (the ``/generate`` endpoint)."""
-        return self.run(self.load_image(image, "input image"), None, "single", prompt, values, random_seed, progress)
+    def generate(self, image: Any, prompt: Any, random_seed: Any, progress: gr.Progress, mask: Any = None,
+                 **values: Any) -> tuple[str, int, str]:
+        """Animate one image (the ``/generate`` endpoint); ``mask``: an optional motion mask upload."""
+        picture = self.load_image(image, "input image")
+        extra = {} if not mask else {"mask": self.load_image(mask, "motion mask", load_mask)}
+        return self.run(picture, None, "single", prompt, values, random_seed, progress, **extra)
 
     def interpolate(self, start_image: Any, end_image: Any, loop: Any, prompt: Any, random_seed: Any,
-                    progress: gr.Progress, **values: Any) -> tuple[str, int, str]:
+                    progress: gr.Progress, image_embed_ratio: Any = OPTIONS["image_embed_ratio"].default,
+                    **values: Any) -> tuple[str, int, str]:
         """Fill the motion between two images, or loop one (the ``/interpolate`` endpoint)."""
         start = self.load_image(start_image, "start image")
         end = start if loop else self.load_image(end_image, "end image")
-        return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress)
+        option = OPTIONS["image_embed_ratio"]
+        try:
+            ratio = check_number(option.default if image_embed_ratio is None else image_embed_ratio, option.label,
+                                 minimum=option.minimum, maximum=option.maximum)
+        except UserError as exc:
+            raise _fail(str(exc)) from None
+        return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress,
+                        image_embed_ratio=ratio)
 
 
-def _endpoint(method: Any, leading: Sequence[str]) -> Any:
-    """``method`` as an event function whose parameters are ``leading``, the controls and ``random_seed``.
+def _endpoint(method: Any, leading: Sequence[str], trailing: Sequence[str] = ()) -> Any:
+    """``method`` as an event function whose parameters are ``leading``, the controls, ``random_seed`` and ``trailing``.
+
+    The ``trailing`` parameters are optional for API clients (default ``None``).
 
     Gradio names an endpoint's API parameters after the function's; giving the function the
     controls' option names makes ``client.predict(num_inference_steps=25, ...)`` work.
     """
-    names = [*leading, *CONTROLS, "random_seed"]
+    names = [*leading, *CONTROLS, "random_seed", *trailing]
 
     def event(*args: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, int, str]:
         values = dict(zip(names, args))
@@ -196,7 +210,8 @@ def _endpoint(method: Any, leading: Sequence[str]) -> Any:
         return method(*(fixed[name] for name in leading), random_seed=fixed["random_seed"], progress=progress,
                       **values)
 
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    **({"default": None} if name in trailing else {})) for name in names]
     parameters.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
     event.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     event.__doc__ = method.__doc__
@@ -283,13 +298,15 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
     with gr.Row():
         with gr.Column():
             image = _image_input("Input image", "image")
+            mask = _image_input("Motion mask (optional): white moves, black stays as in the image", "mask")
             prompt, controls, random_seed = _controls(config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
     if examples:
         gr.Examples(examples, inputs=[image, prompt], label="Examples")
-    button.click(_endpoint(maker.generate, ("image", "prompt")), inputs=[image, prompt, *controls, random_seed],
+    button.click(_endpoint(maker.generate, ("image", "prompt"), ("mask",)),
+                 inputs=[image, prompt, *controls, random_seed, mask],
                  outputs=list(outputs), api_name="generate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]
@@ -305,6 +322,7 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
             loop = gr.Checkbox(value=False, label="Loop (use the start image as the end image)",
                                elem_id="loop")
             prompt, controls, random_seed = _controls(config)
+            ratio = _control(OPTIONS["image_embed_ratio"], config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
@@ -313,8 +331,8 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
                     inputs=[start, loop, prompt], label="Examples (looping)")
     loop.change(lambda looping: gr.Image(visible=not looping), inputs=loop, outputs=end,
                 queue=False, api_visibility="private")
-    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt")),
-                 inputs=[start, end, loop, prompt, *controls, random_seed], outputs=list(outputs),
+    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt"), ("image_embed_ratio",)),
+                 inputs=[start, end, loop, prompt, *controls, random_seed, ratio], outputs=list(outputs),
                  api_name="interpolate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]
