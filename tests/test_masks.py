@@ -22,9 +22,10 @@ from dynamicrafter.configs import get_config
 from dynamicrafter.errors import UserError
 from dynamicrafter.images import fit_image
 from dynamicrafter.masks import StillRegions, latent_mask, load_mask
+from dynamicrafter.options import CALL_OPTIONS, OPTIONS
 from dynamicrafter.request import GenerationRequest
 
-from .conftest import CHAIN_TOL, DATA, MODULE_TOL, load_tiny, reference_image, relative_error, replay_noise, tiny_pipeline
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, load_tiny, reference_image, relative_error, replay_noise
 
 FAST = dict(num_inference_steps=2, num_frames=3, height=64, width=64, output_type="latent", return_dict=False)
 
@@ -42,7 +43,8 @@ def runs() -> dict:
 
 @pytest.fixture(scope="module")
 def pipes() -> dict[str, DynamiCrafterImg2VideoPipeline]:
-    return {name: tiny_pipeline(name, dtype="float32") for name in ("tiny256", "tiny512")}
+    return {name: DynamiCrafterImg2VideoPipeline.from_model(load_tiny(name).model, "cpu", "float32", cast=False)
+            for name in ("tiny256", "tiny512")}  # the session's tiny models, shared as they are
 
 
 @pytest.fixture(scope="module")
@@ -140,19 +142,18 @@ def test_still_regions_hold_the_image_latent_before_every_step(pipes, monkeypatc
         assert not torch.equal(x[..., 3:], latent[:, :, None, :, 3:].expand_as(x[..., 3:]))
 
 
-def test_a_mask_per_image_and_per_video():
+def _build(config, **given):
+    values = {name: OPTIONS[name].default for name in CALL_OPTIONS if name != "negative_prompt"}
+    return GenerationRequest.build(config, max_steps=1000, **{**values, "num_inference_steps": 2, **given})
+
+
+def test_a_mask_per_image():
     images = [np.zeros((64, 64, 3), np.uint8), np.zeros((32, 64, 3), np.uint8)]
     config = get_config("256")
-    request = GenerationRequest.build(config, max_steps=1000, image=images, mask=[np.zeros((64, 64), np.uint8),
-                                      np.full((16, 32), 255, np.uint8)], **{"height": 64, "width": 64,
-                                      "num_inference_steps": 2, "num_frames": 2, "guidance_scale": 7.5,
-                                      "image_guidance_scale": None, "guidance_rescale": None, "eta": 1.0,
-                                      "sampler": "ddim", "timestep_spacing": None, "frame_stride": None,
-                                      "num_videos_per_prompt": 2})
+    request = _build(config, image=images, mask=[np.zeros((64, 64), np.uint8), np.full((16, 32), 255, np.uint8)])
     assert [m.size for m in request.masks] == [(64, 64), (32, 16)]
     with pytest.raises(UserError) as info:
-        GenerationRequest.build(config, max_steps=1000, image=images, mask=np.zeros((64, 64), np.uint8),
-                                num_inference_steps=2, num_frames=2)
+        _build(config, image=images, mask=np.zeros((64, 64), np.uint8))
     assert str(info.value) == ("The mask is 64x64 pixels but image 1 is 64x32; give a mask of the image's size or "
                                "aspect ratio.")
 
@@ -161,8 +162,7 @@ def test_mask_with_an_end_image_is_refused():
     config = get_config("512_interp")
     image = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(UserError) as info:
-        GenerationRequest.build(config, max_steps=1000, image=image, end_image=image, mask=np.zeros((64, 64), bool),
-                                num_inference_steps=2, num_frames=4)
+        _build(config, image=image, end_image=image, mask=np.zeros((64, 64), bool))
     assert str(info.value) == ("A mask holds parts of the video to the one input image; it cannot be combined with "
                                "end_image (interpolation or a loop).")
 
