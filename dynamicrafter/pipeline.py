@@ -360,7 +360,8 @@ class DynamiCrafterImg2VideoPipeline:
                 ``end_image``. See :mod:`dynamicrafter.masks`.
             augmentation_level: noise added to the input image(s) before they are encoded, its
                 standard deviation on the [0, 1] pixel scale, 0 to 1 (0, the default, is off); drawn
-                from ``generator`` before the starting noise. See :mod:`dynamicrafter.augmentation`.
+                from ``generator`` before the starting noise, once per image (with a list of
+                generators from that of its first video). See :mod:`dynamicrafter.augmentation`.
             image_embed_ratio: with ``end_image``, the image tokens are ``ratio * start + (1 -
                 ratio) * end`` (after the resampler); 1 (the default) is the start image's alone.
 
