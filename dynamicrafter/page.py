@@ -30,7 +30,7 @@ from PIL import Image
 from .app import KEEP_MINUTES, MB
 from .configs import PRESETS, ModelConfig
 from .errors import GenerationError, UserError
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, load_image
 from .masks import load_mask
 from .options import MAX_FRAMES, MAX_SEED, OPTIONS, Option, check_number, motion_control
 from .request import check_frames, close_loop
@@ -175,8 +175,46 @@ class _VideoMaker:
                  **values: Any) -> tuple[str, int, str]:
         """Animate one image (the ``/generate`` endpoint); ``mask``: an optional motion mask upload."""
         picture = self.load_image(image, "input image")
-        extra = {} if not mask else {"mask": self.load_image(mask, "motion mask", load_mask)}
+        motion = self.load_motion_mask(mask, picture.size)
+        extra = {} if motion is None else {"mask": motion}
         return self.run(picture, None, "single", prompt, values, random_seed, progress, **extra)
+
+    def load_motion_mask(self, payload: Any, size: tuple[int, int]) -> Image.Image | None:
+        """The motion mask of the page's mask editor, or ``None`` when it is empty.
+
+        Painted strokes are what moves and the rest is still (the editor's background, e.g. the
+        input image, is only a guide to paint over); the painting is stretched to the input
+        image's ``size`` (width, height), nearest-neighbour. With nothing painted the uploaded
+        image is the mask itself (black is still, any other value moves; its size is checked as
+        the pipeline's ``mask``; see :mod:`dynamicrafter.masks`).
+        """
+        if not payload:
+            return None
+        if isinstance(payload, dict) and ("layers" in payload or "background" in payload):
+            for layer in payload.get("layers") or []:
+                painted = self._painted(layer)
+                if painted is not None:
+                    return painted.resize(size, Image.NEAREST)
+            payload = payload.get("background")
+            if not payload:
+                return None
+        return self.load_image(payload, "motion mask", load_mask)
+
+    def _painted(self, layer: Any) -> Image.Image | None:
+        """A brush layer as a mask (painted pixels move, 255; the rest is still, 0), or ``None`` if unpainted."""
+        path = layer.get("path") if isinstance(layer, dict) else None
+        if not path:
+            return None
+        try:
+            with Image.open(path) as opened:
+                if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                    raise _fail("The motion mask is too large.")
+                alpha = opened.convert("RGBA").getchannel("A")
+        except OSError:
+            raise _fail("The motion mask's brush layer cannot be read; draw it again.") from None
+        if alpha.getbbox() is None:  # nothing painted
+            return None
+        return alpha.point(lambda value: 255 if value else 0)
 
     def interpolate(self, start_image: Any, end_image: Any, loop: Any, prompt: Any, random_seed: Any,
                     progress: gr.Progress, image_embed_ratio: Any = OPTIONS["image_embed_ratio"].default,
@@ -282,6 +320,13 @@ def _image_input(label: str, elem_id: str) -> gr.Image:
     return gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], elem_id=elem_id)
 
 
+def _mask_input(config: ModelConfig) -> gr.ImageMask:
+    """The optional motion mask: paint in white what moves (over the input image, uploaded), or upload a mask."""
+    return gr.ImageMask(label="Motion mask (optional): paint what moves", type="filepath",
+                        sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                        transforms=(), layers=False, canvas_size=(config.width, config.height), elem_id="mask")
+
+
 def _outputs() -> tuple[gr.Video, gr.Number, gr.Textbox]:
     """The video player and the seed and timing read-outs."""
     video = gr.Video(label="Generated video", autoplay=True, loop=True, buttons=["download"],
@@ -298,7 +343,7 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
     with gr.Row():
         with gr.Column():
             image = _image_input("Input image", "image")
-            mask = _image_input("Motion mask (optional): white moves, black stays as in the image", "mask")
+            mask = _mask_input(config)
             prompt, controls, random_seed = _controls(config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
