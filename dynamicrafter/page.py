@@ -1,6 +1,7 @@
 """The browser demo's page: animate an uploaded image with a text prompt (Gradio).
 
-One process serves one model. The page has the generation controls, a video player with a
+One process serves one model. The page has the generation controls, an optional motion mask
+(a brush over the input image, or a mask upload; :mod:`dynamicrafter.masks`), a video player with a
 download button, the seed and time of the last run, a progress bar that follows the sampler,
 and example inputs from ``prompts/<model>/`` when that folder ships with the checkout. For the
 interpolation model the page instead has an "Interpolation / looping" tab (start and end image).
