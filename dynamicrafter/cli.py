@@ -43,6 +43,7 @@ from .frontend import (
 from .images import load_image
 from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
+from .masks import load_mask
 from .options import CALL_OPTIONS, OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
 from .request import check_frames, check_mode, check_windows, close_loop, model_defaults
 from .video import is_complete_video
@@ -80,6 +81,9 @@ def build_parser(prog: str = "run_pipeline.py", usage: str | None = None,
     mode.add_argument("--interp", action="store_true",
                       help="interpolation model: one video between each pair of consecutive images")
     mode.add_argument("--loop", action="store_true", help="interpolation model: one looping video per image")
+    inputs.add_argument("--mask", type=Path, metavar="FILE",
+                        help="motion mask for every image: a greyscale image of the images' size or aspect ratio; "
+                             "black is held to the image, any other value moves (see docs/control.md)")
     add_arguments(inputs, ["batch_size"])
     inputs.add_argument("--overwrite", action="store_true", help="make videos again even if their files exist")
     add_model_arguments(parser.add_argument_group("model and hardware"))
@@ -116,6 +120,12 @@ def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> 
         check_windows(config, args.window_size, args.window_stride, ("--window_size", "--window_stride"))
     except UserError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    if args.image_embed_ratio != 1.0 and mode == "single":
+        raise CliError("--image_embed_ratio mixes the start and end images' embeddings; use it with --interp "
+                       "or --loop.", EXIT_USAGE)
+    if args.mask is not None and mode != "single":
+        raise CliError(f"--mask holds parts of the video to the one input image; it cannot be used with --{mode}.",
+                       EXIT_USAGE)
 
 
 def _frames_written(job: Job, frames: int) -> int:
@@ -185,6 +195,8 @@ class _Runner:
         self.manifest = output_dir / MANIFEST_NAME
         self.ranks = ranks
         self.settings = {name: getattr(args, name) for name in PIPELINE_OPTIONS}
+        #: The motion mask of every image (read once; checked against each image's size by the pipeline).
+        self.mask = None if args.mask is None else load_mask(args.mask, f"--mask {args.mask}")
         # what the manifest records: the values used, the model's where the command line left them to it
         used = model_defaults(pipe.config)
         self.recorded = {name: used[name] if value is None and name in used else value
@@ -237,7 +249,7 @@ class _Runner:
                 negative_prompt=None if negative is None else [negative] * len(jobs),
                 end_image=None if all(end is None for end in ends) else ends,
                 generator=[torch.Generator(device=self.pipe.device).manual_seed(job.seed) for job in jobs],
-                **self.settings,
+                **({} if self.mask is None else {"mask": self.mask}), **self.settings,
             )["videos"]
         except (UserError, GenerationError) as exc:
             if len(ready) == 1:
@@ -273,7 +285,7 @@ class _Runner:
             "end_image": None if job.end_image is None or job.loop else str(job.end_image),
             "loop": job.loop, "prompt": job.prompt, "negative_prompt": self.args.negative_prompt,
             "seed": job.seed, "sample": job.sample, "frames": int(frames), "fps": self.args.fps,
-            "settings": self.recorded,
+            "settings": self.recorded, **({} if self.args.mask is None else {"mask": str(self.args.mask)}),
             "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
             "dtype": str(self.pipe.dtype).replace("torch.", ""), "quantize": self.pipe.quantize,
             "lora": self.args.lora, "lora_scale": self.args.lora_scale if self.args.lora else None,
@@ -289,6 +301,11 @@ def _run(args: argparse.Namespace) -> int:
     mode = _mode(args)
     config = _model_config(args)
     _check_request(args, mode, config)
+    if args.mask is not None:  # an unreadable mask fails the run before anything else
+        try:
+            load_mask(args.mask, f"--mask {args.mask}")
+        except UserError as exc:
+            raise CliError(str(exc)) from None
     seed, prompt_dir, output_dir = _defaults(args, mode)
     try:
         images = find_images(args.image_path, prompt_dir)

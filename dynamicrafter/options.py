@@ -239,6 +239,15 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            "FreeNoise: the starting noise of each later block of window_stride frames is a shuffled copy of "
            "the block window_size frames earlier (with windows, unless latents are given)",
            label="Noise rescheduling"),
+    Option("augmentation_level", float, 0.0,
+           "noise added to the input image(s) before they are encoded, as kijai's wrapper: its standard deviation "
+           "on the 0-1 pixel scale; more loosens the video's hold on the image (0 is off)",
+           minimum=0, maximum=1, ui=(0.0, 0.5, 0.01), label="Image augmentation (noise on the input image)"),
+    Option("image_embed_ratio", float, 1.0,
+           "interpolation: the image tokens are this much the start image's and the rest the end image's "
+           "(1 = the start image only, as the original; 0 = the end image only)",
+           minimum=0, maximum=1, applies=lambda config: config.interp, ui=(0.0, 1.0, 0.05),
+           label="Start/end image embedding mix"),
     Option("height", int, None, f"video height in pixels, a multiple of 64 up to {MAX_SIDE}",
            minimum=64, maximum=MAX_SIDE),
     Option("width", int, None, f"video width in pixels, a multiple of 64 up to {MAX_SIDE}",

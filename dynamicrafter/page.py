@@ -1,6 +1,7 @@
 """The browser demo's page: animate an uploaded image with a text prompt (Gradio).
 
-One process serves one model. The page has the generation controls, a video player with a
+One process serves one model. The page has the generation controls, an optional motion mask
+(a brush over the input image, or a mask upload; :mod:`dynamicrafter.masks`), a video player with a
 download button, the seed and time of the last run, a progress bar that follows the sampler,
 and example inputs from ``prompts/<model>/`` when that folder ships with the checkout. For the
 interpolation model the page instead has an "Interpolation / looping" tab (start and end image).
@@ -30,7 +31,8 @@ from PIL import Image
 from .app import KEEP_MINUTES, MB
 from .configs import PRESETS, ModelConfig
 from .errors import GenerationError, UserError
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, load_image
+from .masks import load_mask
 from .options import MAX_FRAMES, MAX_SEED, OPTIONS, Option, check_number, motion_control
 from .request import check_frames, close_loop
 
@@ -41,7 +43,8 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 #: The sampling controls on the page, in order (the endpoints take them as keyword arguments of
 #: these names, the pipeline's): shown, then folded under "Advanced settings".
 MAIN_CONTROLS = ("num_inference_steps", "frame_stride", "num_frames", "seed")
-ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps")
+ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps",
+                     "augmentation_level")
 #: FreeNoise's windows: shown only while the frame count is above the model's trained length.
 WINDOW_CONTROLS = ("window_size", "window_stride")
 CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS)
@@ -72,8 +75,8 @@ class _VideoMaker:
         self.max_upload_mb = max_upload_mb
         self.cache_dir: str | None = None  # Gradio's file cache, set when the page is built
 
-    def load_image(self, payload: Any, noun: str) -> Image.Image:
-        """Read an uploaded image (a Gradio file payload) with the project's one image loader."""
+    def load_image(self, payload: Any, noun: str, loader: Any = load_image) -> Image.Image:
+        """Read an uploaded image (a Gradio file payload) with the project's one image loader (or ``loader``)."""
         if not payload:
             raise _fail(f"Please upload the {noun}.")
         path = payload.get("path") if isinstance(payload, dict) else None
@@ -86,7 +89,7 @@ class _VideoMaker:
         if size > self.max_upload_mb * MB:
             raise _fail(f"The {noun} is larger than the {self.max_upload_mb:g} MB upload limit.")
         try:
-            return load_image(path, f"The {noun}")
+            return loader(path, f"The {noun}")
         except UserError as exc:
             raise _fail(str(exc)) from None
 
@@ -126,8 +129,8 @@ class _VideoMaker:
         return checked
 
     def run(self, image: Image.Image, end_image: Image.Image | None, mode: str, prompt: Any,
-            values: dict[str, Any], random_seed: Any, progress: gr.Progress) -> tuple[str, int, str]:
-        """Generate one video of ``mode`` (see :data:`~dynamicrafter.request.MODES`).
+            values: dict[str, Any], random_seed: Any, progress: gr.Progress, **extra: Any) -> tuple[str, int, str]:
+        """Generate one video of ``mode`` (see :data:`~dynamicrafter.request.MODES`); ``extra``: more pipeline keywords.
 
         Returns (mp4 path in Gradio's cache, seed used, timing message).
         """
@@ -146,7 +149,7 @@ class _VideoMaker:
                     settings["num_inference_steps"], seed, prompt)
         try:
             videos = self.pipeline(image, prompt=str(prompt or ""), generator=generator, end_image=end_image,
-                                   callback=report, **settings)["videos"]
+                                   callback=report, **settings, **extra)["videos"]
             if mode == "loop":
                 videos = close_loop(videos)
             path = self._publish(videos, fps)
@@ -169,26 +172,76 @@ class _VideoMaker:
             # content-addressed place) means the output is never copied a second time.
             return save_file_to_cache(written, self.cache_dir or tempfile.gettempdir())
 
-    def generate(self, image: Any, prompt: Any, random_seed: Any, progress: gr.Progress, **values: Any
-                 ) -> tuple[str, int, str]:
-        """Animate one image (the ``/generate`` endpoint)."""
-        return self.run(self.load_image(image, "input image"), None, "single", prompt, values, random_seed, progress)
+    def generate(self, image: Any, prompt: Any, random_seed: Any, progress: gr.Progress, mask: Any = None,
+                 **values: Any) -> tuple[str, int, str]:
+        """Animate one image (the ``/generate`` endpoint); ``mask``: an optional motion mask upload."""
+        picture = self.load_image(image, "input image")
+        motion = self.load_motion_mask(mask, picture.size)
+        extra = {} if motion is None else {"mask": motion}
+        return self.run(picture, None, "single", prompt, values, random_seed, progress, **extra)
+
+    def load_motion_mask(self, payload: Any, size: tuple[int, int]) -> Image.Image | None:
+        """The motion mask of the page's mask editor, or ``None`` when it is empty.
+
+        Painted strokes are what moves and the rest is still (the editor's background, e.g. the
+        input image, is only a guide to paint over); the painting is stretched to the input
+        image's ``size`` (width, height), nearest-neighbour. With nothing painted the uploaded
+        image is the mask itself (black is still, any other value moves; its size is checked as
+        the pipeline's ``mask``; see :mod:`dynamicrafter.masks`).
+        """
+        if not payload:
+            return None
+        if isinstance(payload, dict) and ("layers" in payload or "background" in payload):
+            for layer in payload.get("layers") or []:
+                painted = self._painted(layer)
+                if painted is not None:
+                    return painted.resize(size, Image.NEAREST)
+            payload = payload.get("background")
+            if not payload:
+                return None
+        return self.load_image(payload, "motion mask", load_mask)
+
+    def _painted(self, layer: Any) -> Image.Image | None:
+        """A brush layer as a mask (painted pixels move, 255; the rest is still, 0), or ``None`` if unpainted."""
+        path = layer.get("path") if isinstance(layer, dict) else None
+        if not path:
+            return None
+        try:
+            with Image.open(path) as opened:
+                if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                    raise _fail("The motion mask is too large.")
+                alpha = opened.convert("RGBA").getchannel("A")
+        except OSError:
+            raise _fail("The motion mask's brush layer cannot be read; draw it again.") from None
+        if alpha.getbbox() is None:  # nothing painted
+            return None
+        return alpha.point(lambda value: 255 if value else 0)
 
     def interpolate(self, start_image: Any, end_image: Any, loop: Any, prompt: Any, random_seed: Any,
-                    progress: gr.Progress, **values: Any) -> tuple[str, int, str]:
+                    progress: gr.Progress, image_embed_ratio: Any = OPTIONS["image_embed_ratio"].default,
+                    **values: Any) -> tuple[str, int, str]:
         """Fill the motion between two images, or loop one (the ``/interpolate`` endpoint)."""
         start = self.load_image(start_image, "start image")
         end = start if loop else self.load_image(end_image, "end image")
-        return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress)
+        option = OPTIONS["image_embed_ratio"]
+        try:
+            ratio = check_number(option.default if image_embed_ratio is None else image_embed_ratio, option.label,
+                                 minimum=option.minimum, maximum=option.maximum)
+        except UserError as exc:
+            raise _fail(str(exc)) from None
+        return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress,
+                        image_embed_ratio=ratio)
 
 
-def _endpoint(method: Any, leading: Sequence[str]) -> Any:
-    """``method`` as an event function whose parameters are ``leading``, the controls and ``random_seed``.
+def _endpoint(method: Any, leading: Sequence[str], trailing: Sequence[str] = ()) -> Any:
+    """``method`` as an event function whose parameters are ``leading``, the controls, ``random_seed`` and ``trailing``.
+
+    The ``trailing`` parameters are optional for API clients (default ``None``).
 
     Gradio names an endpoint's API parameters after the function's; giving the function the
     controls' option names makes ``client.predict(num_inference_steps=25, ...)`` work.
     """
-    names = [*leading, *CONTROLS, "random_seed"]
+    names = [*leading, *CONTROLS, "random_seed", *trailing]
 
     def event(*args: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, int, str]:
         values = dict(zip(names, args))
@@ -196,7 +249,8 @@ def _endpoint(method: Any, leading: Sequence[str]) -> Any:
         return method(*(fixed[name] for name in leading), random_seed=fixed["random_seed"], progress=progress,
                       **values)
 
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    **({"default": None} if name in trailing else {})) for name in names]
     parameters.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
     event.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     event.__doc__ = method.__doc__
@@ -267,6 +321,13 @@ def _image_input(label: str, elem_id: str) -> gr.Image:
     return gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], elem_id=elem_id)
 
 
+def _mask_input(config: ModelConfig) -> gr.ImageMask:
+    """The optional motion mask: paint in white what moves (over the input image, uploaded), or upload a mask."""
+    return gr.ImageMask(label="Motion mask (optional): paint what moves", type="filepath",
+                        sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                        transforms=(), layers=False, canvas_size=(config.width, config.height), elem_id="mask")
+
+
 def _outputs() -> tuple[gr.Video, gr.Number, gr.Textbox]:
     """The video player and the seed and timing read-outs."""
     video = gr.Video(label="Generated video", autoplay=True, loop=True, buttons=["download"],
@@ -283,13 +344,15 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
     with gr.Row():
         with gr.Column():
             image = _image_input("Input image", "image")
+            mask = _mask_input(config)
             prompt, controls, random_seed = _controls(config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
     if examples:
         gr.Examples(examples, inputs=[image, prompt], label="Examples")
-    button.click(_endpoint(maker.generate, ("image", "prompt")), inputs=[image, prompt, *controls, random_seed],
+    button.click(_endpoint(maker.generate, ("image", "prompt"), ("mask",)),
+                 inputs=[image, prompt, *controls, random_seed, mask],
                  outputs=list(outputs), api_name="generate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]
@@ -305,6 +368,7 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
             loop = gr.Checkbox(value=False, label="Loop (use the start image as the end image)",
                                elem_id="loop")
             prompt, controls, random_seed = _controls(config)
+            ratio = _control(OPTIONS["image_embed_ratio"], config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
@@ -313,8 +377,8 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
                     inputs=[start, loop, prompt], label="Examples (looping)")
     loop.change(lambda looping: gr.Image(visible=not looping), inputs=loop, outputs=end,
                 queue=False, api_visibility="private")
-    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt")),
-                 inputs=[start, end, loop, prompt, *controls, random_seed], outputs=list(outputs),
+    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt"), ("image_embed_ratio",)),
+                 inputs=[start, end, loop, prompt, *controls, random_seed, ratio], outputs=list(outputs),
                  api_name="interpolate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]

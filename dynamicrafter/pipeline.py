@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .augmentation import augment_pixels, mix_image_tokens
 from .checkpoints import load_model
 from .configs import ModelConfig, model_config, resolve_resolution
 from .diffusion.denoiser import ModelDenoiser
@@ -26,6 +27,7 @@ from .diffusion.sampling import StepInfo
 from .diffusion.sampling import sample as run_sampler
 from .errors import GenerationError, UserError
 from .images import ImageInput, fit_image, load_image
+from .masks import StillRegions, latent_mask
 from .models.attention import use_temporal_windows
 from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 #: A call's checked arguments besides the images, prompts and the option table's (see :meth:`check_inputs`).
 REQUEST_ARGUMENTS = ("generator", "latents", "output_type", "callback", "callback_on_step_end",
-                     "callback_on_step_end_tensor_inputs")
+                     "callback_on_step_end_tensor_inputs", "mask")
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None,
@@ -293,6 +295,9 @@ class DynamiCrafterImg2VideoPipeline:
         window_size: int | None = DEFAULTS.window_size,
         window_stride: int = DEFAULTS.window_stride,
         noise_rescheduling: bool = DEFAULTS.noise_rescheduling,
+        mask: ImageInput | Sequence[ImageInput] | None = None,
+        augmentation_level: float = DEFAULTS.augmentation_level,
+        image_embed_ratio: float = DEFAULTS.image_embed_ratio,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -348,6 +353,17 @@ class DynamiCrafterImg2VideoPipeline:
                 frames after the first window is a shuffled copy of the block ``window_size`` frames
                 earlier, the shuffles drawn from ``generator``; not applied to given ``latents``. The
                 sampler's per-step noise (``eta > 0``) stays independent per frame.
+            mask: a motion mask, or one per image: a greyscale image (file, PIL image, ``HxW`` array
+                or 2-D tensor in [0, 1]) of the image's size or aspect ratio; **black (0) is held to
+                the input image, any other value moves** (kijai's wrapper's convention). Before every
+                step the latent takes the image's latent where the mask is black. Not with
+                ``end_image``. See :mod:`dynamicrafter.masks`.
+            augmentation_level: noise added to the input image(s) before they are encoded, its
+                standard deviation on the [0, 1] pixel scale, 0 to 1 (0, the default, is off); drawn
+                from ``generator`` before the starting noise, once per image (with a list of
+                generators from that of its first video). See :mod:`dynamicrafter.augmentation`.
+            image_embed_ratio: with ``end_image``, the image tokens are ``ratio * start + (1 -
+                ratio) * end`` (after the resampler); 1 (the default) is the start image's alone.
 
         Raises:
             UserError: a bad input, before any model work (one sentence; a ``ValueError``).
@@ -361,7 +377,8 @@ class DynamiCrafterImg2VideoPipeline:
             output_type=output_type, callback=callback, sampler=sampler, image_guidance_scale=image_guidance_scale,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
-            window_stride=window_stride, noise_rescheduling=noise_rescheduling)
+            window_stride=window_stride, noise_rescheduling=noise_rescheduling, mask=mask,
+            augmentation_level=augmentation_level, image_embed_ratio=image_embed_ratio)
         branches, reference = self.encode(request)
         x_t = self.prepare_latents(request)
         samples = self.denoise(request, branches, x_t)
@@ -410,8 +427,15 @@ class DynamiCrafterImg2VideoPipeline:
         model = self.model
         pixels, end_pixels = (None if images is None else self._fit(images, request)
                               for images in (request.images, request.end_images))
+        if request.augmentation_level > 0:  # start images' noise first, then the end images'
+            pixels, end_pixels = (None if p is None else augment_pixels(
+                p, request.augmentation_level, _randn(p.shape, self._image_generator(request), self.device))
+                for p in (pixels, end_pixels))
         with self._on_device(model.cond_stage_model, model.embedder, model.image_proj_model):
             image_tokens = model.encode_image_tokens(pixels)
+            if end_pixels is not None and request.image_embed_ratio != 1.0:
+                image_tokens = mix_image_tokens(image_tokens, model.encode_image_tokens(end_pixels),
+                                                request.image_embed_ratio)
             context = torch.cat([model.encode_text(request.prompts), image_tokens], dim=1)
             uncond = image_context = None
             if request.uses_guidance:
@@ -430,6 +454,23 @@ class DynamiCrafterImg2VideoPipeline:
         fs = torch.full((request.batch,), request.frame_stride, dtype=torch.long, device=self.device)
         branches = GuidanceBranches(repeat(context), repeat(concat), fs, repeat(uncond), repeat(image_context))
         return branches, None if reference is None else [repeat(r) for r in reference]
+
+    @staticmethod
+    def _image_generator(request: GenerationRequest) -> Any:
+        """The generator(s) an image's own draws come from: with one per video, that of its first video."""
+        if isinstance(request.generator, list):
+            return request.generator[::request.num_videos_per_prompt]
+        return request.generator
+
+    def _still_regions(self, request: GenerationRequest, branches: GuidanceBranches) -> StillRegions | None:
+        """The motion masks' blend for the batch, or ``None`` without masks or where nothing is still."""
+        if request.masks is None:
+            return None
+        still = torch.cat([latent_mask(m, request.height, request.width, self.config.latent_downscale)
+                           for m in request.masks]).to(self.device)
+        if not still.any():  # white everywhere: everything moves, nothing to blend
+            return None
+        return StillRegions(branches.concat, still.repeat_interleave(request.num_videos_per_prompt, dim=0))
 
     def _fit(self, images: list, request: GenerationRequest) -> torch.Tensor:
         """The images scaled and cropped to the video size: ``[N, 3, H, W]`` in [-1, 1] on the device."""
@@ -510,6 +551,7 @@ class DynamiCrafterImg2VideoPipeline:
         model_fn = guided_model(self._unet_forward, branches, request.guidance_scale, request.guidance_rescale,
                                 request.image_guidance_scale, self.sequential_guidance)
         denoiser = ModelDenoiser(model_fn, self.model.schedule, self.config.diffusion.parameterization)
+        still = self._still_regions(request, branches)
 
         def sample() -> torch.Tensor:
             self._interrupt = False
@@ -521,8 +563,11 @@ class DynamiCrafterImg2VideoPipeline:
                     if self._interrupt:  # stop with the step's clean-latent prediction
                         info.stop = True
                         stopped["denoised"] = info.denoised
+                    elif still is not None and info.step + 1 < info.total:  # the motion mask, before the next step
+                        info.x = still(info.x)
 
-                latents = run_sampler(request.sampler, denoiser, x_t, self.model.schedule,
+                latents = run_sampler(request.sampler, denoiser, x_t if still is None else still(x_t),
+                                      self.model.schedule,
                                       request.num_inference_steps, request.timestep_spacing, request.eta,
                                       noise_sampler=noise_sampler, callback=on_step)
                 return stopped.get("denoised", latents)

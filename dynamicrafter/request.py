@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 from .configs import DUAL_REFERENCE_MIN_FRAMES
 from .errors import UserError
 from .images import load_image
+from .masks import check_mask_size, load_mask
 from .options import OPTIONS
 
 if TYPE_CHECKING:
@@ -144,6 +145,10 @@ class GenerationRequest:
     callback: Callable[[int, int], None] | None = None
     callback_on_step_end: Callable[..., Any] | None = None
     callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)
+    #: Motion masks (greyscale; 0 is still), one per image, or ``None``; see :mod:`dynamicrafter.masks`.
+    masks: list["Image.Image"] | None = None
+    augmentation_level: float = 0.0
+    image_embed_ratio: float = 1.0
 
     @property
     def batch(self) -> int:
@@ -166,7 +171,8 @@ class GenerationRequest:
     def build(cls, config: "ModelConfig", *, max_steps: int, image: Any, prompt: Any = "",
               negative_prompt: Any = None, end_image: Any = None, generator: Any = None, latents: Any = None,
               output_type: Any = "pt", callback: Any = None, callback_on_step_end: Any = None,
-              callback_on_step_end_tensor_inputs: Any = ("latents",), **options: Any) -> "GenerationRequest":
+              callback_on_step_end_tensor_inputs: Any = ("latents",), mask: Any = None,
+              **options: Any) -> "GenerationRequest":
         """Check a call's inputs for the model of ``config``; ``options`` are the option table's names.
 
         ``max_steps`` is the model's number of training timesteps. Images are read here (see
@@ -204,13 +210,26 @@ class GenerationRequest:
             logger.warning("image_guidance_scale has no effect with guidance_scale 1 (no guidance), "
                            "as in the original.")
             image_scale = None
+        ratio = values.get("image_embed_ratio", OPTIONS["image_embed_ratio"].default)
+        if ratio != 1.0 and end_images is None:
+            raise UserError("image_embed_ratio mixes the start and end images' embeddings; it needs an end_image "
+                            "(an interpolation model), or leave it at 1.")
+        if mask is not None and end_images is not None:
+            raise UserError("A mask holds parts of the video to the one input image; it cannot be combined with "
+                            "end_image (interpolation or a loop).")
         window, stride = check_windows(config, values.get("window_size"),
                                        values.get("window_stride", OPTIONS["window_stride"].default))
         per_prompt = values["num_videos_per_prompt"]
         down = config.latent_downscale
         shape = (count * per_prompt, config.vae.embed_dim, frames, size["height"] // down, size["width"] // down)
+        loaded = [load_image(i) for i in images]
+        masks = None
+        if mask is not None:
+            masks = [load_mask(m) for m in _broadcast(mask, count, "mask")]
+            for index, (m, i) in enumerate(zip(masks, loaded)):
+                check_mask_size(m, i, index if count > 1 else None)
         return cls(
-            images=[load_image(i) for i in images],
+            images=loaded,
             end_images=None if end_images is None else [load_image(i) for i in end_images],
             prompts=prompts, negative_prompts=negative, num_inference_steps=steps,
             guidance_scale=values["guidance_scale"], image_guidance_scale=image_scale,
@@ -223,7 +242,9 @@ class GenerationRequest:
             noise_rescheduling=values.get("noise_rescheduling", OPTIONS["noise_rescheduling"].default),
             generator=_check_generator(generator, count * per_prompt), latents=_check_latents(latents, shape),
             output_type=output_type, callback=callback, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs))
+            callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs), masks=masks,
+            augmentation_level=values.get("augmentation_level", OPTIONS["augmentation_level"].default),
+            image_embed_ratio=ratio)
 
 
 def _default(value: Any, default: Any) -> Any:

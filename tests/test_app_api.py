@@ -302,3 +302,39 @@ def test_the_app_logs_as_the_command_line_and_its_hint_names_share(monkeypatch, 
     assert (demo.launched["quiet"], demo.launched["share"], demo.closed) == (True, False, True)
     assert caplog.messages[-1] == ("Serving on http://127.0.0.1:7860/; Ctrl-C stops it. For a public link, start the app "
                                    "with --share.")
+
+
+def test_motion_mask_upload_and_augmentation_reach_the_pipeline(client, pipeline, gradient_png, tmp_path,
+                                                                  monkeypatch):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    seen = {}
+    call = type(pipeline).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.update(kwargs)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", spy)
+    _, _, timing = client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                                  mask={"background": handle_file(str(tmp_path / "mask.png")), "layers": [],
+                                        "composite": None},
+                                  **{**FAST, "num_frames": 2, "augmentation_level": 0.05})
+    assert timing.startswith("Generated 2 frames in ")
+    assert seen["mask"].mode == "L" and np.array_equal(np.asarray(seen["mask"]), mask)
+    assert seen["augmentation_level"] == 0.05
+    layer = np.zeros((32, 32, 4), np.uint8)  # a drawing on a canvas of another size: stretched to the image
+    layer[:, 16:] = (255, 255, 255, 200)  # brushed: the right half moves
+    Image.fromarray(layer, "RGBA").save(tmp_path / "layer.png")
+    client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                   mask={"background": handle_file(str(gradient_png)), "layers": [handle_file(str(tmp_path / "layer.png"))],
+                         "composite": None}, **{**FAST, "num_frames": 1, "num_inference_steps": 1})
+    assert np.array_equal(np.asarray(seen["mask"]), mask)
+    Image.fromarray(mask[:, :16]).save(tmp_path / "narrow.png")
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                       mask={"background": handle_file(str(tmp_path / "narrow.png")), "layers": [],
+                             "composite": None}, **FAST)
+    assert str(info.value) == ("The mask is 16x64 pixels but the image is 64x64; give a mask of the image's size "
+                               "or aspect ratio.")

@@ -854,3 +854,31 @@ def test_tooncrafter_takes_interp_pairs(fake, tmp_path):
     (call,) = fake[0].calls
     assert call["prompt"] == ["first pair"] and len(call["end_image"]) == 1
     assert [path.name for path, _ in fake[0].saved] == ["k_01.mp4"]
+
+
+def test_mask_goes_to_every_image_and_into_the_manifest(fake, tmp_path):
+    from dynamicrafter.manifest import read_records
+
+    mask = tmp_path / "mask.png"
+    Image.new("L", (32, 32), 0).save(mask)
+    out = tmp_path / "out"
+    assert cli.main(["256", "--image_path", str(make_image(tmp_path / "a.png")), "--mask", str(mask),
+                     "--augmentation_level", "0.05", "--output_dir", str(out), "--device", "cpu"]) == 0
+    (call,) = fake[0].calls
+    assert call["mask"].mode == "L" and call["mask"].size == (32, 32) and call["augmentation_level"] == 0.05
+    (record,) = read_records(out / "manifest.jsonl")
+    assert record["mask"] == str(mask) and record["settings"]["augmentation_level"] == 0.05
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--mask", "missing.png"], 1, "--mask missing.png does not exist."),
+    (["--image_embed_ratio", "0.5"], 2,
+     "--image_embed_ratio mixes the start and end images' embeddings; use it with --interp or --loop."),
+    (["--loop", "--mask", "m.png"], 2,
+     "--mask holds parts of the video to the one input image; it cannot be used with --loop."),
+])
+def test_mask_and_embedding_mix_are_checked_before_the_model_loads(fake, tmp_path, caplog, args, code, message):
+    image = make_image(tmp_path / "a.png")
+    assert cli.main(["512_interp", "--image_path", str(image), "--output_dir", str(tmp_path / "out"), *args]) == code
+    assert errors(caplog) == [message]
+    assert not fake

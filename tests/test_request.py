@@ -88,6 +88,18 @@ BAD_INPUTS = [
                                             "apart would leave frames without temporal attention."),
     (dict(noise_rescheduling="yes"), "noise_rescheduling must be True or False, got str 'yes'."),
     (dict(noise_rescheduling=1), "noise_rescheduling must be True or False, got int 1."),
+    (dict(augmentation_level=1.5), "augmentation_level must be between 0 and 1, got 1.5."),
+    (dict(augmentation_level=-0.1), "augmentation_level must be between 0 and 1, got -0.1."),
+    (dict(image_embed_ratio=2.0), "image_embed_ratio must be between 0 and 1, got 2."),
+    (dict(image_embed_ratio=0.5), "image_embed_ratio mixes the start and end images' embeddings; it needs an "
+                                  "end_image (an interpolation model), or leave it at 1."),
+    (dict(mask=np.zeros((64, 32), np.uint8)), "The mask is 32x64 pixels but the image is 64x64; give a mask of "
+                                              "the image's size or aspect ratio."),
+    (dict(mask=np.zeros((64, 64, 2), np.uint8)),
+     "The mask array must be HxW (greyscale), HxWx3 or HxWx4, got shape (64, 64, 2)."),
+    (dict(mask=np.zeros((64, 64), np.int64)), "The mask array must be uint8, uint16 or float in [0, 1], got int64."),
+    (dict(mask="does/not/exist.png"), "Mask does/not/exist.png does not exist."),
+    (dict(mask=[IMAGE, IMAGE]), "Got 1 image(s) but 2 mask(s); give one mask per image."),
 ]
 
 
