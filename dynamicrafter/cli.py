@@ -17,6 +17,7 @@ left to make, so a mistake or a finished run answers at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import sys
@@ -45,6 +46,7 @@ from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
 from .masks import load_mask
 from .options import CALL_OPTIONS, OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
+from .prompt_schedule import EXAMPLE, check_schedule, parse_prompt
 from .request import check_frames, check_mode, check_windows, close_loop, model_defaults
 from .video import is_complete_video
 
@@ -76,7 +78,8 @@ def build_parser(prog: str = "run_pipeline.py", usage: str | None = None,
     inputs.add_argument("--output_dir", type=Path,
                         help="where videos go (default: results/dynamicrafter_pipeline_<resolution>_seed<seed>/)")
     inputs.add_argument("--image_path", type=Path, help="animate this one image instead of --prompt_dir")
-    inputs.add_argument("--prompt_text", help="prompt for every image, instead of the prompt files")
+    inputs.add_argument("--prompt_text", help="prompt for every image, instead of the prompt files; "
+                        f"'{EXAMPLE}' is several prompts over time (so is such a line in a prompt file)")
     mode = inputs.add_mutually_exclusive_group()
     mode.add_argument("--interp", action="store_true",
                       help="interpolation model: one video between each pair of consecutive images")
@@ -126,6 +129,30 @@ def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> 
     if args.mask is not None and mode != "single":
         raise CliError(f"--mask holds parts of the video to the one input image; it cannot be used with --{mode}.",
                        EXIT_USAGE)
+    if args.prompt_text is not None:
+        try:
+            _timed_prompt(args.prompt_text, args.num_frames)
+        except UserError as exc:
+            raise CliError(f"--prompt_text: {exc}", EXIT_USAGE) from None
+
+
+def _timed_prompt(text: str, frames: int) -> str | dict[int, str]:
+    """A job's prompt as the pipeline takes it: the text, or its schedule checked for ``frames`` frames."""
+    prompt = parse_prompt(text)
+    return check_schedule(prompt, frames) if isinstance(prompt, dict) else prompt
+
+
+def _check_prompts(jobs: list[Job], frames: int) -> list[Job]:
+    """The jobs, each whose timed prompt is malformed or past the last frame failing (before the model loads)."""
+    checked = []
+    for job in jobs:
+        if job.problem is None:
+            try:
+                _timed_prompt(job.prompt, frames)
+            except UserError as exc:
+                job = dataclasses.replace(job, problem=str(exc))
+        checked.append(job)
+    return checked
 
 
 def _frames_written(job: Job, frames: int) -> int:
@@ -245,7 +272,7 @@ class _Runner:
         try:
             videos = self.pipe(
                 image=[start for _, (start, _) in ready],
-                prompt=[job.prompt for job in jobs],
+                prompt=[_timed_prompt(job.prompt, self.args.num_frames) for job in jobs],
                 negative_prompt=None if negative is None else [negative] * len(jobs),
                 end_image=None if all(end is None for end in ends) else ends,
                 generator=[torch.Generator(device=self.pipe.device).manual_seed(job.seed) for job in jobs],
@@ -283,7 +310,8 @@ class _Runner:
         append_record(self.manifest, {
             "video": job.output.name, "image": str(job.image),
             "end_image": None if job.end_image is None or job.loop else str(job.end_image),
-            "loop": job.loop, "prompt": job.prompt, "negative_prompt": self.args.negative_prompt,
+            "loop": job.loop, "prompt": job.prompt, "prompt_schedule": _schedule_record(job.prompt),
+            "negative_prompt": self.args.negative_prompt,
             "seed": job.seed, "sample": job.sample, "frames": int(frames), "fps": self.args.fps,
             "settings": self.recorded, **({} if self.args.mask is None else {"mask": str(self.args.mask)}),
             "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
@@ -292,6 +320,12 @@ class _Runner:
             "seconds": round(seconds, 3),
             "rank": self.ranks.rank, "host": socket.gethostname(),
         })
+
+
+def _schedule_record(text: str) -> dict[str, str] | None:
+    """A timed prompt's schedule as the manifest records it (frames as JSON keys), else ``None``."""
+    prompt = parse_prompt(text)
+    return {str(frame): part for frame, part in sorted(prompt.items())} if isinstance(prompt, dict) else None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -313,6 +347,7 @@ def _run(args: argparse.Namespace) -> int:
                          n_samples=args.num_videos_per_prompt)
     except UserError as exc:
         raise CliError(str(exc)) from None
+    jobs = _check_prompts(jobs, args.num_frames)
     mine = ranks.share(jobs)
     todo = _still_to_make(mine, args.num_frames, args.overwrite)
     skipped = len(mine) - len(todo)

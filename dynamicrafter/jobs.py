@@ -9,7 +9,9 @@ Three layouts of a prompt folder are understood, those of the original repositor
 
 A prompt is, in order: ``--prompt_text``; the text file with the (first) image's name and a
 ``.txt`` extension; line *i* of the folder's ``test_prompts.txt`` for video *i* (image *i*, or
-pair *i*); else empty, with a warning. Video *i* with ``n_samples = K`` becomes ``K`` jobs whose
+pair *i*); else empty, with a warning. Any of them may be several prompts over time
+(``0: a cat sits | 48: a cat jumps``, :mod:`dynamicrafter.prompt_schedule`): a job keeps the text
+as written and the command line reads it. Video *i* with ``n_samples = K`` becomes ``K`` jobs whose
 seeds are ``seed + k``: a job's noise depends on its seed only, never on the batch it runs in or
 on the rank that runs it.
 """

@@ -34,6 +34,7 @@ from .errors import GenerationError, UserError
 from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, load_image
 from .masks import load_mask
 from .options import MAX_FRAMES, MAX_SEED, OPTIONS, Option, check_number, motion_control
+from .prompt_schedule import EXAMPLE, parse_prompt
 from .request import check_frames, close_loop
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ class _VideoMaker:
         logger.info("Generating %d frames, %d steps, seed %d, prompt %r", settings["num_frames"],
                     settings["num_inference_steps"], seed, prompt)
         try:
-            videos = self.pipeline(image, prompt=str(prompt or ""), generator=generator, end_image=end_image,
-                                   callback=report, **settings, **extra)["videos"]
+            videos = self.pipeline(image, prompt=parse_prompt(str(prompt or "")), generator=generator,
+                                   end_image=end_image, callback=report, **settings, **extra)["videos"]
             if mode == "loop":
                 videos = close_loop(videos)
             path = self._publish(videos, fps)
@@ -292,7 +293,7 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
 def _controls(config: ModelConfig) -> tuple[gr.Textbox, list[gr.components.Component], gr.Checkbox]:
     """Lay out the prompt and the sampling controls (rarely changed ones folded away), in ``CONTROLS`` order."""
     prompt = gr.Textbox(label="Prompt", placeholder="Describe the motion, e.g. 'waves crashing on rocks'",
-                        elem_id="prompt")
+                        elem_id="prompt", info=f"Several prompts over time: '{EXAMPLE}' (frame: prompt)")
     controls: dict[str, gr.components.Component] = {}
     with gr.Row():
         for name in MAIN_CONTROLS[:2]:

@@ -33,6 +33,7 @@ from .models.dynamicrafter import DynamiCrafter
 from .models.encoders import prompt_token_count
 from .offload import Offloader, offload_mode
 from .options import CALL_OPTIONS, DEFAULTS, OPTIONS
+from .prompt_schedule import interpolate, prompt_text
 from .quantization import quantize_mode, quantize_unet
 from .request import GenerationRequest, GeneratorInput, check_frames
 from .runtime import (
@@ -270,7 +271,7 @@ class DynamiCrafterImg2VideoPipeline:
     def __call__(
         self,
         image: ImageInput | Sequence[ImageInput],
-        prompt: str | Sequence[str] | None = "",
+        prompt: str | dict[int, str] | Sequence[str | dict[int, str]] | None = "",
         negative_prompt: str | Sequence[str] | None = DEFAULTS.negative_prompt,
         num_inference_steps: int = DEFAULTS.num_inference_steps,
         guidance_scale: float = DEFAULTS.guidance_scale,
@@ -303,7 +304,13 @@ class DynamiCrafterImg2VideoPipeline:
 
         Args:
             image: the first frame: a PIL image, an ``HxWx3`` array, a path, or a list of them (a batch).
-            prompt: text prompt, or one per image (``None`` is the empty prompt).
+            prompt: text prompt, or one per image (``None`` is the empty prompt). Several prompts
+                over time (FreeNoise's multi-prompt mode): a schedule ``{frame: prompt}`` such as
+                ``{0: "a cat sits", 48: "a cat jumps"}``, whose text embeddings are interpolated
+                linearly between its frames and held before the first and after the last (see
+                :mod:`~dynamicrafter.prompt_schedule`); one schedule for every image, or a list
+                mixing prompts and schedules, one per image. The image tokens and the negative
+                prompt stay the same on every frame.
             negative_prompt: what to steer away from (the unconditional branch); default empty.
             num_inference_steps: sampling steps (exactly this many are run).
             guidance_scale: classifier-free guidance scale (1 disables guidance).
@@ -406,7 +413,8 @@ class DynamiCrafterImg2VideoPipeline:
         request = GenerationRequest.build(self.config, max_steps=self.model.schedule.num_timesteps, image=image,
                                           prompt=prompt, negative_prompt=negative_prompt, end_image=end_image,
                                           **given, **values)
-        self._warn_long_prompts([*request.prompts, *(request.negative_prompts or [])])
+        texts = [text for prompt in request.prompts for text in prompt_text(prompt)]
+        self._warn_long_prompts([*texts, *(request.negative_prompts or [])])
         return request
 
     def _warn_long_prompts(self, prompts: list[str]) -> None:
@@ -436,7 +444,11 @@ class DynamiCrafterImg2VideoPipeline:
             if end_pixels is not None and request.image_embed_ratio != 1.0:
                 image_tokens = mix_image_tokens(image_tokens, model.encode_image_tokens(end_pixels),
                                                 request.image_embed_ratio)
-            context = torch.cat([model.encode_text(request.prompts), image_tokens], dim=1)
+            if any(isinstance(prompt, dict) for prompt in request.prompts):  # several prompts over time
+                text = self._per_frame_text(request.prompts, request.num_frames)
+                context = torch.cat([text, image_tokens[:, None].expand(-1, request.num_frames, -1, -1)], dim=2)
+            else:
+                context = torch.cat([model.encode_text(request.prompts), image_tokens], dim=1)
             uncond = image_context = None
             if request.uses_guidance:
                 text = torch.cat([self._uncond_text_tokens(n)
@@ -471,6 +483,15 @@ class DynamiCrafterImg2VideoPipeline:
         if not still.any():  # white everywhere: everything moves, nothing to blend
             return None
         return StillRegions(branches.concat, still.repeat_interleave(request.num_videos_per_prompt, dim=0))
+
+    def _per_frame_text(self, prompts: list[str | dict[int, str]], frames: int) -> torch.Tensor:
+        """Each frame's text tokens ``[N, T, 77, D]``: a schedule's interpolated between its keys, a prompt's on every frame."""
+        rows = []
+        for prompt in prompts:
+            tokens = self.model.encode_text(prompt_text(prompt))  # [K, 77, D]: the prompts in frame order
+            rows.append(interpolate(tokens, list(prompt), frames) if isinstance(prompt, dict)
+                        else tokens.expand(frames, -1, -1))
+        return torch.stack(rows)
 
     def _fit(self, images: list, request: GenerationRequest) -> torch.Tensor:
         """The images scaled and cropped to the video size: ``[N, 3, H, W]`` in [-1, 1] on the device."""

@@ -30,6 +30,7 @@ from .errors import UserError
 from .images import load_image
 from .masks import check_mask_size, load_mask
 from .options import OPTIONS
+from .prompt_schedule import check_schedule
 
 if TYPE_CHECKING:
     import torch
@@ -117,11 +118,13 @@ class GenerationRequest:
     sample ``j`` of image ``i``. ``frame_stride``, ``guidance_rescale`` and ``timestep_spacing``
     hold the values used (the model's when not given); ``image_guidance_scale`` is ``None`` for
     one-scale guidance. ``latent_shape`` is ``[batch, 4, num_frames, height / 8, width / 8]``.
+    A prompt is a string or a schedule ``{frame: prompt}`` of two prompts or more, sorted by
+    frame (:mod:`~dynamicrafter.prompt_schedule`).
     """
 
     images: list["Image.Image"]
     end_images: list["Image.Image"] | None
-    prompts: list[str]
+    prompts: list[str | dict[int, str]]
     negative_prompts: list[str] | None
     num_inference_steps: int
     guidance_scale: float
@@ -183,7 +186,6 @@ class GenerationRequest:
         if not images:
             raise UserError("No image given; pass an image or a non-empty list of images.")
         count = len(images)
-        prompts = [_text(p, "prompt") for p in _broadcast(prompt, count, "prompt")]
         negative = None if negative_prompt is None else [
             _text(n, "negative_prompt") for n in _broadcast(negative_prompt, count, "negative_prompt")]
         if end_image is not None:
@@ -199,6 +201,8 @@ class GenerationRequest:
             raise UserError(f"num_inference_steps can be at most {max_steps}, got {steps}.")
         frames = check_frames(config, values["num_frames"], "single" if end_images is None else "interp",
                               decoded=output_type != "latent")
+        prompts = [check_schedule(p, frames) if isinstance(p, dict) else _text(p, "prompt")
+                   for p in _broadcast(prompt, count, "prompt")]
         defaults = model_defaults(config)
         size = {}
         for side in ("height", "width"):

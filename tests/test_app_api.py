@@ -267,6 +267,24 @@ def test_window_controls_are_hidden_up_to_the_trained_length_and_reach_the_pipel
                                "leave frames without temporal attention.")
 
 
+def test_timed_prompts_from_the_page(client, pipeline, gradient_png, monkeypatch):
+    seen = {}
+    call = type(pipeline).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.update(kwargs)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", spy)
+    _, _, timing = client.predict(image=handle_file(str(gradient_png)), prompt="0: a cat sits | 3: a cat jumps",
+                                  api_name="/generate", **FAST)
+    assert timing.startswith("Generated 4 frames in ") and seen["prompt"] == {0: "a cat sits", 3: "a cat jumps"}
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(gradient_png)), prompt="0: a cat sits | 4: a cat jumps",
+                       api_name="/generate", **FAST)
+    assert str(info.value) == "Prompt schedule frame 4 is outside the video's frames 0 to 3."
+
+
 class _FakeDemo:
     """Stands in for the page's Blocks: records how it is launched; serves until its first look."""
 

@@ -881,4 +881,30 @@ def test_mask_and_embedding_mix_are_checked_before_the_model_loads(fake, tmp_pat
     image = make_image(tmp_path / "a.png")
     assert cli.main(["512_interp", "--image_path", str(image), "--output_dir", str(tmp_path / "out"), *args]) == code
     assert errors(caplog) == [message]
+
+
+# ----------------------------------------------------------------------------- several prompts over time
+def test_timed_prompts_in_prompt_files_reach_the_pipeline_and_the_manifest(fake, tmp_path, caplog):
+    from dynamicrafter.manifest import read_records
+
+    folder = tmp_path / "in"
+    for name in ("a", "b", "c"):
+        make_image(folder / f"{name}.png")
+    (folder / "test_prompts.txt").write_text("0: a cat sits | 12: a cat jumps\nratio 16:9 | wide\nplain\n")
+    (folder / "c.txt").write_text("0: a | 16: b")  # past the last of 16 frames
+    out = tmp_path / "out"
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--device", "cpu"]) == 1
+    assert [call["prompt"] for call in fake[0].calls] == [[{0: "a cat sits", 12: "a cat jumps"}], ["ratio 16:9 | wide"]]
+    assert warnings(caplog)[-1] == (f"Skipping {folder / 'c.png'}: "
+                                    "Prompt schedule frame 16 is outside the video's frames 0 to 15")
+    records = read_records(out / "manifest.jsonl")
+    assert [(r["prompt"], r["prompt_schedule"]) for r in records] == [
+        ("0: a cat sits | 12: a cat jumps", {"0": "a cat sits", "12": "a cat jumps"}), ("ratio 16:9 | wide", None)]
+
+
+def test_a_bad_timed_prompt_text_is_refused_before_the_model_loads(fake, tmp_path, caplog):
+    image = make_image(tmp_path / "a.png")
+    assert cli.main(["256", "--image_path", str(image), "--prompt_text", "0: sits | jumps", "--device", "cpu"]) == 2
+    assert errors(caplog) == ["--prompt_text: Part 'jumps' of the timed prompt '0: sits | jumps' is not "
+                              "'<frame>: <prompt>'; write e.g. '0: a cat sits | 48: a cat jumps'."]
     assert not fake

@@ -100,6 +100,15 @@ BAD_INPUTS = [
     (dict(mask=np.zeros((64, 64), np.int64)), "The mask array must be uint8, uint16 or float in [0, 1], got int64."),
     (dict(mask="does/not/exist.png"), "Mask does/not/exist.png does not exist."),
     (dict(mask=[IMAGE, IMAGE]), "Got 1 image(s) but 2 mask(s); give one mask per image."),
+    (dict(prompt={}), "The prompt schedule is empty; give at least one frame and its prompt, "
+                      "e.g. {0: 'a cat sits', 48: 'a cat jumps'}."),
+    (dict(prompt={0: "a", 3: "b"}), "Prompt schedule frame 3 is outside the video's frames 0 to 2."),
+    (dict(prompt={-1: "a", 2: "b"}), "Prompt schedule frame -1 is outside the video's frames 0 to 2."),
+    (dict(prompt={"0": "a", 2: "b"}), "Prompt schedule frames must be integers, got '0'."),
+    (dict(prompt={0.5: "a"}), "Prompt schedule frames must be integers, got 0.5."),
+    (dict(prompt={True: "a"}), "Prompt schedule frames must be integers, got True."),
+    (dict(prompt={0: "a", 2: None}), "The prompt of schedule frame 2 must be a string, got NoneType."),
+    (dict(prompt=[{0: "a", 2: 5}]), "The prompt of schedule frame 2 must be a string, got int."),
 ]
 
 

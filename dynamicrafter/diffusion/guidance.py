@@ -64,8 +64,10 @@ class GuidanceBranches:
     ``uncond_context`` the unconditional one (negative prompt + an all-zero image's tokens), or
     ``None`` without guidance or when two-scale guidance with an image scale of 1 cancels it;
     ``image_context`` the two-scale guidance's image branch (negative prompt + the real image
-    tokens), or ``None``. Every branch shares ``concat`` ``[B, 4, T, h, w]`` (the image latents
-    concatenated to the noisy latent) and ``fs`` ``[B]`` (frame stride or frame rate).
+    tokens), or ``None``. The conditional context may also be per frame, ``[B, T, L, D]``
+    (several prompts over time); the others keep theirs on every frame. Every branch shares
+    ``concat`` ``[B, 4, T, h, w]`` (the image latents concatenated to the noisy latent) and
+    ``fs`` ``[B]`` (frame stride or frame rate).
     """
 
     context: torch.Tensor
@@ -100,7 +102,7 @@ def guided_model(unet: UNetFn, branches: GuidanceBranches, scale: float, rescale
     batched = n > 1 and not sequential
     if batched:  # what stays the same at every step, repeated once for the batch of n branches
         concat_n = torch.cat([branches.concat] * n)
-        context_n = torch.cat(contexts)
+        context_n = torch.cat(_per_frame_if_any(contexts, branches.concat.shape[2]))
         fs_n = torch.cat([branches.fs] * n)
 
     def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -120,3 +122,10 @@ def guided_model(unet: UNetFn, branches: GuidanceBranches, scale: float, rescale
         return combine([unet(x_in, t, context, branches.fs).float() for context in contexts])
 
     return model_fn
+
+
+def _per_frame_if_any(contexts: list[torch.Tensor], frames: int) -> list[torch.Tensor]:
+    """The contexts as they batch: when one is per frame ``[B, T, L, D]``, each ``[B, L, D]`` repeated on every frame."""
+    if all(c.dim() == 3 for c in contexts):
+        return contexts
+    return [c if c.dim() == 4 else c[:, None].expand(-1, frames, -1, -1) for c in contexts]

@@ -193,7 +193,7 @@ class Stage(nn.ModuleList):
 
 
 class UNet3D(nn.Module):
-    """The denoiser: ``(x [B, 8, T, h, w], t [B], context [B, L, D], fs [B]) -> [B, 4, T, h, w]``."""
+    """The denoiser: ``(x [B, 8, T, h, w], t [B], context [B, L, D] or [B, T, L, D], fs [B]) -> [B, 4, T, h, w]``."""
 
     #: The blocks that repeat through the network, what regional compilation compiles one by one
     #: (:func:`dynamicrafter.runtime.compile_repeated_blocks`): each traces to one graph, no break.
@@ -305,10 +305,19 @@ class UNet3D(nn.Module):
 
         When the context holds exactly ``text + num_frames * 16`` tokens, frame ``i`` gets the
         text tokens and its own 16 image tokens; otherwise every frame gets the whole context.
+        A per-frame context ``[B, T, L, D]`` (several prompts over time, FreeNoise's multi-prompt
+        mode) gives frame ``i`` row ``i``, split by the same rule.
         """
         cfg = self.config
-        b, length, dim = context.shape
         per_frame = cfg.image_tokens_per_frame
+        if context.dim() == 4:
+            b, _, length, dim = context.shape
+            if length == cfg.text_context_len + num_frames * per_frame:
+                own = torch.arange(num_frames, device=context.device)
+                image = context[:, :, cfg.text_context_len:].unflatten(2, (num_frames, per_frame))[:, own, own]
+                context = torch.cat([context[:, :, : cfg.text_context_len], image], dim=2)
+            return context.reshape(b * num_frames, -1, dim)
+        b, length, dim = context.shape
         if length == cfg.text_context_len + num_frames * per_frame:
             text = context[:, : cfg.text_context_len].repeat_interleave(num_frames, dim=0)
             image = context[:, cfg.text_context_len:].reshape(b * num_frames, per_frame, dim)
