@@ -248,8 +248,10 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            "chained segments: each of num_frames frames, each later one animating the frame of the one before "
            "where their overlap starts; per-segment prompts from a list or one prompt-file line per segment",
            minimum=1, maximum=MAX_SEGMENTS, ui=(1, 8, 1), label="Segments (chained)"),
-    Option("overlap", int, 4, "chained segments: frames two segments share, cross-faded (0 joins them end to end)",
-           minimum=0, maximum=MAX_FRAMES - 1, ui=(0, 8, 1), label="Overlap between segments (frames)"),
+    Option("overlap", int, None,
+           "chained segments: frames two segments share, cross-faded (0 joins them end to end)",
+           minimum=0, maximum=MAX_FRAMES - 1, ui=(0, 8, 1), label="Overlap between segments (frames)",
+           none_means="a quarter of num_frames, 4 of 16"),
     Option("cut_near_keyframes", int, 1,
            "keyframes: frames dropped where two interpolations meet at a keyframe, as kijai's node (one pass): "
            "1 drops the repeated keyframe, 2 both its copies, 3 one more after it, ...; 0 keeps the repeat",

@@ -295,7 +295,7 @@ class DynamiCrafterImg2VideoPipeline:
         window_stride: int = DEFAULTS.window_stride,
         noise_rescheduling: bool = DEFAULTS.noise_rescheduling,
         segments: int = DEFAULTS.segments,
-        overlap: int = DEFAULTS.overlap,
+        overlap: int | None = DEFAULTS.overlap,
         keyframes: Sequence[ImageInput] | None = None,
         loop: bool = False,
         cut_near_keyframes: int = DEFAULTS.cut_near_keyframes,
@@ -360,7 +360,8 @@ class DynamiCrafterImg2VideoPipeline:
                 ``negative_prompt``) may then be a list of one per segment. A list of prompts
                 without ``segments`` keeps its meaning: one per image of a batch.
             overlap: frames two chained segments share, cross-faded; 0 to ``num_frames - 1``
-                (default 4). The video has ``segments * num_frames - (segments - 1) * overlap`` frames.
+                (default a quarter of ``num_frames``: 4 of 16). The video has
+                ``segments * num_frames - (segments - 1) * overlap`` frames.
             keyframes: instead of ``image``, two or more images of one size (interpolation models):
                 one interpolation of ``num_frames`` per consecutive pair, joined into one video
                 without repeating the shared keyframe; ``prompt`` may be a list of one per

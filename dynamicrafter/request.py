@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GenerationRequest", "MODES", "MIN_INTERP_FRAMES", "OUTPUT_TYPES", "CALLBACK_TENSOR_INPUTS",
            "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop", "model_defaults",
-           "SequenceRequest", "check_segments", "check_keyframes", "check_keyframe_sizes", "joined_frames",
+           "SequenceRequest", "check_segments", "check_keyframes", "check_keyframe_sizes", "joined_frames", "default_overlap",
            "per_piece"]
 
 #: How a video is made: from one image, between two images, or a seamless loop of one image.
@@ -314,6 +314,11 @@ def joined_frames(num_frames: int, pieces: int, overlap: int = 0, cut: int = 0, 
     return pieces * num_frames - junctions * (overlap + cut)
 
 
+def default_overlap(num_frames: int) -> int:
+    """The overlap of chained segments left to the default: a quarter of their frames (4 of 16)."""
+    return num_frames // 4
+
+
 def check_segments(num_frames: int, segments: int, overlap: int,
                    names: tuple[str, str, str] = ("segments", "overlap", "num_frames")) -> int:
     """The frames chained ``segments`` give, or one sentence: the overlap must leave each segment a frame of its own."""
@@ -396,6 +401,7 @@ class SequenceRequest:
         segments, overlap, cut = (OPTIONS[n].check(v) for n, v in (
             ("segments", segments), ("overlap", overlap), ("cut_near_keyframes", cut_near_keyframes)))
         frames = OPTIONS["num_frames"].check(num_frames)
+        overlap = default_overlap(frames) if overlap is None else overlap
         if not isinstance(loop, bool):
             raise UserError(f"loop must be True or False, got {type(loop).__name__} {loop!r}.")
         if keyframes is not None and segments > 1:
