@@ -3,15 +3,20 @@ sequence is made of, and the tiny interpolation model's videos (the first piece 
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from dynamicrafter import cli
 from dynamicrafter.errors import UserError
 from dynamicrafter.request import SequenceRequest, joined_frames
 from dynamicrafter.sequences import conditioning_frame, crossfade_weights, join_pieces, make_sequence
 
-from .conftest import DATA, load_tiny
+from .conftest import DATA, load_tiny, make_image, read_video, tiny_args
 
 FAST = dict(num_inference_steps=2, num_frames=4, height=64, width=64)
 INTERP = load_tiny("tiny512").config.replace(interp=True)
@@ -155,9 +160,85 @@ def test_bad_sequences_are_one_sentence(tiny512_interp, kwargs, message):
 
 
 def test_keyframe_files_of_different_sizes_are_named(tiny512_interp, tmp_path):
-    from .conftest import make_image
-
     files = [make_image(tmp_path / "a.png"), make_image(tmp_path / "b.png"), make_image(tmp_path / "c.png", (80, 64))]
     with pytest.raises(UserError) as info:
         tiny512_interp(keyframes=files, **FAST)
     assert str(info.value) == "Keyframe 3 (c.png) is 80x64 but keyframe 1 is 64x64; give keyframes of one size."
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def interp_args() -> list[str]:
+    """The tiny model as 512_interp on the command line: 2 steps, 4 frames of 64x64, on the CPU."""
+    return ["512_interp", *tiny_args("tiny512"), "--device", "cpu", "--dtype", "float32"]
+
+
+def manifest_lines(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_cli_keyframes_loop_is_one_video_of_the_joined_frame_count(tmp_path):
+    keys_ = [make_image(tmp_path / f"k{i}.png") for i in range(3)]
+    out = tmp_path / "out"
+    assert cli.main([*interp_args(), "--keyframes", *map(str, keys_), "--loop", "--prompt_text", "p",
+                     "--output_dir", str(out)]) == 0
+    assert read_video(out / "k0.mp4")[1] == joined_frames(4, 3, cut=1, loop=True) == 9
+    (line,) = manifest_lines(out)
+    assert line["keyframes"] == list(map(str, keys_)) and line["loop"] is True and line["frames"] == 9
+    assert line["prompts"] == ["p"] and line["settings"]["cut_near_keyframes"] == 1
+    assert cli.main([*interp_args(), "--keyframes", *map(str, keys_), "--loop", "--output_dir", str(out)]) == 0
+    assert len(manifest_lines(out)) == 1  # complete at the expected frame count: skipped
+
+
+def test_cli_segments_take_one_prompt_line_each(tmp_path):
+    image = make_image(tmp_path / "cat.png")
+    (tmp_path / "cat.txt").write_text("walks\n\nruns\n")
+    out = tmp_path / "out"
+    assert cli.main([*interp_args(), "--image_path", str(image), "--segments", "2", "--overlap", "1",
+                     "--output_dir", str(out)]) == 0
+    assert read_video(out / "cat.mp4")[1] == 7  # 2 x 4 - 1
+    (line,) = manifest_lines(out)
+    assert line["prompts"] == ["walks", "runs"] and line["prompt"] == "walks"
+    assert {k: line["settings"][k] for k in ("segments", "overlap")} == {"segments": 2, "overlap": 1}
+
+
+def test_cli_sequence_makes_one_video_of_the_sorted_folder(tmp_path):
+    folder = tmp_path / "walk"
+    for name in ("b.png", "a.png", "c.png"):
+        make_image(folder / name)
+    (folder / "test_prompts.txt").write_text("first\nsecond\n")
+    out = tmp_path / "out"
+    assert cli.main([*interp_args(), "--prompt_dir", str(folder), "--interp", "--sequence",
+                     "--output_dir", str(out)]) == 0
+    (line,) = manifest_lines(out)
+    assert line["video"] == "walk.mp4" and [Path(k).name for k in line["keyframes"]] == ["a.png", "b.png", "c.png"]
+    assert line["prompts"] == ["first", "second"] and read_video(out / "walk.mp4")[1] == 7
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (["--keyframes", "{a}"], 2, "--keyframes needs at least 2 images (a start and an end keyframe), got 1."),
+    (["--keyframes", "{a}", "{big}"], 1, "Keyframe 2 (big.png) is 80x64 but keyframe 1 is 64x64; give keyframes of "
+                                         "one size."),
+    (["--image_path", "{a}", "--segments", "2", "--overlap", "4"], 2,
+     "--overlap must be less than --video_length (4), got 4: each segment needs frames of its own."),
+    (["--prompt_dir", "{folder}", "--interp", "--segments", "2"], 2,
+     "--segments chains videos of one image; it cannot be combined with --interp (keyframes already make one "
+     "interpolation per pair)."),
+    (["--prompt_dir", "{folder}", "--sequence"], 2,
+     "--sequence makes one video through every image of the folder; give it with --interp or --loop."),
+    (["--keyframes", "{a}", "{a}", "--cut_near_keyframes", "4"], 2,
+     "--cut_near_keyframes must be less than --video_length (4), got 4: every interpolation must keep frames of "
+     "its own."),
+])
+def test_cli_bad_sequences_are_one_line_before_the_model_loads(tmp_path, caplog, argv, code, message):
+    a, big = make_image(tmp_path / "in" / "a.png"), make_image(tmp_path / "big.png", (80, 64))
+    argv = [arg.format(a=a, big=big, folder=tmp_path / "in") for arg in argv]
+    assert cli.main([*interp_args(), *argv, "--output_dir", str(tmp_path / "out")]) == code
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [message]
+
+
+def test_cli_segments_zero_is_a_usage_error(tmp_path, caplog):
+    assert cli.main([*interp_args(), "--segments", "0"]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "--segments: must be between 1 and 64, got 0."]
