@@ -242,3 +242,4 @@ def test_cli_segments_zero_is_a_usage_error(tmp_path, caplog):
     assert cli.main([*interp_args(), "--segments", "0"]) == 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "--segments: must be between 1 and 64, got 0."]
+
