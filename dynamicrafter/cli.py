@@ -42,12 +42,23 @@ from .frontend import (
     run_command,
 )
 from .images import load_image
-from .jobs import Job, find_images, make_jobs
+from .jobs import PROMPT_LIST_NAME, Job, find_images, make_jobs, make_sequence_jobs
 from .manifest import MANIFEST_NAME, append_record
 from .masks import load_mask
 from .options import CALL_OPTIONS, OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
 from .prompt_schedule import EXAMPLE, check_schedule, parse_prompt
-from .request import check_frames, check_mode, check_windows, close_loop, model_defaults
+from .request import (
+    check_frames,
+    check_keyframe_sizes,
+    check_keyframes,
+    check_mode,
+    check_segments,
+    check_windows,
+    close_loop,
+    default_overlap,
+    joined_frames,
+    model_defaults,
+)
 from .video import is_complete_video
 
 if TYPE_CHECKING:
@@ -87,6 +98,12 @@ def build_parser(prog: str = "run_pipeline.py", usage: str | None = None,
     inputs.add_argument("--mask", type=Path, metavar="FILE",
                         help="motion mask for every image: a greyscale image of the images' size or aspect ratio; "
                              "black is held to the image, any other value moves (see docs/control.md)")
+    inputs.add_argument("--keyframes", type=Path, nargs="+", metavar="IMAGE",
+                        help="interpolation model: one video through these keyframes, in order, named after the "
+                             "first (with --loop back to the first); see docs/long-videos.md")
+    inputs.add_argument("--sequence", action="store_true",
+                        help="with --interp or --loop: one video through every image of --prompt_dir in sorted "
+                             "order as keyframes, named after the folder, instead of one video per pair or image")
     add_arguments(inputs, ["batch_size"])
     inputs.add_argument("--overwrite", action="store_true", help="make videos again even if their files exist")
     add_model_arguments(parser.add_argument_group("model and hardware"))
@@ -94,7 +111,14 @@ def build_parser(prog: str = "run_pipeline.py", usage: str | None = None,
 
 
 def _mode(args: argparse.Namespace) -> str:
+    if args.keyframes and not args.loop:
+        return "interp"
     return "interp" if args.interp else "loop" if args.loop else "single"
+
+
+def _keyframed(args: argparse.Namespace) -> bool:
+    """Whether the run makes one keyframe sequence (``--keyframes``, or ``--sequence`` over a folder)."""
+    return bool(args.keyframes) or args.sequence
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -118,9 +142,10 @@ def _defaults(args: argparse.Namespace, mode: str) -> tuple[int, Path, Path]:
 def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> None:
     """Refuse, before the model loads, a mode or a frame count the model cannot make (the request rules)."""
     try:
-        check_mode(config, mode, f"--{mode}")
+        check_mode(config, mode, "--keyframes" if args.keyframes else f"--{mode}")
         check_frames(config, args.num_frames, mode, "--video_length")
         check_windows(config, args.window_size, args.window_stride, ("--window_size", "--window_stride"))
+        _check_sequence_flags(args, mode, config)
     except UserError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     if args.image_embed_ratio != 1.0 and mode == "single":
@@ -155,16 +180,68 @@ def _check_prompts(jobs: list[Job], frames: int) -> list[Job]:
     return checked
 
 
-def _frames_written(job: Job, frames: int) -> int:
-    """How many frames the video of ``job`` has once written (a loop drops its repeated last frame)."""
+def _check_sequence_flags(args: argparse.Namespace, mode: str, config: ModelConfig) -> None:
+    """The long-video flags' rules (the request's, with the flags' names) that need no image."""
+    if args.sequence and mode == "single":
+        raise UserError("--sequence makes one video through every image of the folder; give it with --interp "
+                        "or --loop.")
+    if args.keyframes and (args.sequence or args.image_path is not None):
+        raise UserError("--keyframes names the images itself; leave out --sequence and --image_path.")
+    if args.sequence and args.image_path is not None:
+        raise UserError("--sequence makes one video of the whole --prompt_dir; leave out --image_path.")
+    if args.segments > 1 and mode != "single":
+        raise UserError(f"--segments chains videos of one image; it cannot be combined with "
+                        f"{'--keyframes' if args.keyframes else '--sequence' if args.sequence else '--' + mode} "
+                        "(keyframes already make one interpolation per pair).")
+    check_segments(args.num_frames, args.segments, _overlap(args), ("--segments", "--overlap", "--video_length"))
+    if args.keyframes:
+        check_keyframes(config, len(args.keyframes), args.num_frames, args.cut_near_keyframes, args.loop,
+                        KEYFRAME_FLAGS)
+
+
+#: The names the keyframe rules use on the command line.
+KEYFRAME_FLAGS = ("--keyframes", "--cut_near_keyframes", "--video_length")
+
+
+def _overlap(args: argparse.Namespace) -> int:
+    """The chained segments' overlap used: ``--overlap``, else a quarter of ``--video_length``."""
+    return default_overlap(args.num_frames) if args.overlap is None else args.overlap
+
+
+def _sequence_jobs(args: argparse.Namespace, images: list[Path], prompt_dir: Path, output_dir: Path,
+                   seed: int, config: ModelConfig) -> list[Job]:
+    """The one keyframe sequence of ``--keyframes`` or ``--sequence``, its keyframes checked (count, one size)."""
+    try:
+        check_keyframes(config, len(images), args.num_frames, args.cut_near_keyframes, args.loop,
+                        ("--sequence" if args.sequence else "--keyframes", *KEYFRAME_FLAGS[1:]))
+    except UserError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    check_keyframe_sizes([load_image(image) for image in images], [image.name for image in images])
+    name = (prompt_dir.resolve().name or "keyframes") if args.sequence else images[0].stem
+    return make_sequence_jobs(images, output_dir, name=name, loop=args.loop, prompt_text=args.prompt_text,
+                              prompt_list=prompt_dir / PROMPT_LIST_NAME if args.sequence else None, seed=seed,
+                              n_samples=args.num_videos_per_prompt)
+
+
+def _frames_written(job: Job, frames: int, args: argparse.Namespace | None = None) -> int:
+    """How many frames the video of ``job`` has once written (a loop drops its repeated last frame).
+
+    With ``args``, a sequence's: its pieces joined (:func:`~dynamicrafter.request.joined_frames`).
+    """
+    if args is not None and job.keyframes:
+        pieces = len(job.keyframes) if job.loop else len(job.keyframes) - 1
+        return joined_frames(frames, pieces, cut=args.cut_near_keyframes, loop=job.loop)
+    if args is not None and args.segments > 1:
+        return joined_frames(frames, args.segments, _overlap(args))
     return frames - 1 if job.loop else frames
 
 
-def _still_to_make(jobs: list[Job], frames: int, overwrite: bool) -> list[Job]:
+def _still_to_make(jobs: list[Job], frames: int, overwrite: bool, args: argparse.Namespace | None = None
+                   ) -> list[Job]:
     """The jobs whose video is not yet a complete, playable file of the expected frame count."""
     todo = []
     for job in jobs:
-        expected = _frames_written(job, frames)
+        expected = _frames_written(job, frames, args)
         if overwrite or not job.output.exists():
             todo.append(job)
         elif not is_complete_video(job.output, expected):
@@ -228,6 +305,7 @@ class _Runner:
         used = model_defaults(pipe.config)
         self.recorded = {name: used[name] if value is None and name in used else value
                          for name, value in self.settings.items()}
+        self.recorded["overlap"] = _overlap(args)
         self.done = self.failed = 0
 
     def run(self, jobs: list[Job]) -> None:
@@ -265,6 +343,10 @@ class _Runner:
 
         if not ready:
             return
+        if any(job.keyframes or self.args.segments > 1 for job, _ in ready):
+            for job, (start, _) in ready:  # a sequence is one video per call
+                self._write(job, lambda job=job, start=start: self._sequence(job, start))
+            return
         jobs = [job for job, _ in ready]
         ends = [end for _, (_, end) in ready]
         negative = self.args.negative_prompt
@@ -291,19 +373,43 @@ class _Runner:
             video = videos[index : index + 1]
             if job.loop:
                 video = close_loop(video)
-            try:
-                self.pipe.save_video(video, job.output, fps=self.args.fps)  # written aside, checked, renamed
-            except OSError as exc:
-                self._fail(job, exc)
-                continue
-            try:
-                self._record(job, seconds, frames=video.shape[1])
-            except OSError as exc:
-                self._fail(job, f"{job.output} was written but its line in {self.manifest} was not "
-                                f"({exc.strerror or exc})")
-                continue
-            self.done += 1
-            logger.info("%s -> %s", job.image, job.output)
+            self._save(job, video, seconds)
+
+    def _sequence(self, job: Job, start: Any) -> Any:
+        """The video of a sequence job: chained segments of its image, or its keyframes (see docs/long-videos.md)."""
+        import torch
+
+        negative = self.args.negative_prompt
+        return self.pipe(
+            image=None if job.keyframes else start, keyframes=list(job.keyframes) or None, loop=bool(job.keyframes)
+            and job.loop, prompt=list(job.prompts or (job.prompt,)), negative_prompt=negative,
+            generator=torch.Generator(device=self.pipe.device).manual_seed(job.seed), **self.settings)["videos"]
+
+    def _write(self, job: Job, make: Any) -> None:
+        """Make one job's video with ``make()`` and save it; a refused input or a non-finite result fails the job."""
+        started = time.perf_counter()
+        try:
+            video = make()
+        except (UserError, GenerationError) as exc:
+            self._fail(job, exc)
+            return
+        self._save(job, video, time.perf_counter() - started)
+
+    def _save(self, job: Job, video: Any, seconds: float) -> None:
+        """Write one video (aside, checked, renamed) and its manifest line."""
+        try:
+            self.pipe.save_video(video, job.output, fps=self.args.fps)  # written aside, checked, renamed
+        except OSError as exc:
+            self._fail(job, exc)
+            return
+        try:
+            self._record(job, seconds, frames=video.shape[1])
+        except OSError as exc:
+            self._fail(job, f"{job.output} was written but its line in {self.manifest} was not "
+                            f"({exc.strerror or exc})")
+            return
+        self.done += 1
+        logger.info("%s -> %s", job.image, job.output)
 
     def _record(self, job: Job, seconds: float, frames: int) -> None:
         config = self.pipe.config
@@ -313,6 +419,8 @@ class _Runner:
             "loop": job.loop, "prompt": job.prompt, "prompt_schedule": _schedule_record(job.prompt),
             "negative_prompt": self.args.negative_prompt,
             "seed": job.seed, "sample": job.sample, "frames": int(frames), "fps": self.args.fps,
+            "keyframes": [str(k) for k in job.keyframes] or None,
+            "prompts": list(job.prompts) if job.keyframes or self.args.segments > 1 else None,
             "settings": self.recorded, **({} if self.args.mask is None else {"mask": str(self.args.mask)}),
             "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
             "dtype": str(self.pipe.dtype).replace("torch.", ""), "quantize": self.pipe.quantize,
@@ -342,14 +450,17 @@ def _run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     seed, prompt_dir, output_dir = _defaults(args, mode)
     try:
-        images = find_images(args.image_path, prompt_dir)
-        jobs = make_jobs(images, output_dir, mode=mode, prompt_text=args.prompt_text, seed=seed,
-                         n_samples=args.num_videos_per_prompt)
+        images = list(args.keyframes) if args.keyframes else find_images(args.image_path, prompt_dir)
+        if _keyframed(args):
+            jobs = _sequence_jobs(args, images, prompt_dir, output_dir, seed, config)
+        else:
+            jobs = make_jobs(images, output_dir, mode=mode, prompt_text=args.prompt_text, seed=seed,
+                             n_samples=args.num_videos_per_prompt, segments=args.segments)
     except UserError as exc:
         raise CliError(str(exc)) from None
     jobs = _check_prompts(jobs, args.num_frames)
     mine = ranks.share(jobs)
-    todo = _still_to_make(mine, args.num_frames, args.overwrite)
+    todo = _still_to_make(mine, args.num_frames, args.overwrite, args)
     skipped = len(mine) - len(todo)
     device = None
     if todo:  # something to make: only now torch is imported, to check the device and --quantize

@@ -14,6 +14,13 @@ pair *i*); else empty, with a warning. Any of them may be several prompts over t
 as written and the command line reads it. Video *i* with ``n_samples = K`` becomes ``K`` jobs whose
 seeds are ``seed + k``: a job's noise depends on its seed only, never on the batch it runs in or
 on the rank that runs it.
+
+Long videos (:mod:`dynamicrafter.sequences`): with ``--segments K`` an image's own ``.txt`` file
+may hold one line per segment (a single line is every segment's). A keyframe sequence
+(``--keyframes a.png b.png ...``, or ``--sequence`` with ``--interp``/``--loop``: the whole
+sorted folder) is one video (per sample), named after its first keyframe (after the folder with
+``--sequence``); its prompts are ``--prompt_text``, else the first keyframe's ``.txt``, else the
+folder's ``test_prompts.txt`` (``--sequence`` only): one line per interpolation, or one line.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from .errors import UserError
 from .images import IMAGE_EXTENSIONS
 from .request import MODES
 
-__all__ = ["Job", "MODES", "PROMPT_LIST_NAME", "list_images", "find_images", "make_jobs", "output_names"]
+__all__ = ["Job", "MODES", "PROMPT_LIST_NAME", "list_images", "find_images", "make_jobs", "output_names",
+           "make_sequence_jobs"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ class Job:
 
     ``end_image`` is the interpolation partner (the image itself for a loop); ``problem`` is set
     for a job that cannot run (an image without a partner) and is reported as failed.
+    ``keyframes`` are a keyframe sequence's images (``image`` is the first; ``loop`` closes it);
+    ``prompts`` are the per-piece prompts of a sequence (``prompt`` is the first).
     """
 
     image: Path
@@ -49,6 +59,8 @@ class Job:
     end_image: Path | None = None
     loop: bool = False
     problem: str | None = None
+    keyframes: tuple[Path, ...] = ()
+    prompts: tuple[str, ...] = ()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -139,11 +151,12 @@ def output_names(stems: list[tuple[str, str]]) -> list[str]:
 
 
 def make_jobs(images: list[Path], output_dir: Path, *, mode: str = "single", prompt_text: str | None = None,
-              seed: int = 123, n_samples: int = 1) -> list[Job]:
+              seed: int = 123, n_samples: int = 1, segments: int = 1) -> list[Job]:
     """Every job of a run, in a fixed order (the same list on every rank).
 
     ``images`` share one folder (or are a single ``--image_path``). With ``mode="interp"`` they
-    are paired in order; an odd image out becomes a job with a ``problem``.
+    are paired in order; an odd image out becomes a job with a ``problem``. With ``segments > 1``
+    an image's own ``.txt`` gives one prompt per line (``Job.prompts``).
     """
     if mode not in MODES:  # a programming error: the command line offers only these
         raise UserError(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}.")
@@ -153,14 +166,46 @@ def make_jobs(images: list[Path], output_dir: Path, *, mode: str = "single", pro
     jobs = []
     for (first, second), name in zip(units, names):
         prompt = _prompt(first, prompt_text, listed)
+        lines = _lines(prompt) if segments > 1 and prompt_text is None else (prompt,)
+        prompt = lines[0]
         problem = None
         if mode == "interp" and second is None:
             problem = f"{first.name} has no partner image (interpolation needs images in pairs)"
         for sample in range(n_samples):
             suffix = f"_sample{sample}" if n_samples > 1 else ""
             jobs.append(Job(first, prompt, output_dir / f"{name}{suffix}.mp4", seed + sample, sample,
-                            second, mode == "loop", problem))
+                            second, mode == "loop", problem, prompts=lines))
     return jobs
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    """A prompt file's non-empty lines, stripped (at least one, perhaps empty)."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip()) or ("",)
+
+
+def make_sequence_jobs(keyframes: list[Path], output_dir: Path, *, name: str, loop: bool = False,
+                       prompt_text: str | None = None, prompt_list: Path | None = None, seed: int = 123,
+                       n_samples: int = 1) -> list[Job]:
+    """The jobs of one keyframe sequence: one video ``<name>.mp4`` (per sample) through every keyframe.
+
+    The prompts are ``prompt_text``, else the lines of the first keyframe's ``.txt``, else those
+    of ``prompt_list`` (a folder's ``test_prompts.txt``), else empty with a warning: one line per
+    interpolation, or one for all.
+    """
+    first = keyframes[0]
+    own = first.with_suffix(".txt")
+    if prompt_text is not None:
+        prompts: tuple[str, ...] = (prompt_text,)
+    elif own.is_file():
+        prompts = _lines(_read_text(own))
+    elif prompt_list is not None and prompt_list.is_file():
+        prompts = _lines(_read_text(prompt_list))
+    else:
+        logger.warning("No prompt for the keyframes of %s (no %s%s); using an empty prompt.", first.parent, own.name,
+                       "" if prompt_list is None else f", no {prompt_list.name}")
+        prompts = ("",)
+    return [Job(first, prompts[0], output_dir / f"{name}{f'_sample{k}' if n_samples > 1 else ''}.mp4", seed + k, k,
+                loop=loop, keyframes=tuple(keyframes), prompts=prompts) for k in range(n_samples)]
 
 
 def _prompt(image: Path, prompt_text: str | None, listed: dict[Path, str]) -> str:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Option", "SAMPLING_OPTIONS", "RUNTIME_OPTIONS", "OPTIONS", "CALL_OPTIONS", "DEFAULTS", "MAX_SEED", "MAX_FRAMES",
-    "MAX_SIDE", "MAX_STEPS", "MODEL_ARGUMENTS", "SAMPLERS", "SPACINGS", "OFFLOAD_MODES", "QUANTIZE_MODES", "COMPILE_MODES",
+    "MAX_SIDE", "MAX_STEPS", "MAX_SEGMENTS", "MAX_CUT",
+    "MODEL_ARGUMENTS", "SAMPLERS", "SPACINGS", "OFFLOAD_MODES", "QUANTIZE_MODES", "COMPILE_MODES",
     "add_arguments", "add_model_arguments", "check_number", "check_device_name", "motion_control", "number_arg",
 ]
 
@@ -39,6 +40,10 @@ MAX_SEED = 2**32 - 1
 #: Most frames one video may have: the models are trained on 16 (longer videos attend in windows of
 #: frames, ``window_size``); memory grows linearly.
 MAX_FRAMES = 128
+#: Most chained segments of one video (``segments``).
+MAX_SEGMENTS = 64
+#: Most frames cut where two keyframe interpolations meet (``cut_near_keyframes``; kijai's node allows 5).
+MAX_CUT = 5
 #: Largest output height or width in pixels (the largest released model makes 576x1024).
 MAX_SIDE = 2048
 #: Most sampling steps (the models have 1000 training timesteps).
@@ -248,6 +253,18 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            "(1 = the start image only, as the original; 0 = the end image only)",
            minimum=0, maximum=1, applies=lambda config: config.interp, ui=(0.0, 1.0, 0.05),
            label="Start/end image embedding mix"),
+    Option("segments", int, 1,
+           "chained segments: each of num_frames frames, each later one animating the frame of the one before "
+           "where their overlap starts; per-segment prompts from a list or one prompt-file line per segment",
+           minimum=1, maximum=MAX_SEGMENTS, ui=(1, 8, 1), label="Segments (chained)"),
+    Option("overlap", int, None,
+           "chained segments: frames two segments share, cross-faded (0 joins them end to end)",
+           minimum=0, maximum=MAX_FRAMES - 1, ui=(0, 8, 1), label="Overlap between segments (frames)",
+           none_means="a quarter of num_frames, 4 of 16"),
+    Option("cut_near_keyframes", int, 1,
+           "keyframes: frames dropped where two interpolations meet at a keyframe, as kijai's node (one pass): "
+           "1 drops the repeated keyframe, 2 both its copies, 3 one more after it, ...; 0 keeps the repeat",
+           minimum=0, maximum=MAX_CUT, ui=(0, MAX_CUT, 1), label="Frames cut at each keyframe"),
     Option("height", int, None, f"video height in pixels, a multiple of 64 up to {MAX_SIDE}",
            minimum=64, maximum=MAX_SIDE),
     Option("width", int, None, f"video width in pixels, a multiple of 64 up to {MAX_SIDE}",

@@ -4,10 +4,13 @@ One process serves one model. The page has the generation controls, an optional 
 (a brush over the input image, or a mask upload; :mod:`dynamicrafter.masks`), a video player with a
 download button, the seed and time of the last run, a progress bar that follows the sampler,
 and example inputs from ``prompts/<model>/`` when that folder ships with the checkout. For the
-interpolation model the page instead has an "Interpolation / looping" tab (start and end image).
+interpolation model the page instead has an "Interpolation / looping" tab (start and end image)
+and a "Keyframes" tab (several images, one video through all of them). A longer video from one
+image comes in chained segments ("Longer video": ``segments``, ``overlap``; the prompt's lines
+are the segments' prompts).
 
 Everything is served locally: no share link unless asked for, no telemetry, no version check.
-The generation endpoints (``/generate``, and ``/interpolate`` for the interpolation model) can
+The generation endpoints (``/generate``, and ``/interpolate`` and ``/keyframes`` for the interpolation model) can
 also be called with ``gradio_client``. ``dynamicrafter app`` (:mod:`dynamicrafter.app`) checks its
 flags, loads the model and serves this page.
 """
@@ -49,6 +52,9 @@ ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale"
 #: FreeNoise's windows: shown only while the frame count is above the model's trained length.
 WINDOW_CONTROLS = ("window_size", "window_stride")
 CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS)
+#: Chained segments of ``/generate`` (folded under "Longer video") and the keyframe cut of ``/keyframes``.
+SEGMENT_CONTROLS = ("segments", "overlap")
+KEYFRAME_CONTROLS = ("cut_near_keyframes",)
 
 
 def _fail(message: str) -> gr.Error:
@@ -100,7 +106,7 @@ class _VideoMaker:
         A page error names the control.
         """
         checked: dict[str, Any] = {}
-        for name in CONTROLS:
+        for name in (*CONTROLS, *(n for n in (*SEGMENT_CONTROLS, *KEYFRAME_CONTROLS) if n in values)):
             option, value = OPTIONS[name], values[name]
             label, (low, high, _) = _slider(option, self.config)
             if option.choices is not None:
@@ -129,13 +135,18 @@ class _VideoMaker:
             raise _fail(str(exc)) from None
         return checked
 
-    def run(self, image: Image.Image, end_image: Image.Image | None, mode: str, prompt: Any,
+    def run(self, image: Image.Image | None, end_image: Image.Image | None, mode: str, prompt: Any,
             values: dict[str, Any], random_seed: Any, progress: gr.Progress, **extra: Any) -> tuple[str, int, str]:
         """Generate one video of ``mode`` (see :data:`~dynamicrafter.request.MODES`); ``extra``: more pipeline keywords.
 
+        ``extra`` may hold the pipeline's keyframe keywords (``keyframes``, ``loop``). With chained
+        segments or keyframes, each non-empty line of the prompt is one piece's prompt.
         Returns (mp4 path in Gradio's cache, seed used, timing message).
         """
         settings = self.check(values, mode)
+        text = str(prompt or "")
+        if settings.get("segments", 1) > 1 or "keyframes" in extra:
+            prompt = [line.strip() for line in text.splitlines() if line.strip()] or [""]
         seed = random.randint(0, MAX_SEED) if random_seed else settings.pop("seed")
         settings.pop("seed", None)
         fps = settings.pop("fps")
@@ -149,8 +160,9 @@ class _VideoMaker:
         logger.info("Generating %d frames, %d steps, seed %d, prompt %r", settings["num_frames"],
                     settings["num_inference_steps"], seed, prompt)
         try:
-            videos = self.pipeline(image, prompt=parse_prompt(str(prompt or "")), generator=generator,
-                                   end_image=end_image, callback=report, **settings, **extra)["videos"]
+            videos = self.pipeline(image, prompt=prompt if isinstance(prompt, list) else parse_prompt(text),
+                                   generator=generator, end_image=end_image, callback=report, **extra,
+                                   **settings)["videos"]
             if mode == "loop":
                 videos = close_loop(videos)
             path = self._publish(videos, fps)
@@ -234,15 +246,29 @@ class _VideoMaker:
                         image_embed_ratio=ratio)
 
 
-def _endpoint(method: Any, leading: Sequence[str], trailing: Sequence[str] = ()) -> Any:
-    """``method`` as an event function whose parameters are ``leading``, the controls, ``random_seed`` and ``trailing``.
+    def keyframes(self, keyframes: Any, loop: Any, prompt: Any, random_seed: Any, progress: gr.Progress,
+                  **values: Any) -> tuple[str, int, str]:
+        """One video through several keyframes in the order of their file names (the ``/keyframes`` endpoint)."""
+        files = keyframes if isinstance(keyframes, list) else [keyframes] if keyframes else []
+        if not files:
+            raise _fail("Please upload the keyframes.")
+        files = sorted(files, key=lambda f: str(f.get("orig_name") or Path(f.get("path") or "").name)
+                       if isinstance(f, dict) else "")
+        images = [self.load_image(f, f"keyframe {i + 1}") for i, f in enumerate(files)]
+        return self.run(None, None, "interp", prompt, values, random_seed, progress, keyframes=images,
+                        loop=bool(loop))
+
+
+def _endpoint(method: Any, leading: Sequence[str], controls: Sequence[str] = CONTROLS,
+              trailing: Sequence[str] = ()) -> Any:
+    """``method`` as an event function whose parameters are ``leading``, ``controls``, ``random_seed`` and ``trailing``.
 
     The ``trailing`` parameters are optional for API clients (default ``None``).
 
     Gradio names an endpoint's API parameters after the function's; giving the function the
     controls' option names makes ``client.predict(num_inference_steps=25, ...)`` work.
     """
-    names = [*leading, *CONTROLS, "random_seed", *trailing]
+    names = [*leading, *controls, "random_seed", *trailing]
 
     def event(*args: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, int, str]:
         values = dict(zip(names, args))
@@ -287,6 +313,8 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
     default = config.default_fs if option.name == "frame_stride" else option.default or 0
     if option.name in ("num_frames", "window_size"):
         default = config.unet.temporal_length
+    if option.name == "overlap":
+        default = config.unet.temporal_length // 4  # the pipeline's default for the trained length
     return gr.Slider(low, high, value=min(max(default, low), high), step=step, label=label, elem_id=elem_id)
 
 
@@ -347,13 +375,15 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
             image = _image_input("Input image", "image")
             mask = _mask_input(config)
             prompt, controls, random_seed = _controls(config)
+            segments = _extra_controls("Longer video (chained segments; one prompt line per segment)",
+                                       SEGMENT_CONTROLS, config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
     if examples:
         gr.Examples(examples, inputs=[image, prompt], label="Examples")
-    button.click(_endpoint(maker.generate, ("image", "prompt"), ("mask",)),
-                 inputs=[image, prompt, *controls, random_seed, mask],
+    button.click(_endpoint(maker.generate, ("image", "prompt"), (*CONTROLS, *SEGMENT_CONTROLS), ("mask",)),
+                 inputs=[image, prompt, *controls, *segments, random_seed, mask],
                  outputs=list(outputs), api_name="generate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]
@@ -378,9 +408,35 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
                     inputs=[start, loop, prompt], label="Examples (looping)")
     loop.change(lambda looping: gr.Image(visible=not looping), inputs=loop, outputs=end,
                 queue=False, api_visibility="private")
-    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt"), ("image_embed_ratio",)),
+    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt"), CONTROLS,
+                           ("image_embed_ratio",)),
                  inputs=[start, end, loop, prompt, *controls, random_seed, ratio], outputs=list(outputs),
                  api_name="interpolate", preprocess=False, show_progress_on=outputs[0],
+                 concurrency_limit=1, concurrency_id="pipeline")
+    return outputs[0]
+
+
+def _extra_controls(title: str, names: Sequence[str], config: ModelConfig) -> list[gr.components.Component]:
+    """Sliders of ``names`` folded under ``title``."""
+    with gr.Accordion(title, open=False), gr.Row():
+        return [_control(OPTIONS[name], config) for name in names]
+
+
+def _keyframes_tab(maker: _VideoMaker, config: ModelConfig) -> gr.Video:
+    """Controls and ``/keyframes`` event: one video through several keyframes; returns the video output."""
+    with gr.Row():
+        with gr.Column():
+            files = gr.File(label="Keyframes (two or more images of one size, in file-name order)",
+                            file_count="multiple", file_types=["image"], elem_id="keyframes")
+            loop = gr.Checkbox(value=False, label="Loop (back to the first keyframe)", elem_id="keyframes-loop")
+            prompt, controls, random_seed = _controls(config)
+            cut = _control(OPTIONS["cut_near_keyframes"], config)
+            button = gr.Button("Generate", variant="primary", elem_id="generate-keyframes")
+        with gr.Column():
+            outputs = _outputs()
+    button.click(_endpoint(maker.keyframes, ("keyframes", "loop", "prompt"), (*CONTROLS, *KEYFRAME_CONTROLS)),
+                 inputs=[files, loop, prompt, *controls, cut, random_seed], outputs=list(outputs),
+                 api_name="keyframes", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]
 
@@ -412,6 +468,8 @@ def build_demo(pipeline: Any, examples_dir: str | os.PathLike | None = None, *,
         if config.interp:
             with gr.Tab("Interpolation / looping"):
                 video = _interpolation_tab(maker, config, examples)
+            with gr.Tab("Keyframes"):
+                _keyframes_tab(maker, config)
         else:
             video = _image_to_video_tab(maker, config, examples)
     maker.cache_dir = video.GRADIO_CACHE

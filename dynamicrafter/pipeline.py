@@ -35,7 +35,7 @@ from .offload import Offloader, offload_mode
 from .options import CALL_OPTIONS, DEFAULTS, OPTIONS
 from .prompt_schedule import interpolate, prompt_text
 from .quantization import quantize_mode, quantize_unet
-from .request import GenerationRequest, GeneratorInput, check_frames
+from .request import GenerationRequest, GeneratorInput, SequenceRequest, check_frames
 from .runtime import (
     CompiledModule,
     allow_tf32,
@@ -45,6 +45,7 @@ from .runtime import (
     resolve_dtype,
     vae_dtype_for,
 )
+from .sequences import make_sequence
 
 __all__ = ["DynamiCrafterImg2VideoPipeline", "GenerationRequest", "GenerationError", "load_image", "fit_image"]
 
@@ -270,7 +271,7 @@ class DynamiCrafterImg2VideoPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        image: ImageInput | Sequence[ImageInput],
+        image: ImageInput | Sequence[ImageInput] | None = None,
         prompt: str | dict[int, str] | Sequence[str | dict[int, str]] | None = "",
         negative_prompt: str | Sequence[str] | None = DEFAULTS.negative_prompt,
         num_inference_steps: int = DEFAULTS.num_inference_steps,
@@ -299,6 +300,11 @@ class DynamiCrafterImg2VideoPipeline:
         mask: ImageInput | Sequence[ImageInput] | None = None,
         augmentation_level: float = DEFAULTS.augmentation_level,
         image_embed_ratio: float = DEFAULTS.image_embed_ratio,
+        segments: int = DEFAULTS.segments,
+        overlap: int | None = DEFAULTS.overlap,
+        keyframes: Sequence[ImageInput] | None = None,
+        loop: bool = False,
+        cut_near_keyframes: int = DEFAULTS.cut_near_keyframes,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -371,21 +377,51 @@ class DynamiCrafterImg2VideoPipeline:
                 generators from that of its first video). See :mod:`dynamicrafter.augmentation`.
             image_embed_ratio: with ``end_image``, the image tokens are ``ratio * start + (1 -
                 ratio) * end`` (after the resampler); 1 (the default) is the start image's alone.
+            segments: with more than 1, one longer video from one image in chained segments of
+                ``num_frames`` (see :mod:`dynamicrafter.sequences`): each later segment animates
+                the frame of the one before where their ``overlap`` starts; ``prompt`` (and
+                ``negative_prompt``) may then be a list of one per segment. A list of prompts
+                without ``segments`` keeps its meaning: one per image of a batch.
+            overlap: frames two chained segments share, cross-faded; 0 to ``num_frames - 1``
+                (default a quarter of ``num_frames``: 4 of 16). The video has
+                ``segments * num_frames - (segments - 1) * overlap`` frames.
+            keyframes: instead of ``image``, two or more images of one size (interpolation models):
+                one interpolation of ``num_frames`` per consecutive pair, joined into one video
+                without repeating the shared keyframe; ``prompt`` may be a list of one per
+                interpolation.
+            loop: with ``keyframes``, one more interpolation from the last keyframe back to the first.
+            cut_near_keyframes: frames dropped where two interpolations meet, as kijai's node: 1
+                (default) the repeated keyframe, 2 both its copies, ... 0 keeps the repeat. ``N``
+                keyframes give ``P * num_frames - J * cut_near_keyframes`` frames, ``P = N - 1``
+                interpolations and ``J = P - 1`` junctions (``P = J = N`` with ``loop``).
+
+        Segments and keyframes make one video (``[1, F, 3, H, W]``) from one generator: piece
+        ``i`` draws its noise after piece ``i - 1``, so the first piece is the plain call's video.
 
         Raises:
             UserError: a bad input, before any model work (one sentence; a ``ValueError``).
             GenerationError: the model produced NaN or infinite values even in float32.
         """
-        request = self.check_inputs(
-            image, prompt, negative_prompt, end_image, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, eta=eta, frame_stride=frame_stride, num_frames=num_frames,
-            height=height, width=width, guidance_rescale=guidance_rescale, timestep_spacing=timestep_spacing,
-            num_videos_per_prompt=num_videos_per_prompt, generator=generator, latents=latents,
-            output_type=output_type, callback=callback, sampler=sampler, image_guidance_scale=image_guidance_scale,
-            callback_on_step_end=callback_on_step_end,
+        options = dict(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+            frame_stride=frame_stride, num_frames=num_frames, height=height, width=width,
+            guidance_rescale=guidance_rescale, timestep_spacing=timestep_spacing, callback=callback,
+            sampler=sampler, image_guidance_scale=image_guidance_scale, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
             window_stride=window_stride, noise_rescheduling=noise_rescheduling, mask=mask,
             augmentation_level=augmentation_level, image_embed_ratio=image_embed_ratio)
+        if keyframes is not None or segments != 1 or loop:  # a sequence of plain calls (dynamicrafter.sequences)
+            sequence = SequenceRequest.build(
+                self.config, image=image, keyframes=keyframes, prompt=prompt, negative_prompt=negative_prompt,
+                end_image=end_image, segments=segments, overlap=overlap, cut_near_keyframes=cut_near_keyframes,
+                loop=loop, num_frames=num_frames, num_videos_per_prompt=num_videos_per_prompt, latents=latents,
+                output_type=output_type, generator=generator)
+            result = make_sequence(self, sequence, output_type, options)
+            return {"videos": result} if return_dict else result
+        request = self.check_inputs(
+            image, prompt, negative_prompt, end_image, num_videos_per_prompt=num_videos_per_prompt,
+            generator=generator, latents=latents, output_type=output_type, segments=segments, overlap=overlap,
+            cut_near_keyframes=cut_near_keyframes, **options)
         branches, reference = self.encode(request)
         x_t = self.prepare_latents(request)
         samples = self.denoise(request, branches, x_t)

@@ -13,7 +13,10 @@ The request rules are defined here once and used by the pipeline, the command li
   (:func:`check_mode`);
 - the fewest frames a mode and model can make (:func:`frame_floor`, :func:`check_frames`);
 - FreeNoise's window stride at most its window size (:func:`check_windows`);
-- the values a call uses for the options left to the model (:func:`model_defaults`).
+- the values a call uses for the options left to the model (:func:`model_defaults`);
+- what a sequence of pieces (chained segments, keyframe interpolations) may be and how many
+  frames it gives once joined (:class:`SequenceRequest`, :func:`check_segments`,
+  :func:`check_keyframes`, :func:`joined_frames`).
 
 Importing this module does not import torch: the command line checks a run with these rules
 before it loads anything heavy.
@@ -22,7 +25,9 @@ before it loads anything heavy.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 from .configs import DUAL_REFERENCE_MIN_FRAMES
@@ -39,7 +44,9 @@ if TYPE_CHECKING:
     from .configs import ModelConfig
 
 __all__ = ["GenerationRequest", "MODES", "MIN_INTERP_FRAMES", "OUTPUT_TYPES", "CALLBACK_TENSOR_INPUTS",
-           "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop", "model_defaults"]
+           "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop", "model_defaults",
+           "SequenceRequest", "check_segments", "check_keyframes", "check_keyframe_sizes", "joined_frames", "default_overlap",
+           "per_piece"]
 
 #: How a video is made: from one image, between two images, or a seamless loop of one image.
 MODES = ("single", "interp", "loop")
@@ -318,3 +325,156 @@ def _check_latents(latents: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
     if not torch.isfinite(latents).all():
         raise UserError("latents hold NaN or infinite values.")
     return latents
+
+
+# ------------------------------------------------------------------ sequences (see dynamicrafter.sequences)
+def joined_frames(num_frames: int, pieces: int, overlap: int = 0, cut: int = 0, loop: bool = False) -> int:
+    """Frames of ``pieces`` videos of ``num_frames`` each once joined.
+
+    Each junction (``pieces - 1`` of them, ``pieces`` with ``loop``, which joins the last piece to
+    the first) loses ``cut`` frames and merges ``overlap`` frames: ``pieces * num_frames -
+    junctions * (overlap + cut)``.
+    """
+    junctions = pieces if loop else pieces - 1
+    return pieces * num_frames - junctions * (overlap + cut)
+
+
+def default_overlap(num_frames: int) -> int:
+    """The overlap of chained segments left to the default: a quarter of their frames (4 of 16)."""
+    return num_frames // 4
+
+
+def check_segments(num_frames: int, segments: int, overlap: int,
+                   names: tuple[str, str, str] = ("segments", "overlap", "num_frames")) -> int:
+    """The frames chained ``segments`` give, or one sentence: the overlap must leave each segment a frame of its own."""
+    if segments > 1 and overlap >= num_frames:
+        raise UserError(f"{names[1]} must be less than {names[2]} ({num_frames}), got {overlap}: "
+                        "each segment needs frames of its own.")
+    return joined_frames(num_frames, segments, overlap)
+
+
+def check_keyframes(config: "ModelConfig", count: int, num_frames: int, cut: int, loop: bool = False,
+                    names: tuple[str, str, str] = ("keyframes", "cut_near_keyframes", "num_frames")) -> int:
+    """The frames ``count`` keyframes give (one interpolation per pair, one more back to the first with ``loop``).
+
+    Raises one sentence for a model that cannot interpolate, fewer than two keyframes, or a cut
+    that would leave an interpolation no frame.
+    """
+    check_mode(config, "interp", names[0])
+    if count < 2:
+        raise UserError(f"{names[0]} needs at least 2 images (a start and an end keyframe), got {count}.")
+    if cut >= num_frames:
+        raise UserError(f"{names[1]} must be less than {names[2]} ({num_frames}), got {cut}: "
+                        "every interpolation must keep frames of its own.")
+    return joined_frames(num_frames, count if loop else count - 1, cut=cut, loop=loop)
+
+
+def check_keyframe_sizes(images: Sequence["Image.Image"], names: Sequence[str] = ()) -> None:
+    """Refuse keyframes of different sizes: one sentence naming the first that differs from keyframe 1.
+
+    ``names`` are the keyframes' file names where they came from files (shown in brackets).
+    """
+    first = images[0].size
+    for index, image in enumerate(images[1:], start=1):
+        if image.size != first:
+            name = names[index] if index < len(names) else ""
+            which = f"Keyframe {index + 1}" + (f" ({name})" if name else "")
+            raise UserError(f"{which} is {image.size[0]}x{image.size[1]} but keyframe 1 is {first[0]}x{first[1]}; "
+                            "give keyframes of one size.")
+
+
+def per_piece(value: Any, pieces: int, piece: str, name: str = "prompt") -> list:
+    """One value per piece of a sequence: a single value (or a list of one) is repeated."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * pieces
+    if len(value) not in (1, pieces):
+        raise UserError(f"Got {pieces} {piece}s but {len(value)} {name}s; give one {name} per {piece} "
+                        f"or a single {name}.")
+    return list(value) * (pieces if len(value) == 1 else 1)
+
+
+@dataclass
+class SequenceRequest:
+    """One long video made of pieces, checked: chained ``segments`` or ``keyframes`` interpolations.
+
+    ``starts[i]``/``ends[i]`` are piece ``i``'s images (for segments only ``starts[0]``; the later
+    starts come from the frames made, and ``ends`` is ``None``); ``prompts``/``negative_prompts``
+    hold one entry per piece. ``frames`` is the length of the joined video.
+    """
+
+    kind: str  # "segments" or "keyframes"
+    starts: list["Image.Image"]
+    ends: list["Image.Image"] | None
+    prompts: list[str]
+    negative_prompts: list[str | None]
+    overlap: int
+    cut: int
+    loop: bool
+    num_frames: int
+    frames: int
+    generator: Any = None
+
+    @property
+    def pieces(self) -> int:
+        return len(self.prompts)
+
+    @classmethod
+    def build(cls, config: "ModelConfig", *, image: Any, keyframes: Any, prompt: Any, negative_prompt: Any,
+              end_image: Any, segments: Any, overlap: Any, cut_near_keyframes: Any, loop: Any, num_frames: Any,
+              num_videos_per_prompt: Any, latents: Any, output_type: Any, generator: Any) -> "SequenceRequest":
+        """Check what a sequence call adds to a plain one (each piece's call checks the rest)."""
+        segments, overlap, cut = (OPTIONS[n].check(v) for n, v in (
+            ("segments", segments), ("overlap", overlap), ("cut_near_keyframes", cut_near_keyframes)))
+        frames = OPTIONS["num_frames"].check(num_frames)
+        overlap = default_overlap(frames) if overlap is None else overlap
+        if not isinstance(loop, bool):
+            raise UserError(f"loop must be True or False, got {type(loop).__name__} {loop!r}.")
+        if keyframes is not None and segments > 1:
+            raise UserError("segments and keyframes cannot be combined; keyframes already make one "
+                            "interpolation per pair of keyframes.")
+        if OPTIONS["num_videos_per_prompt"].check(num_videos_per_prompt) != 1:
+            raise UserError(f"segments and keyframes make one video per call; num_videos_per_prompt must be 1, "
+                            f"got {num_videos_per_prompt}.")
+        if latents is not None:
+            raise UserError("latents cannot be given with segments or keyframes: each piece draws its own noise "
+                            "from the generator.")
+        if output_type == "latent":
+            raise UserError("output_type 'latent' is not available with segments or keyframes: the pieces are "
+                            "joined as frames.")
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != 1:
+                raise UserError(f"Got {len(generator)} generators for 1 video; segments and keyframes make one "
+                                "video, from a single generator.")
+            generator = generator[0]
+        if keyframes is None:
+            if loop:
+                raise UserError("loop closes a keyframe sequence; give keyframes=[...] (for a looping video of "
+                                "one image pass end_image=image).")
+            if end_image is not None:
+                raise UserError("end_image cannot be combined with segments; for several key images give "
+                                "keyframes=[...].")
+            images = _as_list(image, "image")
+            if len(images) != 1:
+                raise UserError(f"segments make one video from one image, got {len(images)} images; call once per "
+                                "image.")
+            total = check_segments(frames, segments, overlap)
+            starts, ends, pieces, piece = [load_image(images[0])], None, segments, "segment"
+        else:
+            if image is not None or end_image is not None:
+                raise UserError("Give either keyframes or image (and end_image), not both.")
+            keys = list(keyframes) if isinstance(keyframes, (list, tuple)) else [keyframes]
+            total = check_keyframes(config, len(keys), frames, cut, loop)
+            files = [isinstance(k, (str, os.PathLike)) for k in keys]
+            loaded = [load_image(k, None if file else f"Keyframe {i + 1}")
+                      for i, (k, file) in enumerate(zip(keys, files))]
+            check_keyframe_sizes(loaded, [Path(k).name if file else "" for k, file in zip(keys, files)])
+            pieces, piece = (len(keys) if loop else len(keys) - 1), "interpolation"
+            starts = loaded[:pieces]
+            ends = [loaded[(i + 1) % len(loaded)] for i in range(pieces)]
+        prompts = [_text(p, "prompt") for p in per_piece(prompt, pieces, piece)]
+        negative = [None if n is None else _text(n, "negative_prompt")
+                    for n in per_piece(negative_prompt, pieces, piece, "negative_prompt")]
+        return cls(kind="segments" if keyframes is None else "keyframes", starts=starts, ends=ends, prompts=prompts,
+                   negative_prompts=negative, overlap=overlap if keyframes is None else 0,
+                   cut=cut if keyframes is not None else 0, loop=loop, num_frames=frames, frames=total,
+                   generator=_check_generator(generator, 1))

@@ -161,8 +161,15 @@ def test_interpolation_model_gets_the_looping_tab(gradient_png):
                                    "repeated last one is dropped), got 2.")
         video, _, timing = client.predict(start_image=handle_file(str(gradient_png)), end_image=None,
                                           loop=True, prompt="", api_name="/interpolate", **FAST)
+        keyframes = [handle_file(str(gradient_png))] * 3  # the keyframes tab: one video through them, looping
+        keyed_video, _, keyed = client.predict(keyframes=keyframes, loop=True, prompt="p",
+                                               api_name="/keyframes", **{**FAST, "num_frames": 2})
+        with pytest.raises(Exception) as info:
+            client.predict(keyframes=keyframes[:1], loop=False, prompt="", api_name="/keyframes", **FAST)
+        assert str(info.value) == "keyframes needs at least 2 images (a start and an end keyframe), got 1."
     assert timing.startswith("Generated 3 frames in ")  # the repeated first frame is dropped
     assert len(decode(video)[1]) == 3
+    assert keyed.startswith("Generated 3 frames in ") and len(decode(keyed_video)[1]) == 3  # 3 x 2 - 3 x 1
 
 
 def test_listens_on_localhost_unless_told_otherwise():
@@ -356,3 +363,22 @@ def test_motion_mask_upload_and_augmentation_reach_the_pipeline(client, pipeline
                              "composite": None}, **FAST)
     assert str(info.value) == ("The mask is 16x64 pixels but the image is 64x64; give a mask of the image's size "
                                "or aspect ratio.")
+
+
+def test_chained_segments_from_the_page_take_one_prompt_line_each(client, pipeline, gradient_png, monkeypatch):
+    seen = []
+    call = type(pipeline).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.append(kwargs.get("prompt", args[1] if len(args) > 1 else None))
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", spy)
+    _, _, timing = client.predict(image=handle_file(str(gradient_png)), prompt="walks\nruns", api_name="/generate",
+                                  **{**FAST, "num_frames": 2, "segments": 2, "overlap": 1})
+    assert timing.startswith("Generated 3 frames in ")  # 2 x 2 - 1
+    assert seen == [["walks", "runs"], "walks", "runs"]  # the sequence call, then each segment's
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(gradient_png)), prompt="a\nb\nc", api_name="/generate",
+                       **{**FAST, "segments": 2, "overlap": 1})
+    assert str(info.value) == "Got 2 segments but 3 prompts; give one prompt per segment or a single prompt."

@@ -109,6 +109,33 @@ BAD_INPUTS = [
     (dict(prompt={True: "a"}), "Prompt schedule frames must be integers, got True."),
     (dict(prompt={0: "a", 2: None}), "The prompt of schedule frame 2 must be a string, got NoneType."),
     (dict(prompt=[{0: "a", 2: 5}]), "The prompt of schedule frame 2 must be a string, got int."),
+    (dict(segments=0), "segments must be between 1 and 64, got 0."),
+    (dict(segments=2.0), "segments must be a whole number, got 2.0."),
+    (dict(segments=2, overlap=3), "overlap must be less than num_frames (3), got 3: each segment needs frames of "
+                                  "its own."),
+    (dict(overlap=-1), "overlap must be between 0 and 127, got -1."),
+    (dict(segments=3, prompt=["a", "b"], overlap=1), "Got 3 segments but 2 prompts; give one prompt per segment or a single "
+                                          "prompt."),
+    (dict(segments=2, negative_prompt=["a", "b", "c"]),
+     "Got 2 segments but 3 negative_prompts; give one negative_prompt per segment or a single negative_prompt."),
+    (dict(segments=2, image=[IMAGE, IMAGE]), "segments make one video from one image, got 2 images; call once per "
+                                             "image."),
+    (dict(segments=2, num_videos_per_prompt=2), "segments and keyframes make one video per call; "
+                                                "num_videos_per_prompt must be 1, got 2."),
+    (dict(segments=2, latents=torch.zeros(1, 4, 3, 8, 8)), "latents cannot be given with segments or keyframes: "
+                                                            "each piece draws its own noise from the generator."),
+    (dict(segments=2, output_type="latent"), "output_type 'latent' is not available with segments or keyframes: "
+                                             "the pieces are joined as frames."),
+    (dict(segments=2, generator=[torch.Generator()] * 2), "Got 2 generators for 1 video; segments and keyframes "
+                                                          "make one video, from a single generator."),
+    (dict(image=None, keyframes=[IMAGE, IMAGE]),
+     "keyframes needs an interpolation model (512_interp or tooncrafter), not tiny256."),
+    (dict(segments=2, keyframes=[IMAGE, IMAGE]), "segments and keyframes cannot be combined; keyframes already make "
+                                                 "one interpolation per pair of keyframes."),
+    (dict(loop=True), "loop closes a keyframe sequence; give keyframes=[...] (for a looping video of one image pass "
+                      "end_image=image)."),
+    (dict(loop="yes"), "loop must be True or False, got str 'yes'."),
+    (dict(cut_near_keyframes=6), "cut_near_keyframes must be between 0 and 5, got 6."),
 ]
 
 
