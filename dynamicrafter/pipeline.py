@@ -9,6 +9,7 @@ redo of an overflowing half-precision run follow :mod:`.runtime` and :mod:`.offl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,6 +22,7 @@ from .checkpoints import load_model
 from .configs import ModelConfig, model_config, resolve_resolution
 from .diffusion.denoiser import ModelDenoiser
 from .diffusion.guidance import GuidanceBranches, guided_model
+from .diffusion.leakage import AnalyticInit
 from .diffusion.rescheduling import block_permutations, reschedule_noise
 from .diffusion.sampling import StepInfo
 from .diffusion.sampling import sample as run_sampler
@@ -293,6 +295,8 @@ class DynamiCrafterImg2VideoPipeline:
         window_size: int | None = DEFAULTS.window_size,
         window_stride: int = DEFAULTS.window_stride,
         noise_rescheduling: bool = DEFAULTS.noise_rescheduling,
+        start_step: int | None = DEFAULTS.start_step,
+        analytic_init: str | None = DEFAULTS.analytic_init,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -348,6 +352,16 @@ class DynamiCrafterImg2VideoPipeline:
                 frames after the first window is a shuffled copy of the block ``window_size`` frames
                 earlier, the shuffles drawn from ``generator``; not applied to given ``latents``. The
                 sampler's per-step noise (``eta > 0``) stays independent per frame.
+            start_step: leakage-free start (Zhao et al. 2024, :mod:`.diffusion.leakage`): sampling
+                starts at training timestep ``M`` (1 to the model's 1000) instead of the last, the
+                ``num_inference_steps`` (at most ``M``) spread over ``[0, M)`` with ``timestep_spacing``;
+                every sampler. ``None`` (the default): the usual start.
+            analytic_init: path of an Analytic-Init statistics file (the CIL authors'
+                ``initial_noise_512.pt``, keys ``Expectation_X0`` ``[1, 4, T, h, w]`` and ``Tr_Cov_d``, for
+                this video's frame count and latent size): the starting latent is
+                ``sqrt(abar) * Expectation_X0 + sqrt(1 - abar + abar * Tr_Cov_d) * noise`` with
+                ``abar = alphas_cumprod[M - 1]``, ``noise`` the usual draw (or the given ``latents``).
+                ``None`` (the default): the noise itself.
 
         Raises:
             UserError: a bad input, before any model work (one sentence; a ``ValueError``).
@@ -361,7 +375,8 @@ class DynamiCrafterImg2VideoPipeline:
             output_type=output_type, callback=callback, sampler=sampler, image_guidance_scale=image_guidance_scale,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
-            window_stride=window_stride, noise_rescheduling=noise_rescheduling)
+            window_stride=window_stride, noise_rescheduling=noise_rescheduling, start_step=start_step,
+            analytic_init=analytic_init)
         branches, reference = self.encode(request)
         x_t = self.prepare_latents(request)
         samples = self.denoise(request, branches, x_t)
@@ -390,6 +405,9 @@ class DynamiCrafterImg2VideoPipeline:
                                           prompt=prompt, negative_prompt=negative_prompt, end_image=end_image,
                                           **given, **values)
         self._warn_long_prompts([*request.prompts, *(request.negative_prompts or [])])
+        if request.analytic_init is not None:  # read and checked before any model work
+            request.analytic_statistics = AnalyticInit.from_file(request.analytic_init)
+            request.analytic_statistics.check_shape(request.latent_shape, request.height, request.width)
         return request
 
     def _warn_long_prompts(self, prompts: list[str]) -> None:
@@ -475,7 +493,14 @@ class DynamiCrafterImg2VideoPipeline:
 
     # ----------------------------------------------------------------- 3. prepare
     def prepare_latents(self, request: GenerationRequest) -> torch.Tensor:
-        """The starting noise ``[B, 4, T, h, w]`` (float32): the given latents or a draw from the generator."""
+        """The starting noise ``[B, 4, T, h, w]`` (float32): the given latents or a draw from the generator.
+
+        With ``analytic_init``, that noise is Analytic-Init's ``eps``: the result is ``x_M``.
+        """
+        if request.analytic_statistics is not None:
+            noise = self.prepare_latents(dataclasses.replace(request, analytic_statistics=None))
+            start = request.start_step or self.model.schedule.num_timesteps
+            return request.analytic_statistics.initial_latents(noise, self.model.schedule.alphas_cumprod, start)
         if request.latents is not None:
             return request.latents.to(self.device, torch.float32)
         noise = _randn(request.latent_shape, request.generator, self.device)
@@ -524,7 +549,8 @@ class DynamiCrafterImg2VideoPipeline:
 
                 latents = run_sampler(request.sampler, denoiser, x_t, self.model.schedule,
                                       request.num_inference_steps, request.timestep_spacing, request.eta,
-                                      noise_sampler=noise_sampler, callback=on_step)
+                                      noise_sampler=noise_sampler, callback=on_step,
+                                      start_step=request.start_step)
                 return stopped.get("denoised", latents)
 
         float8 = None if self.quantize == "none" else (

@@ -13,6 +13,8 @@ The request rules are defined here once and used by the pipeline, the command li
   (:func:`check_mode`);
 - the fewest frames a mode and model can make (:func:`frame_floor`, :func:`check_frames`);
 - FreeNoise's window stride at most its window size (:func:`check_windows`);
+- the leakage-free start step within the model's timesteps and not below the step count
+  (:func:`check_start_step`);
 - the values a call uses for the options left to the model (:func:`model_defaults`).
 
 Importing this module does not import torch: the command line checks a run with these rules
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from .configs import ModelConfig
 
 __all__ = ["GenerationRequest", "MODES", "MIN_INTERP_FRAMES", "OUTPUT_TYPES", "CALLBACK_TENSOR_INPUTS",
-           "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop", "model_defaults"]
+           "check_mode", "frame_floor", "check_frames", "check_windows", "check_start_step", "close_loop", "model_defaults"]
 
 #: How a video is made: from one image, between two images, or a seamless loop of one image.
 MODES = ("single", "interp", "loop")
@@ -97,6 +99,21 @@ def check_windows(config: "ModelConfig", size: int | None, stride: int,
     return size, stride
 
 
+def check_start_step(start_step: int | None, steps: int, max_steps: int) -> int | None:
+    """The leakage-free start step ``M`` (``None``: the last timestep), or one sentence.
+
+    The sampler's ``steps`` distinct timesteps lie in ``[0, M)``: at most ``M`` of them.
+    """
+    if start_step is None:
+        return None
+    if start_step > max_steps:
+        raise UserError(f"start_step can be at most the model's {max_steps} training timesteps, got {start_step}.")
+    if steps > start_step:
+        raise UserError(f"num_inference_steps ({steps}) can be at most start_step ({start_step}): "
+                        "the sampler visits that many distinct timesteps below it.")
+    return start_step
+
+
 def model_defaults(config: "ModelConfig") -> dict[str, Any]:
     """The value a call uses for each option left at ``None`` ("the model's"), by option name."""
     return {"guidance_rescale": config.diffusion.guidance_rescale, "timestep_spacing": config.diffusion.timestep_spacing,
@@ -138,6 +155,9 @@ class GenerationRequest:
     window_size: int = 16
     window_stride: int = 4
     noise_rescheduling: bool = True
+    start_step: int | None = None
+    analytic_init: str | None = None
+    analytic_statistics: Any = None
     generator: torch.Generator | list[torch.Generator] | None = None
     latents: torch.Tensor | None = None
     output_type: str = "pt"
@@ -206,6 +226,7 @@ class GenerationRequest:
             image_scale = None
         window, stride = check_windows(config, values.get("window_size"),
                                        values.get("window_stride", OPTIONS["window_stride"].default))
+        start_step = check_start_step(values.get("start_step"), steps, max_steps)
         per_prompt = values["num_videos_per_prompt"]
         down = config.latent_downscale
         shape = (count * per_prompt, config.vae.embed_dim, frames, size["height"] // down, size["width"] // down)
@@ -221,6 +242,7 @@ class GenerationRequest:
             height=size["height"], width=size["width"], num_videos_per_prompt=per_prompt, latent_shape=shape,
             window_size=window, window_stride=stride,
             noise_rescheduling=values.get("noise_rescheduling", OPTIONS["noise_rescheduling"].default),
+            start_step=start_step, analytic_init=values.get("analytic_init"),
             generator=_check_generator(generator, count * per_prompt), latents=_check_latents(latents, shape),
             output_type=output_type, callback=callback, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs))
