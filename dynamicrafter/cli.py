@@ -44,7 +44,7 @@ from .images import load_image
 from .jobs import Job, find_images, make_jobs
 from .manifest import MANIFEST_NAME, append_record
 from .options import CALL_OPTIONS, OPTIONS, SAMPLING_OPTIONS, add_arguments, add_model_arguments
-from .request import check_frames, check_mode, check_windows, close_loop, model_defaults
+from .request import check_frames, check_mode, check_start_step, check_windows, close_loop, model_defaults
 from .video import is_complete_video
 
 if TYPE_CHECKING:
@@ -114,6 +114,8 @@ def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> 
         check_mode(config, mode, f"--{mode}")
         check_frames(config, args.num_frames, mode, "--video_length")
         check_windows(config, args.window_size, args.window_stride, ("--window_size", "--window_stride"))
+        check_start_step(args.start_step, args.num_inference_steps, config.diffusion.timesteps,
+                         ("--start_step", "--num_inference_steps"))
     except UserError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 

@@ -99,17 +99,18 @@ def check_windows(config: "ModelConfig", size: int | None, stride: int,
     return size, stride
 
 
-def check_start_step(start_step: int | None, steps: int, max_steps: int) -> int | None:
-    """The leakage-free start step ``M`` (``None``: the last timestep), or one sentence.
+def check_start_step(start_step: int | None, steps: int, max_steps: int,
+                     names: tuple[str, str] = ("start_step", "num_inference_steps")) -> int | None:
+    """The leakage-free start step ``M`` (``None``: the last timestep), or one sentence naming ``names``.
 
     The sampler's ``steps`` distinct timesteps lie in ``[0, M)``: at most ``M`` of them.
     """
     if start_step is None:
         return None
     if start_step > max_steps:
-        raise UserError(f"start_step can be at most the model's {max_steps} training timesteps, got {start_step}.")
+        raise UserError(f"{names[0]} can be at most the model's {max_steps} training timesteps, got {start_step}.")
     if steps > start_step:
-        raise UserError(f"num_inference_steps ({steps}) can be at most start_step ({start_step}): "
+        raise UserError(f"{names[1]} ({steps}) can be at most {names[0]} ({start_step}): "
                         "the sampler visits that many distinct timesteps below it.")
     return start_step
 

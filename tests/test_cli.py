@@ -514,6 +514,10 @@ def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
     (["256", "--video_length", "32", "--window_stride", "20"], 2,
      "--window_stride must be at most --window_size (16), got 20: windows further apart would leave frames "
      "without temporal attention."),
+    (["256", "--start_step", "0"], 2, "--start_step: must be between 1 and 1000, got 0"),
+    (["256", "--start_step", "20"], 2, "--num_inference_steps (50) can be at most --start_step (20): the sampler "
+                                       "visits that many distinct timesteps below it."),
+    (["256", "--analytic_init", "{tmp}/missing.pt"], 2, "missing.pt does not exist"),
     (["256", "--batch_size", "0"], 2, "--batch_size: must be between 1 and 256, got 0"),
     (["256", "--fps", "0"], 2, "--fps: must be between 1 and 120, got 0"),
     (["256", "--frame_stride", "-5"], 2, "--frame_stride: must be between 1 and 100, got -5"),

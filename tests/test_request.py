@@ -88,6 +88,13 @@ BAD_INPUTS = [
                                             "apart would leave frames without temporal attention."),
     (dict(noise_rescheduling="yes"), "noise_rescheduling must be True or False, got str 'yes'."),
     (dict(noise_rescheduling=1), "noise_rescheduling must be True or False, got int 1."),
+    (dict(start_step=0), "start_step must be between 1 and 1000, got 0."),
+    (dict(start_step=1001), "start_step must be between 1 and 1000, got 1001."),
+    (dict(start_step=2.5), "start_step must be a whole number, got 2.5."),
+    (dict(start_step=1), "num_inference_steps (2) can be at most start_step (1): the sampler visits that many "
+                         "distinct timesteps below it."),
+    (dict(analytic_init="does/not/exist.pt"), "analytic_init file does/not/exist.pt does not exist."),
+    (dict(analytic_init=True), "analytic_init must be a string, got bool."),
 ]
 
 
