@@ -134,6 +134,9 @@ class GenerationRequest:
     sample ``j`` of image ``i``. ``frame_stride``, ``guidance_rescale`` and ``timestep_spacing``
     hold the values used (the model's when not given); ``image_guidance_scale`` is ``None`` for
     one-scale guidance. ``latent_shape`` is ``[batch, 4, num_frames, height / 8, width / 8]``.
+    ``start_step`` is the leakage-free start ``M`` (``None``: the last timestep) and
+    ``analytic_init`` the statistics file's path; the pipeline's ``check_inputs`` puts the file's
+    checked :class:`~dynamicrafter.diffusion.leakage.AnalyticInit` in ``analytic_statistics``.
     """
 
     images: list["Image.Image"]

@@ -381,6 +381,19 @@ def test_samples_per_image_get_their_own_seeds_and_names(fake, tmp_path):
                                                         "y_sample1.mp4"]
 
 
+def test_leakage_free_start_reaches_the_pipeline_and_the_manifest(fake, tmp_path):
+    from dynamicrafter.manifest import read_records
+
+    folder, out, stats = tmp_path / "in", tmp_path / "out", tmp_path / "initial_noise_512.pt"
+    make_image(folder / "p.png")
+    stats.write_bytes(b"read by the pipeline")
+    assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--device", "cpu",
+                     "--start_step", "940", "--analytic_init", str(stats)]) == 0
+    assert (fake[0].calls[0]["start_step"], fake[0].calls[0]["analytic_init"]) == (940, str(stats))
+    (record,) = read_records(out / "manifest.jsonl")
+    assert (record["settings"]["start_step"], record["settings"]["analytic_init"]) == (940, str(stats))
+
+
 def test_manifest_and_resume(fake, tmp_path, caplog):
     from dynamicrafter.manifest import read_records
 
