@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from dynamicrafter.diffusion.leakage import AnalyticInit, analytic_initial_latents
 from dynamicrafter.diffusion.schedule import ddim_timesteps
 from dynamicrafter.errors import UserError
-from tests.conftest import DATA, reference_image, relative_error, replay_noise, tiny_pipeline
+from tests.conftest import DATA, load_tiny, reference_image, relative_error, replay_noise
 
 MODULE_TOL, CHAIN_TOL = 1e-4, 1e-3
 TINY = ("tiny256", "tiny512")
@@ -49,7 +49,11 @@ def tiny_schedule(name: str):
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {name: tiny_pipeline(name, dtype="float32") for name in TINY}
+    """Pipelines around the session's tiny models (float32), shared as they are: nothing here changes them."""
+    from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+    return {name: DynamiCrafterImg2VideoPipeline.from_model(load_tiny(name).model, "cpu", torch.float32, cast=False)
+            for name in TINY}
 
 
 def statistics_file(ref, name: str, folder, suffix: str = ".pt"):
