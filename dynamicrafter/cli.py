@@ -53,6 +53,7 @@ from .request import (
     check_keyframes,
     check_mode,
     check_segments,
+    check_start_step,
     check_windows,
     close_loop,
     default_overlap,
@@ -146,6 +147,8 @@ def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> 
         check_frames(config, args.num_frames, mode, "--video_length")
         check_windows(config, args.window_size, args.window_stride, ("--window_size", "--window_stride"))
         _check_sequence_flags(args, mode, config)
+        check_start_step(args.start_step, args.num_inference_steps, config.diffusion.timesteps,
+                         ("--start_step", "--num_inference_steps"))
     except UserError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     if args.image_embed_ratio != 1.0 and mode == "single":

@@ -205,6 +205,14 @@ def check_device_name(text: str) -> None:
     raise UserError(f"{text!r} is not a torch device; use for example cuda:0, mps or cpu.")
 
 
+def _check_statistics_path(text: str) -> None:
+    """Refuse an ``analytic_init`` value that is not an existing file (read later, with torch)."""
+    from pathlib import Path
+
+    if not Path(text).is_file():
+        raise UserError(f"analytic_init file {text} does not exist.")
+
+
 def motion_control(config: "ModelConfig") -> tuple[str, str, tuple[float, float, float]]:
     """Label, hint and ``(low, high, step)`` of the motion control: frame stride (256) or frame rate (others)."""
     if config.fs_kind == "frame_stride":
@@ -265,6 +273,16 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            "keyframes: frames dropped where two interpolations meet at a keyframe, as kijai's node (one pass): "
            "1 drops the repeated keyframe, 2 both its copies, 3 one more after it, ...; 0 keeps the repeat",
            minimum=0, maximum=MAX_CUT, ui=(0, MAX_CUT, 1), label="Frames cut at each keyframe"),
+    Option("start_step", int, None,
+           "leakage-free start (Zhao et al. 2024): sampling starts at training timestep M (of the model's 1000) "
+           "instead of the last, the steps spread over [0, M); smaller M = more motion, too small = blur",
+           minimum=1, maximum=MAX_STEPS, flag="--start_step", ui=(1, MAX_STEPS, 1),
+           label="Start step M (1000 = the usual start)", none_means="the last timestep: the usual sampler"),
+    Option("analytic_init", str, None,
+           "leakage-free start: an Analytic-Init statistics file (the CIL authors' initial_noise_512.pt / "
+           "initial_noise_1024.pt, keys Expectation_X0 and Tr_Cov_d) whose mean and spread the starting noise "
+           "at start_step gets", flag="--analytic_init", label="Analytic-Init statistics file (on the server)",
+           none_means="none: plain noise", text_check=_check_statistics_path),
     Option("height", int, None, f"video height in pixels, a multiple of 64 up to {MAX_SIDE}",
            minimum=64, maximum=MAX_SIDE),
     Option("width", int, None, f"video width in pixels, a multiple of 64 up to {MAX_SIDE}",

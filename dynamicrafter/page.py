@@ -51,7 +51,9 @@ ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale"
                      "augmentation_level")
 #: FreeNoise's windows: shown only while the frame count is above the model's trained length.
 WINDOW_CONTROLS = ("window_size", "window_stride")
-CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS)
+#: The leakage-free start (Zhao et al. 2024), a row of its own under "Advanced settings".
+LEAKAGE_CONTROLS = ("start_step", "analytic_init")
+CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS, *LEAKAGE_CONTROLS)
 #: Chained segments of ``/generate`` (folded under "Longer video") and the keyframe cut of ``/keyframes``.
 SEGMENT_CONTROLS = ("segments", "overlap")
 KEYFRAME_CONTROLS = ("cut_near_keyframes",)
@@ -70,6 +72,8 @@ def _slider(option: Option, config: ModelConfig) -> tuple[str, tuple[float, floa
     if option.name == "num_frames":
         low, high, step = option.ui or (1, MAX_FRAMES, 1)
         return option.label, (low, max(high, config.unet.temporal_length), step)
+    if option.name == "start_step":
+        return option.label, (1, config.diffusion.timesteps, 1)
     return option.label, option.ui or (option.minimum or 0, option.maximum or 100, 1)
 
 
@@ -307,6 +311,9 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
                          elem_id=elem_id)
     if option.choices is not None:
         return gr.Dropdown(list(option.choices), value=option.default, label=option.label, elem_id=elem_id)
+    if option.name == "analytic_init":
+        return gr.Textbox(value="", label=option.label, placeholder="e.g. checkpoints/initial_noise_512.pt "
+                          "(empty = plain noise)", elem_id=elem_id)
     if option.type is str:
         return gr.Textbox(value="", label=option.label, placeholder="What to avoid (optional)", elem_id=elem_id)
     label, (low, high, step) = _slider(option, config)
@@ -315,6 +322,8 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
         default = config.unet.temporal_length
     if option.name == "overlap":
         default = config.unet.temporal_length // 4  # the pipeline's default for the trained length
+    elif option.name == "start_step":  # the model's last timestep: the usual start
+        default = config.diffusion.timesteps
     return gr.Slider(low, high, value=min(max(default, low), high), step=step, label=label, elem_id=elem_id)
 
 
@@ -342,6 +351,9 @@ def _controls(config: ModelConfig) -> tuple[gr.Textbox, list[gr.components.Compo
             with gr.Row():
                 for name in row:
                     controls[name] = _control(OPTIONS[name], config)
+        with gr.Row(elem_id="leakage-free-start"):
+            for name in LEAKAGE_CONTROLS:
+                controls[name] = _control(OPTIONS[name], config)
     return prompt, [controls[name] for name in CONTROLS], random_seed
 
 

@@ -9,6 +9,7 @@ redo of an overflowing half-precision run follow :mod:`.runtime` and :mod:`.offl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +23,7 @@ from .checkpoints import load_model
 from .configs import ModelConfig, model_config, resolve_resolution
 from .diffusion.denoiser import ModelDenoiser
 from .diffusion.guidance import GuidanceBranches, guided_model
+from .diffusion.leakage import AnalyticInit
 from .diffusion.rescheduling import block_permutations, reschedule_noise
 from .diffusion.sampling import StepInfo
 from .diffusion.sampling import sample as run_sampler
@@ -305,6 +307,8 @@ class DynamiCrafterImg2VideoPipeline:
         keyframes: Sequence[ImageInput] | None = None,
         loop: bool = False,
         cut_near_keyframes: int = DEFAULTS.cut_near_keyframes,
+        start_step: int | None = DEFAULTS.start_step,
+        analytic_init: str | None = DEFAULTS.analytic_init,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -394,6 +398,16 @@ class DynamiCrafterImg2VideoPipeline:
                 (default) the repeated keyframe, 2 both its copies, ... 0 keeps the repeat. ``N``
                 keyframes give ``P * num_frames - J * cut_near_keyframes`` frames, ``P = N - 1``
                 interpolations and ``J = P - 1`` junctions (``P = J = N`` with ``loop``).
+            start_step: leakage-free start (Zhao et al. 2024, :mod:`.diffusion.leakage`): sampling
+                starts at training timestep ``M`` (1 to the model's 1000) instead of the last, the
+                ``num_inference_steps`` (at most ``M``) spread over ``[0, M)`` with ``timestep_spacing``;
+                every sampler. ``None`` (the default): the usual start.
+            analytic_init: path of an Analytic-Init statistics file (the CIL authors'
+                ``initial_noise_512.pt``, keys ``Expectation_X0`` ``[1, 4, T, h, w]`` and ``Tr_Cov_d``, for
+                this video's frame count and latent size): the starting latent is
+                ``sqrt(abar) * Expectation_X0 + sqrt(1 - abar + abar * Tr_Cov_d) * noise`` with
+                ``abar = alphas_cumprod[M - 1]``, ``noise`` the usual draw (or the given ``latents``).
+                ``None`` (the default): the noise itself.
 
         Segments and keyframes make one video (``[1, F, 3, H, W]``) from one generator: piece
         ``i`` draws its noise after piece ``i - 1``, so the first piece is the plain call's video.
@@ -409,7 +423,8 @@ class DynamiCrafterImg2VideoPipeline:
             sampler=sampler, image_guidance_scale=image_guidance_scale, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
             window_stride=window_stride, noise_rescheduling=noise_rescheduling, mask=mask,
-            augmentation_level=augmentation_level, image_embed_ratio=image_embed_ratio)
+            augmentation_level=augmentation_level, image_embed_ratio=image_embed_ratio, start_step=start_step,
+            analytic_init=analytic_init)
         if keyframes is not None or segments != 1 or loop:  # a sequence of plain calls (dynamicrafter.sequences)
             sequence = SequenceRequest.build(
                 self.config, image=image, keyframes=keyframes, prompt=prompt, negative_prompt=negative_prompt,
@@ -451,6 +466,9 @@ class DynamiCrafterImg2VideoPipeline:
                                           **given, **values)
         texts = [text for prompt in request.prompts for text in prompt_text(prompt)]
         self._warn_long_prompts([*texts, *(request.negative_prompts or [])])
+        if request.analytic_init is not None:  # read and checked before any model work
+            request.analytic_statistics = AnalyticInit.from_file(request.analytic_init)
+            request.analytic_statistics.check_shape(request.latent_shape, request.height, request.width)
         return request
 
     def _warn_long_prompts(self, prompts: list[str]) -> None:
@@ -573,7 +591,14 @@ class DynamiCrafterImg2VideoPipeline:
 
     # ----------------------------------------------------------------- 3. prepare
     def prepare_latents(self, request: GenerationRequest) -> torch.Tensor:
-        """The starting noise ``[B, 4, T, h, w]`` (float32): the given latents or a draw from the generator."""
+        """The starting noise ``[B, 4, T, h, w]`` (float32): the given latents or a draw from the generator.
+
+        With ``analytic_init``, that noise is Analytic-Init's ``eps``: the result is ``x_M``.
+        """
+        if request.analytic_statistics is not None:
+            noise = self.prepare_latents(dataclasses.replace(request, analytic_statistics=None))
+            start = request.start_step or self.model.schedule.num_timesteps
+            return request.analytic_statistics.initial_latents(noise, self.model.schedule.alphas_cumprod, start)
         if request.latents is not None:
             return request.latents.to(self.device, torch.float32)
         noise = _randn(request.latent_shape, request.generator, self.device)
@@ -626,7 +651,8 @@ class DynamiCrafterImg2VideoPipeline:
                 latents = run_sampler(request.sampler, denoiser, x_t if still is None else still(x_t),
                                       self.model.schedule,
                                       request.num_inference_steps, request.timestep_spacing, request.eta,
-                                      noise_sampler=noise_sampler, callback=on_step)
+                                      noise_sampler=noise_sampler, callback=on_step,
+                                      start_step=request.start_step)
                 return stopped.get("denoised", latents)
 
         float8 = None if self.quantize == "none" else (

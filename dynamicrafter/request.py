@@ -13,6 +13,8 @@ The request rules are defined here once and used by the pipeline, the command li
   (:func:`check_mode`);
 - the fewest frames a mode and model can make (:func:`frame_floor`, :func:`check_frames`);
 - FreeNoise's window stride at most its window size (:func:`check_windows`);
+- the leakage-free start step within the model's timesteps and not below the step count
+  (:func:`check_start_step`);
 - the values a call uses for the options left to the model (:func:`model_defaults`);
 - what a sequence of pieces (chained segments, keyframe interpolations) may be and how many
   frames it gives once joined (:class:`SequenceRequest`, :func:`check_segments`,
@@ -44,9 +46,9 @@ if TYPE_CHECKING:
     from .configs import ModelConfig
 
 __all__ = ["GenerationRequest", "MODES", "MIN_INTERP_FRAMES", "OUTPUT_TYPES", "CALLBACK_TENSOR_INPUTS",
-           "check_mode", "frame_floor", "check_frames", "check_windows", "close_loop", "model_defaults",
-           "SequenceRequest", "check_segments", "check_keyframes", "check_keyframe_sizes", "joined_frames", "default_overlap",
-           "per_piece"]
+           "check_mode", "frame_floor", "check_frames", "check_windows", "check_start_step", "close_loop",
+           "model_defaults", "SequenceRequest", "check_segments", "check_keyframes", "check_keyframe_sizes",
+           "joined_frames", "default_overlap", "per_piece"]
 
 #: How a video is made: from one image, between two images, or a seamless loop of one image.
 MODES = ("single", "interp", "loop")
@@ -106,6 +108,22 @@ def check_windows(config: "ModelConfig", size: int | None, stride: int,
     return size, stride
 
 
+def check_start_step(start_step: int | None, steps: int, max_steps: int,
+                     names: tuple[str, str] = ("start_step", "num_inference_steps")) -> int | None:
+    """The leakage-free start step ``M`` (``None``: the last timestep), or one sentence naming ``names``.
+
+    The sampler's ``steps`` distinct timesteps lie in ``[0, M)``: at most ``M`` of them.
+    """
+    if start_step is None:
+        return None
+    if start_step > max_steps:
+        raise UserError(f"{names[0]} can be at most the model's {max_steps} training timesteps, got {start_step}.")
+    if steps > start_step:
+        raise UserError(f"{names[1]} ({steps}) can be at most {names[0]} ({start_step}): "
+                        "the sampler visits that many distinct timesteps below it.")
+    return start_step
+
+
 def model_defaults(config: "ModelConfig") -> dict[str, Any]:
     """The value a call uses for each option left at ``None`` ("the model's"), by option name."""
     return {"guidance_rescale": config.diffusion.guidance_rescale, "timestep_spacing": config.diffusion.timestep_spacing,
@@ -127,6 +145,10 @@ class GenerationRequest:
     one-scale guidance. ``latent_shape`` is ``[batch, 4, num_frames, height / 8, width / 8]``.
     A prompt is a string or a schedule ``{frame: prompt}`` of two prompts or more, sorted by
     frame (:mod:`~dynamicrafter.prompt_schedule`).
+
+    ``start_step`` is the leakage-free start ``M`` (``None``: the last timestep) and
+    ``analytic_init`` the statistics file's path; the pipeline's ``check_inputs`` puts the file's
+    checked :class:`~dynamicrafter.diffusion.leakage.AnalyticInit` in ``analytic_statistics``.
     """
 
     images: list["Image.Image"]
@@ -149,6 +171,9 @@ class GenerationRequest:
     window_size: int = 16
     window_stride: int = 4
     noise_rescheduling: bool = True
+    start_step: int | None = None
+    analytic_init: str | None = None
+    analytic_statistics: Any = None
     generator: torch.Generator | list[torch.Generator] | None = None
     latents: torch.Tensor | None = None
     output_type: str = "pt"
@@ -230,6 +255,7 @@ class GenerationRequest:
                             "end_image (interpolation or a loop).")
         window, stride = check_windows(config, values.get("window_size"),
                                        values.get("window_stride", OPTIONS["window_stride"].default))
+        start_step = check_start_step(values.get("start_step"), steps, max_steps)
         per_prompt = values["num_videos_per_prompt"]
         down = config.latent_downscale
         shape = (count * per_prompt, config.vae.embed_dim, frames, size["height"] // down, size["width"] // down)
@@ -251,6 +277,7 @@ class GenerationRequest:
             height=size["height"], width=size["width"], num_videos_per_prompt=per_prompt, latent_shape=shape,
             window_size=window, window_stride=stride,
             noise_rescheduling=values.get("noise_rescheduling", OPTIONS["noise_rescheduling"].default),
+            start_step=start_step, analytic_init=values.get("analytic_init"),
             generator=_check_generator(generator, count * per_prompt), latents=_check_latents(latents, shape),
             output_type=output_type, callback=callback, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs), masks=masks,

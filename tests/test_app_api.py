@@ -292,6 +292,27 @@ def test_timed_prompts_from_the_page(client, pipeline, gradient_png, monkeypatch
     assert str(info.value) == "Prompt schedule frame 4 is outside the video's frames 0 to 3."
 
 
+def test_leakage_free_start_controls_reach_the_pipeline(client, demo, pipeline, gradient_png, monkeypatch):
+    components = demo.get_config_file()["components"]
+    (step,) = [c for c in components if c.get("props", {}).get("elem_id") == "start-step"]
+    assert (step["props"]["value"], step["props"]["maximum"]) == (1000, 1000)
+    seen = {}
+    call = type(pipeline).__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.update(kwargs)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", spy)
+    client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                   **{**FAST, "start_step": 600})
+    assert (seen["start_step"], seen["analytic_init"]) == (600, None)
+    with pytest.raises(Exception) as info:
+        client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
+                       **{**FAST, "analytic_init": "/no/such/initial_noise_512.pt"})
+    assert str(info.value) == "analytic_init file /no/such/initial_noise_512.pt does not exist."
+
+
 class _FakeDemo:
     """Stands in for the page's Blocks: records how it is launched; serves until its first look."""
 

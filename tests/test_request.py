@@ -136,6 +136,13 @@ BAD_INPUTS = [
                       "end_image=image)."),
     (dict(loop="yes"), "loop must be True or False, got str 'yes'."),
     (dict(cut_near_keyframes=6), "cut_near_keyframes must be between 0 and 5, got 6."),
+    (dict(start_step=0), "start_step must be between 1 and 1000, got 0."),
+    (dict(start_step=1001), "start_step must be between 1 and 1000, got 1001."),
+    (dict(start_step=2.5), "start_step must be a whole number, got 2.5."),
+    (dict(start_step=1), "num_inference_steps (2) can be at most start_step (1): the sampler visits that many "
+                         "distinct timesteps below it."),
+    (dict(analytic_init="does/not/exist.pt"), "analytic_init file does/not/exist.pt does not exist."),
+    (dict(analytic_init=True), "analytic_init must be a string, got bool."),
 ]
 
 

@@ -243,14 +243,17 @@ def get_sampler(name: str) -> SamplerSpec:
 
 def sample(name: str, denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, num_steps: int,
            spacing: str = "uniform", eta: float = 0.0, noise_sampler: NoiseSampler | None = None,
-           callback: Callback | None = None) -> torch.Tensor:
+           callback: Callback | None = None, start_step: int | None = None) -> torch.Tensor:
     """Run the sampler ``name`` for ``num_steps`` steps of ``spacing`` from the noise ``x``.
 
     The timesteps are :func:`ddim_timesteps` (the same for every sampler); ``eta`` and
-    ``noise_sampler`` only matter to samplers that use them (DDIM). Returns a latent like ``x``.
+    ``noise_sampler`` only matter to samplers that use them (DDIM). ``start_step`` ``M`` (the
+    leakage-free start, :mod:`.leakage`) spreads the steps over ``[0, M)`` instead of every
+    training timestep: a shorter schedule, nothing else changes. Returns a latent like ``x``.
     """
     spec = get_sampler(name)
-    levels = schedule.levels(ddim_timesteps(num_steps, spacing, schedule.num_timesteps), spec.keep_last_scale)
+    start = schedule.num_timesteps if start_step is None else start_step
+    levels = schedule.levels(ddim_timesteps(num_steps, spacing, start), spec.keep_last_scale)
     if spec.uses_eta:
         return spec.function(denoiser, x, levels, eta=eta, noise_sampler=noise_sampler, callback=callback)
     return spec.function(denoiser, x, levels, callback=callback)
