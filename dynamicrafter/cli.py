@@ -154,6 +154,12 @@ def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> 
     if args.image_embed_ratio != 1.0 and mode == "single":
         raise CliError("--image_embed_ratio mixes the start and end images' embeddings; use it with --interp "
                        "or --loop.", EXIT_USAGE)
+    if args.analytic_init and args.analytic_init_path is None:
+        from .hub import analytic_init_missing
+
+        missing = analytic_init_missing(config.name, ("--analytic_init", "--analytic_init_path"))
+        if missing:
+            raise CliError(missing, EXIT_USAGE)
     if args.mask is not None and mode != "single":
         raise CliError(f"--mask holds parts of the video to the one input image; it cannot be used with --{mode}.",
                        EXIT_USAGE)

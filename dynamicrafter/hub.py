@@ -193,36 +193,85 @@ def ensure_clip_weights(arch: str = "ViT-H-14") -> Path:
         raise CheckpointError(f"No OpenCLIP weights are known for the CLIP architecture {arch}; "
                               "pass --clip_checkpoint with them.")
     tag, repo_id = CLIP_WEIGHTS[arch]
+    return _cached_hub_file(repo_id, CLIP_FILENAMES, f"The OpenCLIP {arch} {tag} weights", CLIP_FLAG,
+                            f"the OpenCLIP {arch} {tag} weights from {repo_id} into the Hugging Face cache "
+                            f"(about {CLIP_GB.get(arch, 0.0):.1f} GB, once)")
+
+
+def _cached_hub_file(repo_id: str, filenames: tuple[str, ...], what: str, flag: str, downloading: str) -> Path:
+    """A file of ``repo_id`` from the Hugging Face cache, downloaded there once if it is missing.
+
+    ``filenames`` are tried in order (the next when the repository lacks one); ``what`` names the
+    file in messages, ``flag`` is the option that gives it instead, ``downloading`` ends the log line.
+
+    Raises:
+        CheckpointError: not cached and cannot be downloaded (offline mode, network or access error).
+    """
     cache_dir = _hub_cache_dir()
-    for filename in CLIP_FILENAMES:
+    for filename in filenames:
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
         if isinstance(cached, str):
             return Path(cached)
-    what = f"The OpenCLIP {arch} {tag} weights"
     endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
-    url = hf_hub_url(repo_id, CLIP_FILENAMES[0], endpoint=endpoint)
+    url = hf_hub_url(repo_id, filenames[0], endpoint=endpoint)
     if _env_flag("HF_HUB_OFFLINE"):
         raise CheckpointError(f"{what} ({repo_id}) are not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                              f"{_by_hand(url, None, CLIP_FLAG, offline=False)}.")
+                              f"{_by_hand(url, None, flag, offline=False)}.")
     unreachable = _unreachable(endpoint)
     if unreachable:
-        raise CheckpointError(f"Could not reach {endpoint} to download {CLIP_FILENAMES[0]} from {repo_id} "
-                              f"({unreachable}); {_by_hand(url, None, CLIP_FLAG)}.")
-    logger.info("Downloading the OpenCLIP %s %s weights from %s into the Hugging Face cache (about %.1f GB, once)",
-                arch, tag, repo_id, CLIP_GB.get(arch, 0.0))
-    for filename in CLIP_FILENAMES:
+        raise CheckpointError(f"Could not reach {endpoint} to download {filenames[0]} from {repo_id} "
+                              f"({unreachable}); {_by_hand(url, None, flag)}.")
+    logger.info("Downloading %s", downloading)
+    for filename in filenames:
         try:
             with _hub_logging():
                 return Path(hf_hub_download(repo_id, filename, endpoint=endpoint,
                                             token=os.environ.get("HF_TOKEN") or None, cache_dir=cache_dir,
                                             **_progress_bar(filename)))
         except (OSError, *HTTP_ERRORS) as error:
-            if filename != CLIP_FILENAMES[-1] and any(isinstance(c, RemoteEntryNotFoundError) for c in _chain(error)):
+            if filename != filenames[-1] and any(isinstance(c, RemoteEntryNotFoundError) for c in _chain(error)):
                 continue  # try the next name
             url = hf_hub_url(repo_id, filename, endpoint=endpoint)
-            raise CheckpointError(_explain(error, repo_id, endpoint, filename, url, None, CLIP_FLAG)) from error
+            raise CheckpointError(_explain(error, repo_id, endpoint, filename, url, None, flag)) from error
     raise AssertionError("unreachable")
 
+
+#: The CIL authors' Analytic-Init statistics (Zhao et al. 2024, ``thu-ml/cond-image-leakage``):
+#: their Hub repository and its file per model, as their inference scripts name them.
+ANALYTIC_INIT_REPO = "GraceZhao/DynamiCrafter-Analytic-Init"
+ANALYTIC_INIT_FILES = {"512": "initial_noise_512.pt", "1024": "initial_noise_1024.pt"}
+#: The flag that gives the statistics instead of a download.
+ANALYTIC_INIT_FLAG = "--analytic_init_path"
+
+
+def analytic_init_missing(model: str, names: tuple[str, str] = ("analytic_init", "analytic_init_path")) -> str | None:
+    """Why ``analytic_init`` without a statistics file cannot be used for ``model`` (one sentence), else ``None``.
+
+    ``names``: how the sentence calls the two options (the command line passes its flags).
+    """
+    if model in ANALYTIC_INIT_FILES:
+        return None
+    return (f"{names[0]} uses the CIL authors' statistics, published for the 512 and 1024 models; for the "
+            f"{model} model give a statistics file with {names[1]}.")
+
+
+def ensure_analytic_statistics(model: str) -> Path:
+    """The CIL authors' Analytic-Init statistics of ``model`` ('512' or '1024'), from the Hub cache.
+
+    Downloaded once into the Hugging Face cache (a few MB); later calls find it there without any
+    request, also offline.
+
+    Raises:
+        CheckpointError: no statistics are published for ``model``, or they are not cached and
+            cannot be downloaded (offline mode, network or access error).
+    """
+    missing = analytic_init_missing(model)
+    if missing:
+        raise CheckpointError(missing)
+    filename = ANALYTIC_INIT_FILES[model]
+    return _cached_hub_file(ANALYTIC_INIT_REPO, (filename,), f"The Analytic-Init statistics {filename}",
+                            ANALYTIC_INIT_FLAG, f"the Analytic-Init statistics {filename} from {ANALYTIC_INIT_REPO} "
+                            "into the Hugging Face cache (once)")
 
 def _env_flag(variable: str) -> bool:
     return os.environ.get(variable, "").strip().upper() in {"1", "ON", "YES", "TRUE"}

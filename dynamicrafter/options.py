@@ -206,11 +206,11 @@ def check_device_name(text: str) -> None:
 
 
 def _check_statistics_path(text: str) -> None:
-    """Refuse an ``analytic_init`` value that is not an existing file (read later, with torch)."""
+    """Refuse an ``analytic_init_path`` that is not an existing file (read later, with torch)."""
     from pathlib import Path
 
     if not Path(text).is_file():
-        raise UserError(f"analytic_init file {text} does not exist.")
+        raise UserError(f"analytic_init_path {text} does not exist.")
 
 
 def motion_control(config: "ModelConfig") -> tuple[str, str, tuple[float, float, float]]:
@@ -278,11 +278,16 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            "instead of the last, the steps spread over [0, M); smaller M = more motion, too small = blur",
            minimum=1, maximum=MAX_STEPS, flag="--start_step", ui=(1, MAX_STEPS, 1),
            label="Start step M (1000 = the usual start)", none_means="the last timestep: the usual sampler"),
-    Option("analytic_init", str, None,
-           "leakage-free start: an Analytic-Init statistics file (the CIL authors' initial_noise_512.pt / "
-           "initial_noise_1024.pt, keys Expectation_X0 and Tr_Cov_d) whose mean and spread the starting noise "
-           "at start_step gets", flag="--analytic_init", label="Analytic-Init statistics file (on the server)",
-           none_means="none: plain noise", text_check=_check_statistics_path),
+    Option("analytic_init", bool, False,
+           "leakage-free start: the starting noise at start_step gets the mean and spread of the training "
+           "latents (Analytic-Init, Zhao et al. 2024): from analytic_init_path, else the CIL authors' statistics "
+           "of the 512 or 1024 model, downloaded once", flag="--analytic_init",
+           label="Analytic-Init (start from the training latents' statistics)"),
+    Option("analytic_init_path", str, None,
+           "an Analytic-Init statistics file (the CIL authors' initial_noise_512.pt / initial_noise_1024.pt, "
+           "keys Expectation_X0 and Tr_Cov_d, or a .safetensors copy); giving one turns analytic_init on",
+           flag="--analytic_init_path", label="Analytic-Init statistics file (on the server)",
+           none_means="the CIL authors' file of the 512 or 1024 model", text_check=_check_statistics_path),
     Option("height", int, None, f"video height in pixels, a multiple of 64 up to {MAX_SIDE}",
            minimum=64, maximum=MAX_SIDE),
     Option("width", int, None, f"video width in pixels, a multiple of 64 up to {MAX_SIDE}",

@@ -52,7 +52,7 @@ ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale"
 #: FreeNoise's windows: shown only while the frame count is above the model's trained length.
 WINDOW_CONTROLS = ("window_size", "window_stride")
 #: The leakage-free start (Zhao et al. 2024), a row of its own under "Advanced settings".
-LEAKAGE_CONTROLS = ("start_step", "analytic_init")
+LEAKAGE_CONTROLS = ("start_step", "analytic_init", "analytic_init_path")
 CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS, *LEAKAGE_CONTROLS)
 #: Chained segments of ``/generate`` (folded under "Longer video") and the keyframe cut of ``/keyframes``.
 SEGMENT_CONTROLS = ("segments", "overlap")
@@ -112,6 +112,9 @@ class _VideoMaker:
         checked: dict[str, Any] = {}
         for name in (*CONTROLS, *(n for n in (*SEGMENT_CONTROLS, *KEYFRAME_CONTROLS) if n in values)):
             option, value = OPTIONS[name], values[name]
+            if option.type is bool:  # a checkbox
+                checked[name] = bool(value)
+                continue
             label, (low, high, _) = _slider(option, self.config)
             if option.choices is not None:
                 try:
@@ -311,9 +314,11 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
                          elem_id=elem_id)
     if option.choices is not None:
         return gr.Dropdown(list(option.choices), value=option.default, label=option.label, elem_id=elem_id)
-    if option.name == "analytic_init":
+    if option.type is bool:
+        return gr.Checkbox(value=option.default, label=option.label, elem_id=elem_id)
+    if option.name == "analytic_init_path":
         return gr.Textbox(value="", label=option.label, placeholder="e.g. checkpoints/initial_noise_512.pt "
-                          "(empty = plain noise)", elem_id=elem_id)
+                          "(empty = the authors' file of the 512 or 1024 model)", elem_id=elem_id)
     if option.type is str:
         return gr.Textbox(value="", label=option.label, placeholder="What to avoid (optional)", elem_id=elem_id)
     label, (low, high, step) = _slider(option, config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -308,7 +309,8 @@ class DynamiCrafterImg2VideoPipeline:
         loop: bool = False,
         cut_near_keyframes: int = DEFAULTS.cut_near_keyframes,
         start_step: int | None = DEFAULTS.start_step,
-        analytic_init: str | None = DEFAULTS.analytic_init,
+        analytic_init: bool | str | os.PathLike = DEFAULTS.analytic_init,
+        analytic_init_path: str | os.PathLike | None = DEFAULTS.analytic_init_path,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -402,12 +404,16 @@ class DynamiCrafterImg2VideoPipeline:
                 starts at training timestep ``M`` (1 to the model's 1000) instead of the last, the
                 ``num_inference_steps`` (at most ``M``) spread over ``[0, M)`` with ``timestep_spacing``;
                 every sampler. ``None`` (the default): the usual start.
-            analytic_init: path of an Analytic-Init statistics file (the CIL authors'
-                ``initial_noise_512.pt``, keys ``Expectation_X0`` ``[1, 4, T, h, w]`` and ``Tr_Cov_d``, for
-                this video's frame count and latent size): the starting latent is
-                ``sqrt(abar) * Expectation_X0 + sqrt(1 - abar + abar * Tr_Cov_d) * noise`` with
-                ``abar = alphas_cumprod[M - 1]``, ``noise`` the usual draw (or the given ``latents``).
-                ``None`` (the default): the noise itself.
+            analytic_init: start from Analytic-Init's noise (the CIL authors' inference, their
+                ``whether_analytic_init``): the starting latent is ``sqrt(abar) * Expectation_X0 +
+                sqrt(1 - abar + abar * Tr_Cov_d) * noise`` with ``abar = alphas_cumprod[M - 1]``,
+                ``noise`` the usual draw (or the given ``latents``), from the statistics of the
+                training latents (``Expectation_X0`` ``[1, 4, T, h, w]`` and ``Tr_Cov_d``) in
+                ``analytic_init_path``, else the authors' file of the 512 or 1024 model (downloaded
+                once into the Hugging Face cache). A path here is short for ``analytic_init=True,
+                analytic_init_path=path``. ``False`` (the default): the noise itself.
+            analytic_init_path: the statistics file (``initial_noise_512.pt``, or a ``.safetensors``
+                copy) for this video's frame count and latent size; giving it turns ``analytic_init`` on.
 
         Segments and keyframes make one video (``[1, F, 3, H, W]``) from one generator: piece
         ``i`` draws its noise after piece ``i - 1``, so the first piece is the plain call's video.
@@ -424,7 +430,7 @@ class DynamiCrafterImg2VideoPipeline:
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
             window_stride=window_stride, noise_rescheduling=noise_rescheduling, mask=mask,
             augmentation_level=augmentation_level, image_embed_ratio=image_embed_ratio, start_step=start_step,
-            analytic_init=analytic_init)
+            analytic_init=analytic_init, analytic_init_path=analytic_init_path)
         if keyframes is not None or segments != 1 or loop:  # a sequence of plain calls (dynamicrafter.sequences)
             sequence = SequenceRequest.build(
                 self.config, image=image, keyframes=keyframes, prompt=prompt, negative_prompt=negative_prompt,
@@ -458,6 +464,13 @@ class DynamiCrafterImg2VideoPipeline:
         :class:`~dynamicrafter.errors.UserError` sentence per problem.
         """
         given = {name: options.pop(name) for name in REQUEST_ARGUMENTS if name in options}
+        if isinstance(options.get("analytic_init"), (str, os.PathLike)):  # short for True and the file's path
+            if options.get("analytic_init_path") is not None:
+                raise UserError("Give the Analytic-Init statistics file once: analytic_init=True with "
+                                "analytic_init_path=FILE, or analytic_init=FILE.")
+            options["analytic_init_path"], options["analytic_init"] = os.fspath(options["analytic_init"]), True
+        if isinstance(options.get("analytic_init_path"), os.PathLike):
+            options["analytic_init_path"] = os.fspath(options["analytic_init_path"])
         values = {name: options.pop(name, OPTIONS[name].default) for name in CALL_OPTIONS if name != "negative_prompt"}
         if options:
             raise UserError(f"Unknown argument(s): {', '.join(sorted(options))}.")
@@ -466,8 +479,11 @@ class DynamiCrafterImg2VideoPipeline:
                                           **given, **values)
         texts = [text for prompt in request.prompts for text in prompt_text(prompt)]
         self._warn_long_prompts([*texts, *(request.negative_prompts or [])])
-        if request.analytic_init is not None:  # read and checked before any model work
-            request.analytic_statistics = AnalyticInit.from_file(request.analytic_init)
+        if request.analytic_init:  # read and checked before any model work
+            from .hub import ensure_analytic_statistics  # the download stack is only needed here
+
+            path = request.analytic_init_path or ensure_analytic_statistics(self.config.name)
+            request.analytic_statistics = AnalyticInit.from_file(path)
             request.analytic_statistics.check_shape(request.latent_shape, request.height, request.width)
         return request
 

@@ -146,9 +146,11 @@ class GenerationRequest:
     A prompt is a string or a schedule ``{frame: prompt}`` of two prompts or more, sorted by
     frame (:mod:`~dynamicrafter.prompt_schedule`).
 
-    ``start_step`` is the leakage-free start ``M`` (``None``: the last timestep) and
-    ``analytic_init`` the statistics file's path; the pipeline's ``check_inputs`` puts the file's
-    checked :class:`~dynamicrafter.diffusion.leakage.AnalyticInit` in ``analytic_statistics``.
+    ``start_step`` is the leakage-free start ``M`` (``None``: the last timestep);
+    ``analytic_init`` says whether its noise is Analytic-Init's, with the statistics of
+    ``analytic_init_path`` (``None``: the model's published file); the pipeline's
+    ``check_inputs`` puts the checked :class:`~dynamicrafter.diffusion.leakage.AnalyticInit` in
+    ``analytic_statistics``.
     """
 
     images: list["Image.Image"]
@@ -172,7 +174,8 @@ class GenerationRequest:
     window_stride: int = 4
     noise_rescheduling: bool = True
     start_step: int | None = None
-    analytic_init: str | None = None
+    analytic_init: bool = False
+    analytic_init_path: str | None = None
     analytic_statistics: Any = None
     generator: torch.Generator | list[torch.Generator] | None = None
     latents: torch.Tensor | None = None
@@ -277,7 +280,9 @@ class GenerationRequest:
             height=size["height"], width=size["width"], num_videos_per_prompt=per_prompt, latent_shape=shape,
             window_size=window, window_stride=stride,
             noise_rescheduling=values.get("noise_rescheduling", OPTIONS["noise_rescheduling"].default),
-            start_step=start_step, analytic_init=values.get("analytic_init"),
+            start_step=start_step,
+            analytic_init=bool(values.get("analytic_init")) or values.get("analytic_init_path") is not None,
+            analytic_init_path=values.get("analytic_init_path"),
             generator=_check_generator(generator, count * per_prompt), latents=_check_latents(latents, shape),
             output_type=output_type, callback=callback, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs), masks=masks,

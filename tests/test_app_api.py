@@ -306,11 +306,11 @@ def test_leakage_free_start_controls_reach_the_pipeline(client, demo, pipeline, 
     monkeypatch.setattr(type(pipeline), "__call__", spy)
     client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
                    **{**FAST, "start_step": 600})
-    assert (seen["start_step"], seen["analytic_init"]) == (600, None)
+    assert (seen["start_step"], seen["analytic_init"], seen["analytic_init_path"]) == (600, False, None)
     with pytest.raises(Exception) as info:
         client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
-                       **{**FAST, "analytic_init": "/no/such/initial_noise_512.pt"})
-    assert str(info.value) == "analytic_init file /no/such/initial_noise_512.pt does not exist."
+                       **{**FAST, "analytic_init": True, "analytic_init_path": "/no/such/initial_noise_512.pt"})
+    assert str(info.value) == "analytic_init_path /no/such/initial_noise_512.pt does not exist."
 
 
 class _FakeDemo:

@@ -388,10 +388,12 @@ def test_leakage_free_start_reaches_the_pipeline_and_the_manifest(fake, tmp_path
     make_image(folder / "p.png")
     stats.write_bytes(b"read by the pipeline")
     assert cli.main(["256", "--prompt_dir", str(folder), "--output_dir", str(out), "--device", "cpu",
-                     "--start_step", "940", "--analytic_init", str(stats)]) == 0
-    assert (fake[0].calls[0]["start_step"], fake[0].calls[0]["analytic_init"]) == (940, str(stats))
+                     "--start_step", "940", "--analytic_init", "--analytic_init_path", str(stats)]) == 0
+    call = fake[0].calls[0]
+    assert (call["start_step"], call["analytic_init"], call["analytic_init_path"]) == (940, True, str(stats))
     (record,) = read_records(out / "manifest.jsonl")
-    assert (record["settings"]["start_step"], record["settings"]["analytic_init"]) == (940, str(stats))
+    settings = record["settings"]
+    assert (settings["start_step"], settings["analytic_init"], settings["analytic_init_path"]) == (940, True, str(stats))
 
 
 def test_manifest_and_resume(fake, tmp_path, caplog):
@@ -530,7 +532,7 @@ def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
     (["256", "--start_step", "0"], 2, "--start_step: must be between 1 and 1000, got 0"),
     (["256", "--start_step", "20"], 2, "--num_inference_steps (50) can be at most --start_step (20): the sampler "
                                        "visits that many distinct timesteps below it."),
-    (["256", "--analytic_init", "{tmp}/missing.pt"], 2, "missing.pt does not exist"),
+    (["256", "--analytic_init_path", "{tmp}/missing.pt"], 2, "missing.pt does not exist"),
     (["256", "--batch_size", "0"], 2, "--batch_size: must be between 1 and 256, got 0"),
     (["256", "--fps", "0"], 2, "--fps: must be between 1 and 120, got 0"),
     (["256", "--frame_stride", "-5"], 2, "--frame_stride: must be between 1 and 100, got -5"),

@@ -14,10 +14,12 @@ import pytest
 from huggingface_hub import constants
 
 from dynamicrafter.hub import (
+    ANALYTIC_INIT_REPO,
     CLIP_WEIGHTS,
     REPOS,
     CheckpointError,
     default_checkpoint_path,
+    ensure_analytic_statistics,
     ensure_checkpoint,
     ensure_clip_weights,
 )
@@ -245,3 +247,28 @@ def test_a_retried_download_says_each_retry_once_and_shows_its_progress(hub, tmp
                        "WARNING: Retrying in 1s [Retry 1/5]."]
     bar = [line for line in lines if line.startswith("model.ckpt:")]
     assert bar and "307k/307k" in bar[-1] and "B/s" in bar[-1], lines
+
+
+# ----------------------------------------------------------------------------- Analytic-Init statistics (Hub cache)
+
+
+def test_analytic_init_statistics_come_from_the_cache_once(hub, hf_env, caplog):
+    hub.files = {(ANALYTIC_INIT_REPO, "initial_noise_512.pt"): PAYLOAD}
+    with caplog.at_level(logging.INFO, logger="dynamicrafter.hub"):
+        path = ensure_analytic_statistics("512")
+    assert path.read_bytes() == PAYLOAD and path.name == "initial_noise_512.pt"
+    assert [r["path"] for r in hub.requests if r["method"] == "GET"] == [
+        f"/{ANALYTIC_INIT_REPO}/resolve/main/initial_noise_512.pt"]
+    assert caplog.messages == [f"Downloading the Analytic-Init statistics initial_noise_512.pt from "
+                               f"{ANALYTIC_INIT_REPO} into the Hugging Face cache (once)"]
+    hub.requests.clear()
+    assert ensure_analytic_statistics("512") == path
+    assert hub.requests == []
+
+
+def test_analytic_init_statistics_exist_only_for_512_and_1024(hub):
+    with pytest.raises(CheckpointError) as info:
+        ensure_analytic_statistics("256")
+    assert str(info.value) == ("analytic_init uses the CIL authors' statistics, published for the 512 and 1024 "
+                               "models; for the 256 model give a statistics file with analytic_init_path.")
+    assert hub.requests == []

@@ -138,12 +138,16 @@ def test_analytic_init_draws_its_noise_from_the_generator(pipes, ref, tmp_path):
     """Without ``latents``, ``eps`` is the generator's usual draw."""
     pipe, image = pipes["tiny512"], reference_image(tiny_data("tiny512")[0])
     path = statistics_file(ref, "tiny512", tmp_path)
-    request = pipe.check_inputs(image, "", analytic_init=str(path), start_step=700, generator=torch.Generator()
-                                .manual_seed(5), **{k: v for k, v in FAST.items() if k != "output_type"})
-    eps = torch.randn(request.latent_shape, generator=torch.Generator().manual_seed(5))
+    settings = {k: v for k, v in FAST.items() if k != "output_type"}
+    eps = torch.randn(pipe.check_inputs(image, "", **settings).latent_shape, generator=torch.Generator().manual_seed(5))
     expected = analytic_initial_latents(ref["tiny512.stats.Expectation_X0"], ref["tiny512.stats.Tr_Cov_d"],
                                         pipe.model.schedule.alphas_cumprod[699], eps)
-    assert torch.equal(pipe.prepare_latents(request), expected)
+    # the authors' two settings (whether_analytic_init, analytic_init_path), and a path as the short form
+    for given in (dict(analytic_init=True, analytic_init_path=str(path)), dict(analytic_init=str(path)),
+                  dict(analytic_init_path=path)):
+        request = pipe.check_inputs(image, "", start_step=700, generator=torch.Generator().manual_seed(5),
+                                    **given, **settings)
+        assert torch.equal(pipe.prepare_latents(request), expected)
 
 
 def test_statistics_files_refused_with_one_sentence(pipes, ref, tmp_path):

@@ -141,8 +141,14 @@ BAD_INPUTS = [
     (dict(start_step=2.5), "start_step must be a whole number, got 2.5."),
     (dict(start_step=1), "num_inference_steps (2) can be at most start_step (1): the sampler visits that many "
                          "distinct timesteps below it."),
-    (dict(analytic_init="does/not/exist.pt"), "analytic_init file does/not/exist.pt does not exist."),
-    (dict(analytic_init=True), "analytic_init must be a string, got bool."),
+    (dict(analytic_init_path="does/not/exist.pt"), "analytic_init_path does/not/exist.pt does not exist."),
+    (dict(analytic_init="does/not/exist.pt"), "analytic_init_path does/not/exist.pt does not exist."),
+    (dict(analytic_init="a.pt", analytic_init_path="b.pt"), "Give the Analytic-Init statistics file once: "
+                                                          "analytic_init=True with analytic_init_path=FILE, or "
+                                                          "analytic_init=FILE."),
+    (dict(analytic_init=1), "analytic_init must be True or False, got int 1."),
+    (dict(analytic_init=True), "analytic_init uses the CIL authors' statistics, published for the 512 and 1024 "
+                               "models; for the tiny256 model give a statistics file with analytic_init_path."),
 ]
 
 
