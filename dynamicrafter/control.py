@@ -30,14 +30,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .checkpoints import UNET_PREFIX, CheckpointMismatchError, _describe, read_release_state_dict
-from .errors import UserError
 from .images import fit_image, load_image
 from .models import controlnet as cn
+from .request import frame_images
 
 if TYPE_CHECKING:
     from .configs import UNetConfig
@@ -133,31 +133,6 @@ def sketch_hint(image: Any, height: int, width: int) -> torch.Tensor:
 def rgb_hint(image: Any, height: int, width: int) -> torch.Tensor:
     """A control image (depth map, edges, ...) as a ControlNet reads it: ``[3, height, width]`` RGB in [0, 1]."""
     return (fit_image(load_image(image, "The control image"), height, width) + 1.0) / 2.0
-
-
-def frame_images(images: Any, num_frames: int) -> dict[int, Any]:
-    """``{frame: image}`` from one image, a list of one per frame, or a dict (negative frames count from the end).
-
-    Raises :class:`UserError` for a count or a frame that does not fit ``num_frames``.
-    """
-    if isinstance(images, Mapping):
-        frames = {}
-        for frame, image in images.items():
-            if isinstance(frame, bool) or not isinstance(frame, int) or not -num_frames <= frame < num_frames:
-                raise UserError(f"control_images has an image for frame {frame!r}; the video's frames are 0 to "
-                                f"{num_frames - 1}.")
-            frames[frame % num_frames] = image
-        if not frames:
-            raise UserError("control_images is an empty dict; give at least one {frame: image}.")
-        return frames
-    if isinstance(images, (list, tuple)):
-        if len(images) == 1:
-            return dict.fromkeys(range(num_frames), images[0])
-        if len(images) != num_frames:
-            raise UserError(f"control_images has {len(images)} images, but the video has {num_frames} frames: give "
-                            "one image per frame, one for all frames, or a dict {frame: image}.")
-        return dict(enumerate(images))
-    return dict.fromkeys(range(num_frames), images)
 
 
 @dataclass

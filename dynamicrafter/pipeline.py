@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 #: A call's checked arguments besides the images, prompts and the option table's (see :meth:`check_inputs`).
 REQUEST_ARGUMENTS = ("generator", "latents", "output_type", "callback", "callback_on_step_end",
-                     "callback_on_step_end_tensor_inputs")
+                     "callback_on_step_end_tensor_inputs", "control_images")
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None,
@@ -175,6 +175,8 @@ class DynamiCrafterImg2VideoPipeline:
         self.quantize_unet(quantize)
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
+        #: The loaded ControlNets and sketch encoders (:meth:`load_controlnet`), in the order loaded.
+        self.controlnets: list[torch.nn.Module] = []
         allow_tf32(device, dtype)
         logger.info("Ready: %s model on %s in %s (offload: %s, compile: %s, quantize: %s).", self.config.name,
                     device, str(dtype).replace("torch.", ""), self.offload, self.compile_mode or "off", self.quantize)
@@ -254,6 +256,24 @@ class DynamiCrafterImg2VideoPipeline:
         count = load_lora(self.model.unet, path, self.config, scale)
         logger.info("Loaded LoRA %s (%d layers, scale %g).", path, count, scale)
 
+    def load_controlnet(self, path: str | Path) -> int:
+        """Load a ControlNet or ToonCrafter's sketch encoder for ``control_images``; returns how many are loaded.
+
+        ``path``: ToonCrafter's ``sketch_encoder.ckpt`` (or a ``.safetensors`` copy) or a Stable
+        Diffusion 2.1 ControlNet in the original (``.pth``/``.ckpt``/``.safetensors``, with or
+        without ``control_model.``) or diffusers layout. Each call adds one; several add their
+        residuals. Raises :class:`~dynamicrafter.checkpoints.CheckpointMismatchError` (one
+        sentence) for a file that is not a ControlNet for this model's UNet.
+        """
+        from .control import load_controlnet
+
+        self.controlnets.append(load_controlnet(path, self.config.unet, self.dtype, self.device))
+        return len(self.controlnets)
+
+    def unload_controlnets(self) -> None:
+        """Forget every loaded ControlNet: calls run without control again."""
+        self.controlnets = []
+
     def unload_lora_weights(self) -> None:
         """Remove the loaded LoRA, restoring the base UNet exactly (a no-op without one)."""
         from .lora import unload_lora
@@ -293,6 +313,10 @@ class DynamiCrafterImg2VideoPipeline:
         window_size: int | None = DEFAULTS.window_size,
         window_stride: int = DEFAULTS.window_stride,
         noise_rescheduling: bool = DEFAULTS.noise_rescheduling,
+        control_images: Any = None,
+        control_scale: float | Sequence[float] = DEFAULTS.control_scale,
+        control_start: float = DEFAULTS.control_start,
+        control_end: float = DEFAULTS.control_end,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -348,6 +372,16 @@ class DynamiCrafterImg2VideoPipeline:
                 frames after the first window is a shuffled copy of the block ``window_size`` frames
                 earlier, the shuffles drawn from ``generator``; not applied to given ``latents``. The
                 sampler's per-step noise (``eta > 0``) stays independent per frame.
+            control_images: with a ControlNet or sketch encoder loaded (:meth:`load_controlnet`),
+                its control images: one for every frame, a list of one per frame, or a dict
+                ``{frame: image}`` (frames without one get no control); with several loaded, a
+                list of one such entry per ControlNet. Sketches are line art, dark on light; a
+                ControlNet's images are used as given (a depth map, edges, ...). See
+                :mod:`dynamicrafter.control`.
+            control_scale: the residuals' strength, 0 to 2 (0 gives exactly the uncontrolled
+                video); default 0.6; a list gives one per ControlNet.
+            control_start, control_end: the fraction of the steps the control acts in (step
+                ``i`` of ``n`` when ``start <= i / n`` and ``(i + 1) / n <= end``).
 
         Raises:
             UserError: a bad input, before any model work (one sentence; a ``ValueError``).
@@ -361,7 +395,8 @@ class DynamiCrafterImg2VideoPipeline:
             output_type=output_type, callback=callback, sampler=sampler, image_guidance_scale=image_guidance_scale,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
-            window_stride=window_stride, noise_rescheduling=noise_rescheduling)
+            window_stride=window_stride, noise_rescheduling=noise_rescheduling, control_images=control_images,
+            control_scale=control_scale, control_start=control_start, control_end=control_end)
         branches, reference = self.encode(request)
         x_t = self.prepare_latents(request)
         samples = self.denoise(request, branches, x_t)
@@ -387,6 +422,7 @@ class DynamiCrafterImg2VideoPipeline:
         if options:
             raise UserError(f"Unknown argument(s): {', '.join(sorted(options))}.")
         request = GenerationRequest.build(self.config, max_steps=self.model.schedule.num_timesteps, image=image,
+                                          controlnets=len(getattr(self, "controlnets", [])),
                                           prompt=prompt, negative_prompt=negative_prompt, end_image=end_image,
                                           **given, **values)
         self._warn_long_prompts([*request.prompts, *(request.negative_prompts or [])])
@@ -507,7 +543,8 @@ class DynamiCrafterImg2VideoPipeline:
                 noise[step] = _randn(x_t.shape, request.generator, self.device)
             return noise[step]
 
-        model_fn = guided_model(self._unet_forward, branches, request.guidance_scale, request.guidance_rescale,
+        model_fn = guided_model(self._controlled_unet(request), branches, request.guidance_scale,
+                                request.guidance_rescale,
                                 request.image_guidance_scale, self.sequential_guidance)
         denoiser = ModelDenoiser(model_fn, self.model.schedule, self.config.diffusion.parameterization)
 
@@ -533,6 +570,22 @@ class DynamiCrafterImg2VideoPipeline:
         with self._on_device(self.model.unet), use_temporal_windows(self.model.unet, window, request.window_stride):
             return finite_or_redo_in_float32(sample, self.model.unet, "The model",
                                              "check the checkpoint and the settings", no_redo=float8)
+
+    def _controlled_unet(self, request: GenerationRequest) -> Callable:
+        """The UNet function the sampler calls: with the request's control residuals added, if any."""
+        if request.control_images is None:
+            return self._unet_forward
+        from .control import controlled, prepare_control
+        from .diffusion.schedule import ddim_timesteps
+
+        controls = [prepare_control(net, images, request.num_frames, request.height, request.width, scale,
+                                    request.control_start, request.control_end)
+                    for net, images, scale in zip(self.controlnets, request.control_images, request.control_scale)]
+        steps = ddim_timesteps(request.num_inference_steps, request.timestep_spacing,
+                               self.model.schedule.num_timesteps)[::-1]  # in the order the sampler visits them
+        index = {int(t): i for i, t in enumerate(steps)}
+        return controlled(self._unet_forward, controls, index.__getitem__, len(steps),
+                          self.config.unet.out_channels)
 
     @property
     def interrupt(self) -> bool:

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dynamicrafter.checkpoints import CheckpointMismatchError
 from dynamicrafter.control import Control, controlled, load_controlnet
+from dynamicrafter.errors import UserError
 
 from .conftest import DATA, MODULE_TOL, relative_error
 from .control_weights import seeded_state
@@ -89,3 +91,118 @@ def test_controlled_unet_matches_the_reference(files, tiny512):
 def test_fp16_safetensors_copy_loads(files, tiny512):
     net = load_controlnet(files["safetensors"], tiny512.config.unet)
     assert net.config.hint_channels == 1 and next(net.parameters()).dtype == torch.float32
+
+
+# ------------------------------------------------------------------ the pipeline call
+@pytest.fixture(scope="module")
+def pipe(tiny512):
+    from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+    return DynamiCrafterImg2VideoPipeline.from_model(tiny512.model, device="cpu", dtype=torch.float32, cast=False)
+
+
+def _sketch(value: int = 0):
+    from PIL import Image
+
+    pixels = torch.full((64, 64), 255, dtype=torch.uint8)
+    pixels[20:44, 30 + value:34 + value] = 0  # a dark line on white
+    return Image.fromarray(pixels.numpy()).convert("RGB")
+
+
+def _call(pipe, image, **kwargs):
+    return pipe(image, "a line", num_inference_steps=2, num_frames=4, height=64, width=64, output_type="latent",
+                generator=torch.Generator().manual_seed(5), return_dict=False, **kwargs)
+
+
+def test_scale_zero_is_no_control_and_frames_without_sketch(pipe, files, gradient_png):
+    pipe.unload_controlnets()
+    plain = _call(pipe, gradient_png)
+    assert pipe.load_controlnet(files["sketch"]) == 1
+    try:
+        sketches = [_sketch(i) for i in range(4)]
+        assert torch.equal(_call(pipe, gradient_png, control_images=sketches, control_scale=0.0), plain)
+        assert torch.equal(_call(pipe, gradient_png), plain)  # loaded but no control images: no control
+        steered = _call(pipe, gradient_png, control_images=sketches)
+        assert relative_error(steered, plain) > 1e-3
+        # one image for all frames is the same as that image for each frame
+        one = _call(pipe, gradient_png, control_images=sketches[0])
+        assert torch.equal(one, _call(pipe, gradient_png, control_images=[sketches[0]] * 4))
+        # key frames only: the others get no residuals
+        keys = _call(pipe, gradient_png, control_images={0: sketches[0], -1: sketches[3]})
+        assert relative_error(keys, plain) > 1e-4 and relative_error(keys, steered) > 1e-4
+        # the second of two steps only
+        late = _call(pipe, gradient_png, control_images=sketches, control_start=0.5)
+        assert relative_error(late, plain) > 1e-4 and relative_error(late, steered) > 1e-4
+    finally:
+        pipe.unload_controlnets()
+
+
+def test_two_controls_add_their_residuals(files, tiny512):
+    sketch = load_controlnet(files["sketch"], tiny512.config.unet)
+    rgb = load_controlnet(files["diffusers"], tiny512.config.unet)
+    hint1 = REF["sketch_u8"][0].transpose(0, 1).float() / 255
+    hint3 = REF["rgb_u8"][0].transpose(0, 1).float() / 255
+    a, b = Control(sketch, hint1, [0, 1, 2, 3], 4, 0.5), Control(rgb, hint3[1:3], [1, 2], 4, 0.7)
+    seen = []
+    unet = lambda x, t, c, fs, residuals=None: seen.append(residuals) or x[:, :4]  # noqa: E731
+    fn = controlled(unet, [a, b], lambda t: 0, total=1)
+    fn(torch.cat([REF["x_noisy"], REF["concat"]], 1), REF["t"], REF["context"], REF["fs"])
+    ra, rb = (c.residuals(REF["x_noisy"], REF["t"], REF["context"]) for c in (a, b))
+    assert all(torch.equal(s, x + y) for s, x, y in zip(seen[0], ra, rb))
+    assert rb[0][[0, 3]].abs().max() == 0 and rb[0][[1, 2]].abs().max() > 0  # frames without an image: zeros
+
+
+# ------------------------------------------------------------------ what users see for wrong input
+def _save(state, path):
+    torch.save(state, path)
+    return path
+
+
+def test_wrong_files(files, tiny512, tmp_path):
+    from dynamicrafter.checkpoints import load_model
+    from dynamicrafter.models.controlnet import ControlNet, ControlNetConfig
+
+    unet = tiny512.config.unet
+    with torch.device("meta"):
+        sd15 = ControlNet(ControlNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_head_channels=16,
+                                           context_dim=768))
+    sd15 = _save(seeded_state({k: tuple(v.shape) for k, v in sd15.state_dict().items()}, 0), tmp_path / "sd15.pth")
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_controlnet(sd15, unet)
+    assert str(err.value) == (f"{sd15} is a ControlNet for Stable Diffusion 1.x (cross-attention width 768); this "
+                              "model's UNet needs one made for Stable Diffusion 2.1 (width 16).")
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_controlnet(tiny512.checkpoint, unet)
+    assert str(err.value) == (f"{tiny512.checkpoint} is a DynamiCrafter model checkpoint, not a ControlNet; give it "
+                              "as the model's checkpoint and a ControlNet or sketch encoder as the control.")
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_model(tiny512.config, files["sketch"])
+    assert str(err.value) == (f"{files['sketch']} is a ControlNet or sketch encoder, not a model checkpoint; give it "
+                              "as the control (load_controlnet, --control) and the model's checkpoint as the model.")
+    state = torch.load(files["sketch"], weights_only=True)
+    del state["zero_convs.3.0.bias"]
+    broken = _save(state, tmp_path / "broken.ckpt")
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_controlnet(broken, unet)
+    assert str(err.value) == f"{broken} does not match a ControlNet: missing zero_convs.3.0.bias."
+
+
+def test_control_image_counts(pipe, files, gradient_png):
+    with pytest.raises(UserError) as err:
+        _call(pipe, gradient_png, control_images=[_sketch()])
+    assert str(err.value) == ("control_images needs a ControlNet or sketch encoder: load one first "
+                              "(pipe.load_controlnet(path), --control).")
+    pipe.load_controlnet(files["sketch"])
+    try:
+        with pytest.raises(UserError) as err:
+            _call(pipe, gradient_png, control_images=[_sketch()] * 3)
+        assert str(err.value) == ("control_images has 3 images, but the video has 4 frames: give one image per "
+                                  "frame, one for all frames, or a dict {frame: image}.")
+        with pytest.raises(UserError) as err:
+            _call(pipe, gradient_png, control_images={4: _sketch()})
+        assert str(err.value) == "control_images has an image for frame 4; the video's frames are 0 to 3."
+        with pytest.raises(UserError) as err:
+            _call(pipe, gradient_png, control_images=_sketch(), control_start=0.5, control_end=0.5)
+        assert str(err.value) == "control_start must be below control_end, got 0.5 and 0.5."
+    finally:
+        pipe.unload_controlnets()
