@@ -12,7 +12,7 @@ from dynamicrafter.checkpoints import CheckpointMismatchError
 from dynamicrafter.control import Control, controlled, load_controlnet
 from dynamicrafter.errors import UserError
 
-from .conftest import DATA, MODULE_TOL, relative_error
+from .conftest import CHAIN_TOL, DATA, MODULE_TOL, relative_error
 from .control_weights import seeded_state
 
 REF = load_file(str(DATA / "control.safetensors"))
@@ -206,3 +206,32 @@ def test_control_image_counts(pipe, files, gradient_png):
         assert str(err.value) == "control_start must be below control_end, got 0.5 and 0.5."
     finally:
         pipe.unload_controlnets()
+
+
+def test_sketch_guided_chain_matches_the_reference(pipe, files, gradient_png, monkeypatch):
+    """A whole DDIM chain (5 steps, eta 1, guidance 7.5 rescaled 0.7, 16 frames) with the sketch encoder at 0.6,
+    against ToonCrafter-with-sketch-guidance's sampler and apply_model (tinytoon's UNet is tiny512's)."""
+    from dynamicrafter.diffusion.guidance import GuidanceBranches
+
+    from .conftest import replay_noise
+
+    ref = load_file(str(DATA / "control_chain.safetensors"))
+    pipe.load_controlnet(files["sketch"])
+    try:
+        sketches = [PIL_from(ref["sketch_u8"][0, 0, f]) for f in range(16)]
+        request = pipe.check_inputs(gradient_png, "", num_inference_steps=5, num_frames=16, height=64, width=64,
+                                    guidance_scale=7.5, guidance_rescale=0.7, eta=1.0, frame_stride=10,
+                                    timestep_spacing="uniform_trailing", window_size=16, control_images=sketches)
+        branches = GuidanceBranches(ref["context"], ref["concat"], ref["fs"], ref["uncond_context"])
+        replay_noise(monkeypatch, ref["step_noise"])
+        latents = pipe.denoise(request, branches, ref["x_T"])
+    finally:
+        pipe.unload_controlnets()
+    assert relative_error(latents, ref["latents"]) < CHAIN_TOL
+
+
+def PIL_from(grey: torch.Tensor):
+    """A recorded hint (already grey and inverted) as the line art a user gives: inverted back, RGB."""
+    from PIL import Image
+
+    return Image.fromarray((255 - grey).numpy()).convert("RGB")
