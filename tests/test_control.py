@@ -235,3 +235,34 @@ def PIL_from(grey: torch.Tensor):
     from PIL import Image
 
     return Image.fromarray((255 - grey).numpy()).convert("RGB")
+
+
+# ------------------------------------------------------------------ the command line
+def test_command_line_with_a_sketch_folder(files, tmp_path, caplog):
+    from dynamicrafter import cli
+
+    from .conftest import make_image, read_video, tiny_args
+
+    image = make_image(tmp_path / "in" / "cat.png")
+    sketches = tmp_path / "sketches" / "cat"
+    sketches.mkdir(parents=True)
+    _sketch(0).save(sketches / "0.png")
+    _sketch(8).save(sketches / "3.png")
+    out = tmp_path / "out"
+    argv = ["512", *tiny_args("tiny512"), "--image_path", str(image), "--output_dir", str(out), "--device", "cpu",
+            "--control", str(files["sketch"]), "--control_dir", str(sketches.parent), "--control_scale", "0.8"]
+    assert cli.main(argv) == 0
+    assert read_video(out / "cat.mp4")[1] == 4
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["control"] == [str(files["sketch"])] and record["control_images"] == [str(sketches)]
+    assert record["settings"]["control_scale"] == 0.8
+    caplog.clear()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main([*argv[:-4], "--control_dir", str(empty), "--overwrite"]) == 1
+    assert caplog.records[-1].getMessage() == (
+        f"No control images for cat.png in {empty}: give {empty / 'cat'}/ (one image per frame, "
+        "or files named by frame number), cat.mp4 (a line-art video) or cat.png (every frame).")
+    caplog.clear()
+    assert cli.main(argv[:-4]) == 2
+    assert "Give one --control_dir per --control (got 1 --control and 0 --control_dir)." in caplog.text
