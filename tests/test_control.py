@@ -266,3 +266,14 @@ def test_command_line_with_a_sketch_folder(files, tmp_path, caplog):
     caplog.clear()
     assert cli.main(argv[:-4]) == 2
     assert "Give one --control_dir per --control (got 1 --control and 0 --control_dir)." in caplog.text
+
+
+def test_convert_makes_a_half_precision_copy(files, tiny512, tmp_path):
+    from dynamicrafter.convert import main
+
+    target = tmp_path / "sketch_encoder-fp16.safetensors"
+    assert main([str(files["sketch"]), str(target)]) == 0
+    stored = load_file(str(target))
+    assert set(stored) == set(torch.load(files["sketch"], weights_only=True))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    assert load_controlnet(target, tiny512.config.unet).config.hint_channels == 1
