@@ -88,6 +88,13 @@ BAD_INPUTS = [
                                             "apart would leave frames without temporal attention."),
     (dict(noise_rescheduling="yes"), "noise_rescheduling must be True or False, got str 'yes'."),
     (dict(noise_rescheduling=1), "noise_rescheduling must be True or False, got int 1."),
+    (dict(control_scale=3.0), "control_scale must be between 0 and 2, got 3."),
+    (dict(control_scale="0.6"), "control_scale must be a number, got str '0.6'."),
+    (dict(control_scale=[0.5, float("nan")]), "control_scale must be a finite number, got nan."),
+    (dict(control_start=0.5, control_end=0.25), "control_start must be below control_end, got 0.5 and 0.25."),
+    (dict(control_end=1.5), "control_end must be between 0 and 1, got 1.5."),
+    (dict(control_images=IMAGE), "control_images needs a ControlNet or sketch encoder: load one first "
+                                 "(pipe.load_controlnet(path), --control)."),
 ]
 
 
