@@ -42,6 +42,8 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 #: these names, the pipeline's): shown, then folded under "Advanced settings".
 MAIN_CONTROLS = ("num_inference_steps", "frame_stride", "num_frames", "seed")
 ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps")
+#: Shown only when the app loaded a ControlNet or sketch encoder (``--control``): its strength and steps.
+CONTROL_CONTROLS = ("control_scale", "control_start", "control_end")
 #: FreeNoise's windows: shown only while the frame count is above the model's trained length.
 WINDOW_CONTROLS = ("window_size", "window_stride")
 CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS)
@@ -131,7 +133,9 @@ class _VideoMaker:
 
         Returns (mp4 path in Gradio's cache, seed used, timing message).
         """
+        control = self.control_kwargs(values)
         settings = self.check(values, mode)
+        settings.update(control)
         seed = random.randint(0, MAX_SEED) if random_seed else settings.pop("seed")
         settings.pop("seed", None)
         fps = settings.pop("fps")
@@ -169,6 +173,41 @@ class _VideoMaker:
             # content-addressed place) means the output is never copied a second time.
             return save_file_to_cache(written, self.cache_dir or tempfile.gettempdir())
 
+    def control_kwargs(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Pop the control inputs from ``values``: the pipeline's ``control_images`` and strengths (see docs/control.md).
+
+        ``control_files_<i>`` (ControlNet ``i``): uploaded images (one for every frame, one per
+        frame in upload order, or named by frame number: ``0.png``, ``15.png``) or one line-art
+        video. No upload: that ControlNet is left out of the call (with none, no control).
+        """
+        from .control_images import VIDEO_EXTENSIONS, read_video_frames
+
+        count = len(getattr(self.pipeline, "controlnets", []))
+        uploads = [values.pop(f"control_files_{i}", None) or [] for i in range(count)]
+        settings = {name: values.pop(name) for name in CONTROL_CONTROLS if name in values}
+        if not any(uploads):
+            return {}
+        if not all(uploads):
+            raise _fail("Upload control images for every loaded ControlNet, or none.")
+        images = []
+        for files in uploads:
+            paths = [Path(f.get("path") if isinstance(f, dict) else f) for f in (files if isinstance(files, list)
+                                                                             else [files])]
+            for path in paths:
+                if path.stat().st_size > self.max_upload_mb * MB:
+                    raise _fail(f"The control file {path.name} is larger than the {self.max_upload_mb:g} MB upload "
+                                "limit.")
+            try:
+                if len(paths) == 1 and paths[0].suffix.lower() in VIDEO_EXTENSIONS:
+                    images.append(read_video_frames(paths[0]))
+                elif len(paths) > 1 and all(p.stem.isdigit() for p in paths):
+                    images.append({int(p.stem): p for p in paths})
+                else:
+                    images.append(paths[0] if len(paths) == 1 else paths)
+            except UserError as exc:
+                raise _fail(str(exc)) from None
+        return {"control_images": images[0] if count == 1 else images, **settings}
+
     def generate(self, image: Any, prompt: Any, random_seed: Any, progress: gr.Progress, **values: Any
                  ) -> tuple[str, int, str]:
         """Animate one image (the ``/generate`` endpoint)."""
@@ -182,13 +221,13 @@ class _VideoMaker:
         return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress)
 
 
-def _endpoint(method: Any, leading: Sequence[str]) -> Any:
+def _endpoint(method: Any, leading: Sequence[str], extra: Sequence[str] = ()) -> Any:
     """``method`` as an event function whose parameters are ``leading``, the controls and ``random_seed``.
 
     Gradio names an endpoint's API parameters after the function's; giving the function the
     controls' option names makes ``client.predict(num_inference_steps=25, ...)`` work.
     """
-    names = [*leading, *CONTROLS, "random_seed"]
+    names = [*leading, *CONTROLS, "random_seed", *extra]  # extra: the control inputs, when ControlNets are loaded
 
     def event(*args: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, int, str]:
         values = dict(zip(names, args))
@@ -262,6 +301,31 @@ def _controls(config: ModelConfig) -> tuple[gr.Textbox, list[gr.components.Compo
     return prompt, [controls[name] for name in CONTROLS], random_seed
 
 
+def _control_inputs(pipeline: Any, config: ModelConfig) -> tuple[list[str], list[gr.components.Component]]:
+    """The control uploads (one per loaded ControlNet) and strength sliders, with their endpoint names; none
+    without a ControlNet."""
+    from .control import is_sketch_encoder
+
+    nets = getattr(pipeline, "controlnets", [])
+    if not nets:
+        return [], []
+    names, inputs = [], []
+    with gr.Accordion("Control images", open=True):
+        for i, net in enumerate(nets):
+            what = ("Sketches (line art, dark on light): one per key frame named by frame number (0.png, 15.png), "
+                    "one per frame, or a line-art video" if is_sketch_encoder(net) else
+                    "Control maps (depth, edges, ...): one for all frames, one per frame, files named by frame "
+                    "number, or a video")
+            names.append(f"control_files_{i}")
+            inputs.append(gr.File(file_count="multiple", label=f"{what} (ControlNet {i + 1})",
+                                  elem_id=f"control-files-{i}"))
+        with gr.Row():
+            for name in CONTROL_CONTROLS:
+                names.append(name)
+                inputs.append(_control(OPTIONS[name], config))
+    return names, inputs
+
+
 def _image_input(label: str, elem_id: str) -> gr.Image:
     """An image upload (file or clipboard) handed to the events as a file path."""
     return gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], elem_id=elem_id)
@@ -284,12 +348,14 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
         with gr.Column():
             image = _image_input("Input image", "image")
             prompt, controls, random_seed = _controls(config)
+            extra, extra_inputs = _control_inputs(maker.pipeline, config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
     if examples:
         gr.Examples(examples, inputs=[image, prompt], label="Examples")
-    button.click(_endpoint(maker.generate, ("image", "prompt")), inputs=[image, prompt, *controls, random_seed],
+    button.click(_endpoint(maker.generate, ("image", "prompt"), extra),
+                 inputs=[image, prompt, *controls, random_seed, *extra_inputs],
                  outputs=list(outputs), api_name="generate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]
@@ -305,6 +371,7 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
             loop = gr.Checkbox(value=False, label="Loop (use the start image as the end image)",
                                elem_id="loop")
             prompt, controls, random_seed = _controls(config)
+            extra, extra_inputs = _control_inputs(maker.pipeline, config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
@@ -313,8 +380,8 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
                     inputs=[start, loop, prompt], label="Examples (looping)")
     loop.change(lambda looping: gr.Image(visible=not looping), inputs=loop, outputs=end,
                 queue=False, api_visibility="private")
-    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt")),
-                 inputs=[start, end, loop, prompt, *controls, random_seed], outputs=list(outputs),
+    button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt"), extra),
+                 inputs=[start, end, loop, prompt, *controls, random_seed, *extra_inputs], outputs=list(outputs),
                  api_name="interpolate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]

@@ -277,3 +277,54 @@ def test_convert_makes_a_half_precision_copy(files, tiny512, tmp_path):
     assert set(stored) == set(torch.load(files["sketch"], weights_only=True))
     assert {v.dtype for v in stored.values()} == {torch.float16}
     assert load_controlnet(target, tiny512.config.unet).config.hint_channels == 1
+
+
+# ------------------------------------------------------------------ the app
+def test_app_takes_sketches_per_key_frame_or_a_video(pipe, files, tmp_path, gradient_png):
+    import inspect
+
+    import gradio as gr
+    import numpy as np
+
+    from dynamicrafter.page import _VideoMaker, build_demo
+    from dynamicrafter.video import save_video
+
+    pipe.load_controlnet(files["sketch"])
+    try:
+        demo = build_demo(pipe)
+        generate = next(f.fn for f in demo.fns.values() if f.api_name == "generate")
+        assert list(inspect.signature(generate).parameters)[-6:-1] == [
+            "random_seed", "control_files_0", "control_scale", "control_start", "control_end"]
+        maker = _VideoMaker(pipe, 20)
+        for frame in (0, 3):
+            _sketch(frame).save(tmp_path / f"{frame}.png")
+        values = {"control_files_0": [{"path": str(tmp_path / "0.png")}, {"path": str(tmp_path / "3.png")}],
+                  "control_scale": 0.8, "control_start": 0.0, "control_end": 1.0}
+        assert maker.control_kwargs(values) == {"control_images": {0: tmp_path / "0.png", 3: tmp_path / "3.png"},
+                                                "control_scale": 0.8, "control_start": 0.0, "control_end": 1.0}
+        assert values == {}
+        video = save_video(np.stack([np.asarray(_sketch(i)) for i in range(4)]), tmp_path / "lines.mp4", fps=8)
+        frames = maker.control_kwargs({"control_files_0": [{"path": str(video)}]})["control_images"]
+        assert len(frames) == 4 and frames[0].size == (64, 64)
+        assert maker.control_kwargs({"control_files_0": None, "control_scale": 0.6}) == {}  # no upload: no control
+        calls = []
+
+        class Recorder:  # the page's side only: what reaches the pipeline (the call itself is tested above)
+            config, device, controlnets = pipe.config, pipe.device, pipe.controlnets
+            save_video = staticmethod(pipe.save_video)
+
+            def __call__(self, image, **kwargs):
+                calls.append(kwargs)
+                return {"videos": torch.zeros(1, 4, 3, 64, 64)}
+
+        maker.pipeline = Recorder()
+        _, _, timing = maker.generate({"path": str(gradient_png)}, "a line", False, gr.Progress(),
+                                      num_inference_steps=2, frame_stride=10, num_frames=4, seed=1,
+                                      negative_prompt="", guidance_scale=7.5, image_guidance_scale=0, sampler="ddim",
+                                      eta=1.0, fps=8, window_size=4, window_stride=4,
+                                      control_files_0=[{"path": str(tmp_path / "0.png")}], control_scale=0.6,
+                                      control_start=0.0, control_end=1.0)
+        assert timing.startswith("Generated 4 frames")
+        assert calls[0]["control_images"] == tmp_path / "0.png" and calls[0]["control_scale"] == 0.6
+    finally:
+        pipe.unload_controlnets()
