@@ -328,3 +328,35 @@ def test_app_takes_sketches_per_key_frame_or_a_video(pipe, files, tmp_path, grad
         assert calls[0]["control_images"] == tmp_path / "0.png" and calls[0]["control_scale"] == 0.6
     finally:
         pipe.unload_controlnets()
+
+
+# ------------------------------------------------------------------ other models
+def test_tooncrafter_interpolation_with_key_frame_sketches(files, tmp_path, gradient_png):
+    """ToonCrafter (tinytoon: its dual-reference decoder) between two key frames, sketches on both ends."""
+    from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+    from .test_tooncrafter import assemble_checkpoint
+
+    pipe = DynamiCrafterImg2VideoPipeline("tooncrafter", device="cpu", dtype="float32",
+                                          checkpoint=assemble_checkpoint(tmp_path / "tinytoon.ckpt"),
+                                          config=DATA / "tinytoon.yaml")
+    pipe.load_controlnet(files["safetensors"])  # the float16 copy
+    kwargs = dict(end_image=gradient_png, num_inference_steps=2, num_frames=4, height=64, width=64,
+                  return_dict=False)
+    plain = pipe(gradient_png, "", generator=torch.Generator().manual_seed(3), **kwargs)
+    steered = pipe(gradient_png, "", generator=torch.Generator().manual_seed(3),
+                   control_images={0: _sketch(0), 3: _sketch(9)}, **kwargs)
+    assert steered.shape == plain.shape == (1, 4, 3, 64, 64)
+    assert relative_error(steered, plain) > 1e-4
+
+
+def test_a_controlnet_on_the_256_model(files, tiny256, gradient_png):
+    """The three-channel ControlNet (diffusers layout) steers the 256 model too (same tiny UNet shape)."""
+    from dynamicrafter.pipeline import DynamiCrafterImg2VideoPipeline
+
+    pipe = DynamiCrafterImg2VideoPipeline.from_model(tiny256.model, device="cpu", dtype=torch.float32, cast=False)
+    pipe.load_controlnet(files["diffusers"])
+    plain = _call(pipe, gradient_png)
+    steered = _call(pipe, gradient_png, control_images=gradient_png, control_scale=[1.0])
+    assert relative_error(steered, plain) > 1e-3
+
