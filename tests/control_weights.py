@@ -1,4 +1,4 @@
-"""The tiny ControlNets' random weights, drawn from a seed (the recording in tests/data/control.safetensors used these).
+"""The tiny ControlNets' random weights, drawn from a seed (the recording in tests/data/controlnet.safetensors used these).
 
 Drawn in sorted key order from ``torch.Generator().manual_seed(seed)``: every weight of two or
 more dimensions ``randn / sqrt(fan_in)``, 1-D ``*.weight`` (norms) ``1 + 0.1 randn``, other

@@ -15,8 +15,8 @@ from dynamicrafter.errors import UserError
 from .conftest import CHAIN_TOL, DATA, MODULE_TOL, relative_error
 from .control_weights import seeded_state
 
-REF = load_file(str(DATA / "control.safetensors"))
-LAYOUT = json.loads((DATA / "control.json").read_text())
+REF = load_file(str(DATA / "controlnet.safetensors"))
+LAYOUT = json.loads((DATA / "controlnet.json").read_text())
 SEEDS = {"sketch": 8, "rgb": 10}  # tests/data/README.md: seed 7 + the control image's channels
 
 
@@ -215,7 +215,7 @@ def test_sketch_guided_chain_matches_the_reference(pipe, files, gradient_png, mo
 
     from .conftest import replay_noise
 
-    ref = load_file(str(DATA / "control_chain.safetensors"))
+    ref = load_file(str(DATA / "controlnet_chain.safetensors"))
     pipe.load_controlnet(files["sketch"])
     try:
         sketches = [PIL_from(ref["sketch_u8"][0, 0, f]) for f in range(16)]
