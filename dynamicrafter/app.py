@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from . import frontend
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="most waiting requests (default 8)")
     parser.add_argument("--keep-minutes", type=number_arg(False, 1, 7 * 24 * 60), default=KEEP_MINUTES,
                         help=f"delete uploads and videos this many minutes after they were made (default {KEEP_MINUTES})")
+    parser.add_argument("--control", type=Path, action="append", metavar="FILE",
+                        help="a ControlNet (SD 2.1) or ToonCrafter's sketch_encoder.ckpt: the page then takes control "
+                             "images (sketches per key frame or a line-art video); repeat for several")
     return parser
 
 
@@ -61,6 +65,8 @@ def _serve(argv: Sequence[str] | None) -> int:
     try:
         model_config(resolution, args.config)  # a bad config is refused before anything heavy is imported
         pipeline = frontend.build_pipeline(args, resolution, args.device)
+        for path in args.control or []:
+            pipeline.load_controlnet(path)
     except UserError as exc:  # bad config, LoRA, missing or undownloadable checkpoint: a start-up usage error
         raise frontend.CliError(str(exc), frontend.EXIT_USAGE) from None
     from .page import build_demo

@@ -178,6 +178,9 @@ def wrong_file_message(state: Mapping[str, torch.Tensor], path: Path) -> str | N
                 "give the full model's checkpoint instead.")
     if any(k.startswith(UNET_PREFIX) for k in state):
         return None
+    if any(k.endswith("input_hint_block.0.weight") or k == "controlnet_cond_embedding.conv_in.weight" for k in state):
+        return (f"{path} is a ControlNet or sketch encoder, not a model checkpoint; give it as the control "
+                "(load_controlnet, --control) and the model's checkpoint as the model.")
     if any(k.startswith(("visual.", "transformer.resblocks.")) for k in state):
         return (f"{path} is an OpenCLIP model (the CLIP towers only), not a DynamiCrafter checkpoint; "
                 "pass it as clip_checkpoint (--clip_checkpoint) and give the model's checkpoint.")

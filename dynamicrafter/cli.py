@@ -106,6 +106,13 @@ def build_parser(prog: str = "run_pipeline.py", usage: str | None = None,
                         help="with --interp or --loop: one video through every image of --prompt_dir in sorted "
                              "order as keyframes, named after the folder, instead of one video per pair or image")
     add_arguments(inputs, ["batch_size"])
+    inputs.add_argument("--control", type=Path, action="append", metavar="FILE",
+                        help="a ControlNet (Stable Diffusion 2.1, original or diffusers layout) or ToonCrafter's "
+                             "sketch_encoder.ckpt; repeat for several (their residuals add up); needs --control_dir")
+    inputs.add_argument("--control_dir", type=Path, action="append", metavar="DIR",
+                        help="the control images, one --control_dir per --control: for image cat.png, DIR/cat/ "
+                             "(one image per frame, or files named by frame number), DIR/cat.mp4 (a line-art video) "
+                             "or DIR/cat.png (every frame); see docs/control.md")
     inputs.add_argument("--overwrite", action="store_true", help="make videos again even if their files exist")
     add_model_arguments(parser.add_argument_group("model and hardware"))
     return parser
@@ -168,6 +175,31 @@ def _check_request(args: argparse.Namespace, mode: str, config: ModelConfig) -> 
             _timed_prompt(args.prompt_text, args.num_frames)
         except UserError as exc:
             raise CliError(f"--prompt_text: {exc}", EXIT_USAGE) from None
+    controls, folders = args.control or [], args.control_dir or []
+    if controls and (args.keyframes or args.sequence or args.segments > 1):
+        raise CliError("--control cannot be combined with --segments or keyframes; make each piece with its own run.",
+                       EXIT_USAGE)
+    if len(controls) != len(folders):
+        raise CliError(f"Give one --control_dir per --control (got {len(controls)} --control and {len(folders)} "
+                       "--control_dir).", EXIT_USAGE)
+    for path in controls:
+        if not path.is_file():
+            raise CliError(f"ControlNet {path} does not exist.", EXIT_USAGE)
+    for folder in folders:
+        if not folder.is_dir():
+            raise CliError(f"Control folder {folder} does not exist.", EXIT_USAGE)
+
+
+def _check_controls(args: argparse.Namespace, jobs: list[Job]) -> None:
+    """Refuse, before the model loads, a job whose control images are not there."""
+    from .control_images import find_control_images
+
+    for folder in args.control_dir or []:
+        for job in jobs:
+            try:
+                find_control_images(folder, job.image)
+            except UserError as exc:
+                raise CliError(str(exc)) from None
 
 
 def _timed_prompt(text: str, frames: int) -> str | dict[int, str]:
@@ -296,7 +328,10 @@ def _check_quantize(args: argparse.Namespace, device: torch.device) -> None:
 def _load_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
     """Build the pipeline; a bad config or a missing checkpoint becomes a :class:`CliError`."""
     logger.info("Loading the %s model on %s.", args.resolution, device)
-    return build_pipeline(args, args.resolution, device)
+    pipe = build_pipeline(args, args.resolution, device)
+    for path in args.control or []:
+        pipe.load_controlnet(path)
+    return pipe
 
 
 class _Runner:
@@ -356,6 +391,10 @@ class _Runner:
             for job, (start, _) in ready:  # a sequence is one video per call
                 self._write(job, lambda job=job, start=start: self._sequence(job, start))
             return
+        if self.args.control and len(ready) > 1:  # each video has its own control images: one call each
+            for item in ready:
+                self._animate([item])
+            return
         jobs = [job for job, _ in ready]
         ends = [end for _, (_, end) in ready]
         negative = self.args.negative_prompt
@@ -367,7 +406,8 @@ class _Runner:
                 negative_prompt=None if negative is None else [negative] * len(jobs),
                 end_image=None if all(end is None for end in ends) else ends,
                 generator=[torch.Generator(device=self.pipe.device).manual_seed(job.seed) for job in jobs],
-                **({} if self.mask is None else {"mask": self.mask}), **self.settings,
+                **({} if self.mask is None else {"mask": self.mask}), **self._control_images(jobs[0]),
+                **self.settings,
             )["videos"]
         except (UserError, GenerationError) as exc:
             if len(ready) == 1:
@@ -420,6 +460,15 @@ class _Runner:
         self.done += 1
         logger.info("%s -> %s", job.image, job.output)
 
+    def _control_images(self, job: Job) -> dict[str, Any]:
+        """The ``control_images`` keyword for ``job`` (nothing without ``--control``)."""
+        if not self.args.control:
+            return {}
+        from .control_images import find_control_images, read_control_images
+
+        found = [read_control_images(find_control_images(folder, job.image)) for folder in self.args.control_dir]
+        return {"control_images": found[0] if len(found) == 1 else found}
+
     def _record(self, job: Job, seconds: float, frames: int) -> None:
         config = self.pipe.config
         append_record(self.manifest, {
@@ -434,9 +483,20 @@ class _Runner:
             "model": config.name, "checkpoint": None if self.pipe.checkpoint is None else str(self.pipe.checkpoint),
             "dtype": str(self.pipe.dtype).replace("torch.", ""), "quantize": self.pipe.quantize,
             "lora": self.args.lora, "lora_scale": self.args.lora_scale if self.args.lora else None,
+            **self._control_record(job),
             "seconds": round(seconds, 3),
             "rank": self.ranks.rank, "host": socket.gethostname(),
         })
+
+
+    def _control_record(self, job: Job) -> dict[str, Any]:
+        """The manifest's control fields: the ControlNet files and where this video's control images came from."""
+        if not self.args.control:
+            return {}
+        from .control_images import find_control_images
+
+        return {"control": [str(p) for p in self.args.control],
+                "control_images": [str(find_control_images(d, job.image)) for d in self.args.control_dir]}
 
 
 def _schedule_record(text: str) -> dict[str, str] | None:
@@ -470,6 +530,7 @@ def _run(args: argparse.Namespace) -> int:
     jobs = _check_prompts(jobs, args.num_frames)
     mine = ranks.share(jobs)
     todo = _still_to_make(mine, args.num_frames, args.overwrite, args)
+    _check_controls(args, todo)
     skipped = len(mine) - len(todo)
     device = None
     if todo:  # something to make: only now torch is imported, to check the device and --quantize

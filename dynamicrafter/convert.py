@@ -90,7 +90,8 @@ def convert(source: str | Path, target: str | Path, dtype: str | torch.dtype = "
 
     Args:
         source: any checkpoint :func:`dynamicrafter.checkpoints.load_model` reads (release
-            ``.ckpt``, bare state dict, ``.safetensors``, with or without the CLIP towers).
+            ``.ckpt``, bare state dict, ``.safetensors``, with or without the CLIP towers), or a
+            ControlNet or sketch encoder :func:`dynamicrafter.control.load_controlnet` reads.
         target: the ``.safetensors`` file to write; never left half-written.
         dtype: the floating-point weights' dtype, a torch dtype or its name (schedule buffers stay float32).
         without_clip: leave out ``cond_stage_model.*`` and ``embedder.*``.
@@ -113,6 +114,7 @@ def convert(source: str | Path, target: str | Path, dtype: str | torch.dtype = "
         wrong_file_message,
     )
     from .files import write_atomically
+    from .models.controlnet import is_controlnet
 
     source = Path(source)
     dtype = _torch_dtype(dtype)
@@ -120,7 +122,7 @@ def convert(source: str | Path, target: str | Path, dtype: str | torch.dtype = "
     started = time.perf_counter()
     state, mapped = read_release_state_dict(source)
     problem = wrong_file_message(state, source)
-    if problem:
+    if problem and not is_controlnet(state):  # a ControlNet or sketch encoder is converted as it is
         raise CheckpointMismatchError(problem)
     for path in merge:
         update, _ = read_release_state_dict(path)

@@ -304,6 +304,14 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            label="Negative prompt", none_means="none"),
     Option("fps", int, 8, "frame rate written into the video file", minimum=1, maximum=120,
            label="Frame rate of the written video"),
+    Option("control_scale", float, 0.6,
+           "strength of the control images (a ControlNet's or ToonCrafter's sketch encoder's residuals): 0 is no "
+           "control; 0.6 is the sketch guidance's default; a list gives one per ControlNet (pipeline only)",
+           minimum=0, maximum=2, ui=(0.0, 2.0, 0.05), label="Control strength"),
+    Option("control_start", float, 0.0, "the fraction of the sampling steps after which the control starts",
+           minimum=0, maximum=1, ui=(0.0, 1.0, 0.05), label="Control from (fraction of the steps)"),
+    Option("control_end", float, 1.0, "the fraction of the sampling steps after which the control stops",
+           minimum=0, maximum=1, ui=(0.0, 1.0, 0.05), label="Control until (fraction of the steps)"),
 )
 
 #: Options that choose how the model runs: device, precision, memory, files.

@@ -49,6 +49,8 @@ PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 MAIN_CONTROLS = ("num_inference_steps", "frame_stride", "num_frames", "seed")
 ADVANCED_CONTROLS = ("negative_prompt", "guidance_scale", "image_guidance_scale", "sampler", "eta", "fps",
                      "augmentation_level")
+#: Shown only when the app loaded a ControlNet or sketch encoder (``--control``): its strength and steps.
+CONTROL_CONTROLS = ("control_scale", "control_start", "control_end")
 #: FreeNoise's windows: shown only while the frame count is above the model's trained length.
 WINDOW_CONTROLS = ("window_size", "window_stride")
 #: The leakage-free start (Zhao et al. 2024), a row of its own under "Advanced settings".
@@ -150,10 +152,12 @@ class _VideoMaker:
         segments or keyframes, each non-empty line of the prompt is one piece's prompt.
         Returns (mp4 path in Gradio's cache, seed used, timing message).
         """
+        control = self.control_kwargs(values)
         settings = self.check(values, mode)
         text = str(prompt or "")
         if settings.get("segments", 1) > 1 or "keyframes" in extra:
             prompt = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+        settings.update(control)
         seed = random.randint(0, MAX_SEED) if random_seed else settings.pop("seed")
         settings.pop("seed", None)
         fps = settings.pop("fps")
@@ -236,6 +240,43 @@ class _VideoMaker:
         if alpha.getbbox() is None:  # nothing painted
             return None
         return alpha.point(lambda value: 255 if value else 0)
+
+    def control_kwargs(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Pop the control inputs from ``values``: the pipeline's ``control_images`` and strengths (see docs/control.md).
+
+        ``control_files_<i>`` (ControlNet ``i``): uploaded images (one for every frame, one per
+        frame in upload order, or named by frame number: ``0.png``, ``15.png``) or one line-art
+        video. No upload: that ControlNet is left out of the call (with none, no control).
+        """
+        from .control_images import VIDEO_EXTENSIONS, read_video_frames
+
+        count = len(getattr(self.pipeline, "controlnets", []))
+        uploads = [values.pop(f"control_files_{i}", None) or [] for i in range(count)]
+        settings = {name: values.pop(name) for name in CONTROL_CONTROLS if name in values}
+        settings = {name: value for name, value in settings.items() if value is not None}  # left out by an API client
+        if not any(uploads):
+            return {}
+        if not all(uploads):
+            raise _fail("Upload control images for every loaded ControlNet, or none.")
+        images = []
+        for files in uploads:
+            paths = [Path(f.get("path") if isinstance(f, dict) else f) for f in (files if isinstance(files, list)
+                                                                             else [files])]
+            for path in paths:
+                if path.stat().st_size > self.max_upload_mb * MB:
+                    raise _fail(f"The control file {path.name} is larger than the {self.max_upload_mb:g} MB upload "
+                                "limit.")
+            try:
+                if len(paths) == 1 and paths[0].suffix.lower() in VIDEO_EXTENSIONS:
+                    images.append(read_video_frames(paths[0]))
+                elif len(paths) > 1 and all(p.stem.isdigit() for p in paths):
+                    images.append({int(p.stem): p for p in paths})
+                else:
+                    images.append(paths[0] if len(paths) == 1 else paths)
+            except UserError as exc:
+                raise _fail(str(exc)) from None
+        return {"control_images": images[0] if count == 1 else images, **settings}
+
 
     def interpolate(self, start_image: Any, end_image: Any, loop: Any, prompt: Any, random_seed: Any,
                     progress: gr.Progress, image_embed_ratio: Any = OPTIONS["image_embed_ratio"].default,
@@ -362,6 +403,31 @@ def _controls(config: ModelConfig) -> tuple[gr.Textbox, list[gr.components.Compo
     return prompt, [controls[name] for name in CONTROLS], random_seed
 
 
+def _control_inputs(pipeline: Any, config: ModelConfig) -> tuple[list[str], list[gr.components.Component]]:
+    """The control uploads (one per loaded ControlNet) and strength sliders, with their endpoint names; none
+    without a ControlNet."""
+    from .control import is_sketch_encoder
+
+    nets = getattr(pipeline, "controlnets", [])
+    if not nets:
+        return [], []
+    names, inputs = [], []
+    with gr.Accordion("Control images", open=True):
+        for i, net in enumerate(nets):
+            what = ("Sketches (line art, dark on light): one per key frame named by frame number (0.png, 15.png), "
+                    "one per frame, or a line-art video" if is_sketch_encoder(net) else
+                    "Control maps (depth, edges, ...): one for all frames, one per frame, files named by frame "
+                    "number, or a video")
+            names.append(f"control_files_{i}")
+            inputs.append(gr.File(file_count="multiple", label=f"{what} (ControlNet {i + 1})",
+                                  elem_id=f"control-files-{i}"))
+        with gr.Row():
+            for name in CONTROL_CONTROLS:
+                names.append(name)
+                inputs.append(_control(OPTIONS[name], config))
+    return names, inputs
+
+
 def _image_input(label: str, elem_id: str) -> gr.Image:
     """An image upload (file or clipboard) handed to the events as a file path."""
     return gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], elem_id=elem_id)
@@ -394,13 +460,14 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
             prompt, controls, random_seed = _controls(config)
             segments = _extra_controls("Longer video (chained segments; one prompt line per segment)",
                                        SEGMENT_CONTROLS, config)
+            extra, extra_inputs = _control_inputs(maker.pipeline, config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
     if examples:
         gr.Examples(examples, inputs=[image, prompt], label="Examples")
-    button.click(_endpoint(maker.generate, ("image", "prompt"), (*CONTROLS, *SEGMENT_CONTROLS), ("mask",)),
-                 inputs=[image, prompt, *controls, *segments, random_seed, mask],
+    button.click(_endpoint(maker.generate, ("image", "prompt"), (*CONTROLS, *SEGMENT_CONTROLS), ("mask", *extra)),
+                 inputs=[image, prompt, *controls, *segments, random_seed, mask, *extra_inputs],
                  outputs=list(outputs), api_name="generate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]
@@ -417,6 +484,7 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
                                elem_id="loop")
             prompt, controls, random_seed = _controls(config)
             ratio = _control(OPTIONS["image_embed_ratio"], config)
+            extra, extra_inputs = _control_inputs(maker.pipeline, config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
             outputs = _outputs()
@@ -426,8 +494,8 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
     loop.change(lambda looping: gr.Image(visible=not looping), inputs=loop, outputs=end,
                 queue=False, api_visibility="private")
     button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt"), CONTROLS,
-                           ("image_embed_ratio",)),
-                 inputs=[start, end, loop, prompt, *controls, random_seed, ratio], outputs=list(outputs),
+                           ("image_embed_ratio", *extra)),
+                 inputs=[start, end, loop, prompt, *controls, random_seed, ratio, *extra_inputs], outputs=list(outputs),
                  api_name="interpolate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")
     return outputs[0]

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 #: A call's checked arguments besides the images, prompts and the option table's (see :meth:`check_inputs`).
 REQUEST_ARGUMENTS = ("generator", "latents", "output_type", "callback", "callback_on_step_end",
-                     "callback_on_step_end_tensor_inputs", "mask")
+                     "callback_on_step_end_tensor_inputs", "mask", "control_images")
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None,
@@ -182,6 +182,8 @@ class DynamiCrafterImg2VideoPipeline:
         self.quantize_unet(quantize)
         self._uncond_text: dict[str, torch.Tensor] = {}
         self._zero_image_tokens: torch.Tensor | None = None
+        #: The loaded ControlNets and sketch encoders (:meth:`load_controlnet`), in the order loaded.
+        self.controlnets: list[torch.nn.Module] = []
         allow_tf32(device, dtype)
         logger.info("Ready: %s model on %s in %s (offload: %s, compile: %s, quantize: %s).", self.config.name,
                     device, str(dtype).replace("torch.", ""), self.offload, self.compile_mode or "off", self.quantize)
@@ -261,6 +263,24 @@ class DynamiCrafterImg2VideoPipeline:
         count = load_lora(self.model.unet, path, self.config, scale)
         logger.info("Loaded LoRA %s (%d layers, scale %g).", path, count, scale)
 
+    def load_controlnet(self, path: str | Path) -> int:
+        """Load a ControlNet or ToonCrafter's sketch encoder for ``control_images``; returns how many are loaded.
+
+        ``path``: ToonCrafter's ``sketch_encoder.ckpt`` (or a ``.safetensors`` copy) or a Stable
+        Diffusion 2.1 ControlNet in the original (``.pth``/``.ckpt``/``.safetensors``, with or
+        without ``control_model.``) or diffusers layout. Each call adds one; several add their
+        residuals. Raises :class:`~dynamicrafter.checkpoints.CheckpointMismatchError` (one
+        sentence) for a file that is not a ControlNet for this model's UNet.
+        """
+        from .control import load_controlnet
+
+        self.controlnets.append(load_controlnet(path, self.config.unet, self.dtype, self.device))
+        return len(self.controlnets)
+
+    def unload_controlnets(self) -> None:
+        """Forget every loaded ControlNet: calls run without control again."""
+        self.controlnets = []
+
     def unload_lora_weights(self) -> None:
         """Remove the loaded LoRA, restoring the base UNet exactly (a no-op without one)."""
         from .lora import unload_lora
@@ -311,6 +331,10 @@ class DynamiCrafterImg2VideoPipeline:
         start_step: int | None = DEFAULTS.start_step,
         analytic_init: bool | str | os.PathLike = DEFAULTS.analytic_init,
         analytic_init_path: str | os.PathLike | None = DEFAULTS.analytic_init_path,
+        control_images: Any = None,
+        control_scale: float | Sequence[float] = DEFAULTS.control_scale,
+        control_start: float = DEFAULTS.control_start,
+        control_end: float = DEFAULTS.control_end,
     ) -> dict[str, Any] | Any:
         """Generate videos.
 
@@ -414,6 +438,16 @@ class DynamiCrafterImg2VideoPipeline:
                 analytic_init_path=path``. ``False`` (the default): the noise itself.
             analytic_init_path: the statistics file (``initial_noise_512.pt``, or a ``.safetensors``
                 copy) for this video's frame count and latent size; giving it turns ``analytic_init`` on.
+            control_images: with a ControlNet or sketch encoder loaded (:meth:`load_controlnet`),
+                its control images: one for every frame, a list of one per frame, or a dict
+                ``{frame: image}`` (frames without one get no control); with several loaded, a
+                list of one such entry per ControlNet. Sketches are line art, dark on light; a
+                ControlNet's images are used as given (a depth map, edges, ...). See
+                :mod:`dynamicrafter.control`.
+            control_scale: the residuals' strength, 0 to 2 (0 gives exactly the uncontrolled
+                video); default 0.6; a list gives one per ControlNet.
+            control_start, control_end: the fraction of the steps the control acts in (step
+                ``i`` of ``n`` when ``start <= i / n`` and ``(i + 1) / n <= end``).
 
         Segments and keyframes make one video (``[1, F, 3, H, W]``) from one generator: piece
         ``i`` draws its noise after piece ``i - 1``, so the first piece is the plain call's video.
@@ -430,8 +464,12 @@ class DynamiCrafterImg2VideoPipeline:
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, window_size=window_size,
             window_stride=window_stride, noise_rescheduling=noise_rescheduling, mask=mask,
             augmentation_level=augmentation_level, image_embed_ratio=image_embed_ratio, start_step=start_step,
-            analytic_init=analytic_init, analytic_init_path=analytic_init_path)
+            analytic_init=analytic_init, analytic_init_path=analytic_init_path, control_images=control_images,
+            control_scale=control_scale, control_start=control_start, control_end=control_end)
         if keyframes is not None or segments != 1 or loop:  # a sequence of plain calls (dynamicrafter.sequences)
+            if control_images is not None:
+                raise UserError("control_images cannot be combined with segments or keyframes; make each piece "
+                                "with its own call.")
             sequence = SequenceRequest.build(
                 self.config, image=image, keyframes=keyframes, prompt=prompt, negative_prompt=negative_prompt,
                 end_image=end_image, segments=segments, overlap=overlap, cut_near_keyframes=cut_near_keyframes,
@@ -475,6 +513,7 @@ class DynamiCrafterImg2VideoPipeline:
         if options:
             raise UserError(f"Unknown argument(s): {', '.join(sorted(options))}.")
         request = GenerationRequest.build(self.config, max_steps=self.model.schedule.num_timesteps, image=image,
+                                          controlnets=len(getattr(self, "controlnets", [])),
                                           prompt=prompt, negative_prompt=negative_prompt, end_image=end_image,
                                           **given, **values)
         texts = [text for prompt in request.prompts for text in prompt_text(prompt)]
@@ -646,7 +685,8 @@ class DynamiCrafterImg2VideoPipeline:
                 noise[step] = _randn(x_t.shape, request.generator, self.device)
             return noise[step]
 
-        model_fn = guided_model(self._unet_forward, branches, request.guidance_scale, request.guidance_rescale,
+        model_fn = guided_model(self._controlled_unet(request), branches, request.guidance_scale,
+                                request.guidance_rescale,
                                 request.image_guidance_scale, self.sequential_guidance)
         denoiser = ModelDenoiser(model_fn, self.model.schedule, self.config.diffusion.parameterization)
         still = self._still_regions(request, branches)
@@ -677,6 +717,22 @@ class DynamiCrafterImg2VideoPipeline:
         with self._on_device(self.model.unet), use_temporal_windows(self.model.unet, window, request.window_stride):
             return finite_or_redo_in_float32(sample, self.model.unet, "The model",
                                              "check the checkpoint and the settings", no_redo=float8)
+
+    def _controlled_unet(self, request: GenerationRequest) -> Callable:
+        """The UNet function the sampler calls: with the request's control residuals added, if any."""
+        if request.control_images is None:
+            return self._unet_forward
+        from .control import controlled, prepare_control
+        from .diffusion.schedule import ddim_timesteps
+
+        controls = [prepare_control(net, images, request.num_frames, request.height, request.width, scale,
+                                    request.control_start, request.control_end)
+                    for net, images, scale in zip(self.controlnets, request.control_images, request.control_scale)]
+        steps = ddim_timesteps(request.num_inference_steps, request.timestep_spacing,
+                               self.model.schedule.num_timesteps)[::-1]  # in the order the sampler visits them
+        index = {int(t): i for i, t in enumerate(steps)}
+        return controlled(self._unet_forward, controls, index.__getitem__, len(steps),
+                          self.config.unet.out_channels)
 
     @property
     def interrupt(self) -> bool:

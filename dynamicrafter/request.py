@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 from .configs import DUAL_REFERENCE_MIN_FRAMES
 from .errors import UserError
@@ -187,6 +187,11 @@ class GenerationRequest:
     masks: list["Image.Image"] | None = None
     augmentation_level: float = 0.0
     image_embed_ratio: float = 1.0
+    #: Per loaded ControlNet, its control images by frame (``None``: no control); see :mod:`dynamicrafter.control`.
+    control_images: list[dict[int, "Image.Image"]] | None = None
+    control_scale: tuple[float, ...] = (0.6,)
+    control_start: float = 0.0
+    control_end: float = 1.0
 
     @property
     def batch(self) -> int:
@@ -210,7 +215,7 @@ class GenerationRequest:
               negative_prompt: Any = None, end_image: Any = None, generator: Any = None, latents: Any = None,
               output_type: Any = "pt", callback: Any = None, callback_on_step_end: Any = None,
               callback_on_step_end_tensor_inputs: Any = ("latents",), mask: Any = None,
-              **options: Any) -> "GenerationRequest":
+              control_images: Any = None, controlnets: int = 0, **options: Any) -> "GenerationRequest":
         """Check a call's inputs for the model of ``config``; ``options`` are the option table's names.
 
         ``max_steps`` is the model's number of training timesteps. Images are read here (see
@@ -230,6 +235,7 @@ class GenerationRequest:
             raise UserError(f"Unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}.")
         _check_callbacks(callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
+        control_scale = options.pop("control_scale", OPTIONS["control_scale"].default)
         values = {name: OPTIONS[name].check(value) for name, value in options.items()}
         steps = values["num_inference_steps"]
         if steps > max_steps:
@@ -262,6 +268,7 @@ class GenerationRequest:
         per_prompt = values["num_videos_per_prompt"]
         down = config.latent_downscale
         shape = (count * per_prompt, config.vae.embed_dim, frames, size["height"] // down, size["width"] // down)
+        controls = _check_controls(control_images, controlnets, control_scale, frames, values)
         loaded = [load_image(i) for i in images]
         masks = None
         if mask is not None:
@@ -269,6 +276,7 @@ class GenerationRequest:
             for index, (m, i) in enumerate(zip(masks, loaded)):
                 check_mask_size(m, i, index if count > 1 else None)
         return cls(
+            **controls,
             images=loaded,
             end_images=None if end_images is None else [load_image(i) for i in end_images],
             prompts=prompts, negative_prompts=negative, num_inference_steps=steps,
@@ -288,6 +296,63 @@ class GenerationRequest:
             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs), masks=masks,
             augmentation_level=values.get("augmentation_level", OPTIONS["augmentation_level"].default),
             image_embed_ratio=ratio)
+
+
+def _check_controls(images: Any, controlnets: int, scale: Any, frames: int, values: dict) -> dict[str, Any]:
+    """The control fields of a request: images per ControlNet and frame, scales, the steps' span."""
+    option = OPTIONS["control_scale"]
+    scales = [option.check(s) for s in scale] if isinstance(scale, (list, tuple)) else [option.check(scale)]
+    start, end = values.pop("control_start", 0.0), values.pop("control_end", 1.0)
+    if start >= end:
+        raise UserError(f"control_start must be below control_end, got {start:g} and {end:g}.")
+    if images is None:
+        return {"control_scale": tuple(scales), "control_start": start, "control_end": end}
+    if controlnets == 0:
+        raise UserError("control_images needs a ControlNet or sketch encoder: load one first "
+                        "(pipe.load_controlnet(path), --control).")
+    per_net = [images] if controlnets == 1 else images
+    if controlnets > 1 and (not isinstance(images, (list, tuple)) or len(images) != controlnets):
+        raise UserError(f"{controlnets} ControlNets are loaded: give control_images as a list of {controlnets} "
+                        "entries, one per ControlNet in the order loaded.")
+    if len(scales) == 1:
+        scales *= controlnets
+    if len(scales) != controlnets:
+        raise UserError(f"control_scale has {len(scales)} values for {controlnets} ControlNets; give one for all "
+                        "or one per ControlNet.")
+    loaded = []
+    for entry in per_net:
+        by_frame = frame_images(entry, frames)
+        read: dict[int, Any] = {}  # one image given for many frames is read once
+        for frame, image in by_frame.items():
+            if id(image) not in read:
+                read[id(image)] = load_image(image, f"The control image for frame {frame}")
+        loaded.append({frame: read[id(image)] for frame, image in by_frame.items()})
+    return {"control_images": loaded, "control_scale": tuple(scales), "control_start": start, "control_end": end}
+
+
+def frame_images(images: Any, num_frames: int) -> dict[int, Any]:
+    """``{frame: image}`` from one image, a list of one per frame, or a dict (negative frames count from the end).
+
+    Raises :class:`UserError` for a count or a frame that does not fit ``num_frames``.
+    """
+    if isinstance(images, Mapping):
+        frames = {}
+        for frame, image in images.items():
+            if isinstance(frame, bool) or not isinstance(frame, int) or not -num_frames <= frame < num_frames:
+                raise UserError(f"control_images has an image for frame {frame!r}; the video's frames are 0 to "
+                                f"{num_frames - 1}.")
+            frames[frame % num_frames] = image
+        if not frames:
+            raise UserError("control_images is an empty dict; give at least one {frame: image}.")
+        return frames
+    if isinstance(images, (list, tuple)):
+        if len(images) == 1:
+            return dict.fromkeys(range(num_frames), images[0])
+        if len(images) != num_frames:
+            raise UserError(f"control_images has {len(images)} images, but the video has {num_frames} frames: give "
+                            "one image per frame, one for all frames, or a dict {frame: image}.")
+        return dict(enumerate(images))
+    return dict.fromkeys(range(num_frames), images)
 
 
 def _default(value: Any, default: Any) -> Any:

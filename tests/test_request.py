@@ -149,6 +149,13 @@ BAD_INPUTS = [
     (dict(analytic_init=1), "analytic_init must be True or False, got int 1."),
     (dict(analytic_init=True), "analytic_init uses the CIL authors' statistics, published for the 512 and 1024 "
                                "models; for the tiny256 model give a statistics file with analytic_init_path."),
+    (dict(control_scale=3.0), "control_scale must be between 0 and 2, got 3."),
+    (dict(control_scale="0.6"), "control_scale must be a number, got str '0.6'."),
+    (dict(control_scale=[0.5, float("nan")]), "control_scale must be a finite number, got nan."),
+    (dict(control_start=0.5, control_end=0.25), "control_start must be below control_end, got 0.5 and 0.25."),
+    (dict(control_end=1.5), "control_end must be between 0 and 1, got 1.5."),
+    (dict(control_images=IMAGE), "control_images needs a ControlNet or sketch encoder: load one first "
+                                 "(pipe.load_controlnet(path), --control)."),
 ]
 
 

@@ -132,7 +132,8 @@ class CrossAttention(nn.Module):
             return self.to_out(attention(q, self.to_k(x), self.to_v(x), self.heads))
         # Contiguous slices: a strided 3-D input would make the projections batched matmuls
         # over a copy of the weight per frame.
-        text = context[:, : self.text_context_len].contiguous()
+        # Without image cross-attention every token is text (the original splits only with it).
+        text = context[:, : self.text_context_len].contiguous() if self.image_cross_attention else context
         out = attention(q, self.to_k(text), self.to_v(text), self.heads)
         if self.image_cross_attention:
             image = context[:, self.text_context_len:].contiguous()

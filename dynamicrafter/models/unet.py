@@ -325,7 +325,9 @@ class UNet3D(nn.Module):
         return context.repeat_interleave(num_frames, dim=0)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                fs: torch.Tensor | None = None) -> torch.Tensor:
+                fs: torch.Tensor | None = None, residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``residuals``: a ControlNet's outputs ``[B*T, C_i, h_i, w_i]``, one per input block then the
+        middle block's (:mod:`.controlnet`), added to the skips and to the middle block's output."""
         b, _, t, h, w = x.shape
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
@@ -353,6 +355,9 @@ class UNet3D(nn.Module):
                 hidden = run(self.init_attn, hidden)
             skips.append(hidden)
         hidden = run(self.middle_block, hidden)
+        if residuals is not None:
+            hidden = hidden + residuals[-1].to(hidden.dtype)
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, residuals[:-1], strict=True)]
         for block in self.output_blocks:
             hidden = run(block, torch.cat([hidden, skips.pop()], dim=1))
         *_, out_conv = self.out
