@@ -72,6 +72,20 @@ def client(demo) -> Iterator[Client]:
         yield connected
 
 
+@pytest.fixture
+def seen(pipeline, monkeypatch) -> dict:
+    """The keyword arguments of the pipeline's latest call; the real call still runs."""
+    kwargs_seen: dict = {}
+    call = type(pipeline).__call__
+
+    def spy(pipe, *args, **kwargs):
+        kwargs_seen.update(kwargs)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", spy)
+    return kwargs_seen
+
+
 def test_generate_returns_playable_mp4(client, pipeline, gradient_png):
     video, seed, timing = client.predict(
         image=handle_file(str(gradient_png)), prompt="a tiny robot dancing in the rain",
@@ -248,21 +262,13 @@ def test_sampler_and_two_scale_guidance_from_the_page(client, gradient_png):
     assert str(info.value) == "Unknown sampler 'euler'; choose one of: ddim, dpmpp_2m, unipc."
 
 
-def test_window_controls_are_hidden_up_to_the_trained_length_and_reach_the_pipeline(client, demo, pipeline,
-                                                                                       gradient_png, monkeypatch):
+def test_window_controls_are_hidden_up_to_the_trained_length_and_reach_the_pipeline(client, seen, demo, pipeline,
+                                                                                       gradient_png):
     components = demo.get_config_file()["components"]
     (row,) = [c for c in components if c.get("props", {}).get("elem_id") == "windows"]
     assert row["props"]["visible"] is False
     labels = {c.get("props", {}).get("label") for c in components}
     assert {"Window size (frames)", "Window stride (frames)"} <= labels
-    seen = {}
-    call = type(pipeline).__call__
-
-    def spy(pipe, *args, **kwargs):
-        seen.update(kwargs)
-        return call(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipeline), "__call__", spy)
     _, _, timing = client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
                                   **{**FAST, "num_frames": 6, "window_size": 4, "window_stride": 2})
     assert timing.startswith("Generated 6 frames in ")
@@ -274,15 +280,7 @@ def test_window_controls_are_hidden_up_to_the_trained_length_and_reach_the_pipel
                                "leave frames without temporal attention.")
 
 
-def test_timed_prompts_from_the_page(client, pipeline, gradient_png, monkeypatch):
-    seen = {}
-    call = type(pipeline).__call__
-
-    def spy(pipe, *args, **kwargs):
-        seen.update(kwargs)
-        return call(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipeline), "__call__", spy)
+def test_timed_prompts_from_the_page(client, seen, pipeline, gradient_png):
     _, _, timing = client.predict(image=handle_file(str(gradient_png)), prompt="0: a cat sits | 3: a cat jumps",
                                   api_name="/generate", **FAST)
     assert timing.startswith("Generated 4 frames in ") and seen["prompt"] == {0: "a cat sits", 3: "a cat jumps"}
@@ -292,18 +290,10 @@ def test_timed_prompts_from_the_page(client, pipeline, gradient_png, monkeypatch
     assert str(info.value) == "Prompt schedule frame 4 is outside the video's frames 0 to 3."
 
 
-def test_leakage_free_start_controls_reach_the_pipeline(client, demo, pipeline, gradient_png, monkeypatch):
+def test_leakage_free_start_controls_reach_the_pipeline(client, seen, demo, pipeline, gradient_png):
     components = demo.get_config_file()["components"]
     (step,) = [c for c in components if c.get("props", {}).get("elem_id") == "start-step"]
     assert (step["props"]["value"], step["props"]["maximum"]) == (1000, 1000)
-    seen = {}
-    call = type(pipeline).__call__
-
-    def spy(pipe, *args, **kwargs):
-        seen.update(kwargs)
-        return call(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipeline), "__call__", spy)
     client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
                    **{**FAST, "start_step": 600})
     assert (seen["start_step"], seen["analytic_init"], seen["analytic_init_path"]) == (600, False, None)
@@ -350,19 +340,10 @@ def test_the_app_logs_as_the_command_line_and_its_hint_names_share(monkeypatch, 
                                    "with --share.")
 
 
-def test_motion_mask_upload_and_augmentation_reach_the_pipeline(client, pipeline, gradient_png, tmp_path,
-                                                                  monkeypatch):
+def test_motion_mask_upload_and_augmentation_reach_the_pipeline(client, seen, pipeline, gradient_png, tmp_path):
     mask = np.zeros((64, 64), np.uint8)
     mask[:, 32:] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    seen = {}
-    call = type(pipeline).__call__
-
-    def spy(pipe, *args, **kwargs):
-        seen.update(kwargs)
-        return call(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipeline), "__call__", spy)
     _, _, timing = client.predict(image=handle_file(str(gradient_png)), prompt="", api_name="/generate",
                                   mask={"background": handle_file(str(tmp_path / "mask.png")), "layers": [],
                                         "composite": None},
