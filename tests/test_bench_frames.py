@@ -28,6 +28,7 @@ def test_a_point_on_the_tiny_model(capsys):
 
 
 def test_the_sweep_runs_each_point_apart_interleaved(monkeypatch, tmp_path, capsys):
+    """Both settings of a frame count together, alternating which goes first; a line per point; the table."""
     commands = []
 
     def run(command, **kwargs):
@@ -41,11 +42,11 @@ def test_the_sweep_runs_each_point_apart_interleaved(monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(frames.subprocess, "run", run)
     out = tmp_path / "points.jsonl"
-    assert frames.main([*TINY, "--frames", "4", "8", "12", "--steps", "3", "--no-decode", "--out", str(out)]) == 0
+    assert frames.main([*TINY, "--frames", "4", "8", "12", "--steps", "3", "--out", str(out)]) == 0
     order = [(c[c.index("--point") + 1], "--no-windows" not in c) for c in commands]
     assert order == [("4", False), ("8", False), ("8", True), ("12", True), ("12", False)]
-    assert all(c[c.index("--steps") + 1] == "3" and "--no-decode" in c and c[c.index("--window_size") + 1] == "4"
-               for c in commands)
+    assert all(c[c.index("--steps") + 1] == "3" and c[c.index("--window_size") + 1] == "4" for c in commands)
+    assert [("--no-decode" in c) for c in commands] == [windowed for _, windowed in order]  # the VAE: once per count
     assert [json.loads(line)["frames"] for line in out.read_text().splitlines()] == [4, 8, 8, 12, 12]
     table = capsys.readouterr().out.splitlines()
     assert table[4] == ("| 8 | yes (3 of 4, stride 2) | 24 | 12 | +50% | +50% | 0.80 GB |  |  | 1.0 / 2.0 |")

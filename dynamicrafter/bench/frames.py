@@ -11,15 +11,16 @@ Each point is a fresh process (``--point FRAMES``, which the sweep runs itself),
 memory is its own: it builds the model (random weights unless ``--checkpoint``), then times
 ``--steps`` guided steps (one UNet call on the batch of both guidance branches, as sampling
 makes it; ``--sequential-guidance``: the two branches one after the other) on random inputs of
-the model's size, then decodes a video of that many frames as the pipeline does (in chunks of
-frames; ``--no-decode`` leaves it out). Each phase reports its wall time, the process's CPU time
-(what the figures on a shared CPU are to be read by: wall time there includes waiting for the
-CPU) and its peak memory above what was resident before it: on the CPU the process's resident
-high-water mark (``VmHWM``, reset between phases through ``/proc/self/clear_refs``), on CUDA
-``torch.cuda.max_memory_allocated``. The load average is recorded before and after each point.
+the model's size, then decodes a video of that many frames as the pipeline does, in chunks of
+frames (only in the run without windows: they do not reach the VAE; ``--no-decode``: in none).
+Each phase reports its wall time, the process's CPU time (what the figures on a shared CPU are
+to be read by: wall time there includes waiting for the CPU) and its peak memory above what was
+resident before it: on the CPU the process's resident high-water mark (``VmHWM``, reset between
+phases through ``/proc/self/clear_refs``), on CUDA ``torch.cuda.max_memory_allocated``. The
+load average is recorded before and after each point.
 
-Each point adds one JSON line to ``--out`` as it ends; the sweep then prints the table
-(``--markdown``) or one JSON object (``--json``). ``--table FILE`` prints the table of a file of
+Each point adds one JSON line to ``--out`` as it ends; the sweep then prints a markdown table
+(:func:`markdown_table`) or one JSON object (``--json``). ``--table FILE`` prints the table of a file of
 such lines, so a sweep can be run in parts. The table gives, per frame count and setting, the
 seconds per step and their overhead over linear scaling from the smallest frame count
 (``time(N) / (N / N0 * time(N0)) - 1``; FreeNoise reports under 20 % for its windows).
@@ -116,6 +117,8 @@ def _frames(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "dynamicrafter.bench.frames", *_point_argv(args), "--point", str(count)]
         if not windowed:
             command.append("--no-windows")
+        elif args.decode:
+            command.append("--no-decode")  # the windows do not reach the VAE: its run without them decodes
         print(f"{count} frames, {'windows' if windowed else 'no windows'}: {' '.join(command[1:])}",
               file=sys.stderr, flush=True)
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
