@@ -105,7 +105,7 @@ def _frames(args: argparse.Namespace) -> int:
         window, stride = check_windows(config, args.window_size, args.window_stride, ("--window_size", "--window_stride"))
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    bad = [count for count in args.frames + ([args.point] if args.point else []) if not 1 <= count <= 128]
+    bad = [count for count in args.frames + ([args.point] if args.point is not None else []) if not 1 <= count <= 128]
     if bad:
         raise CliError(f"--frames: each must be between 1 and 128, got {bad[0]}.", EXIT_USAGE)
     if args.point is not None:
@@ -284,8 +284,9 @@ def measure_point(args: argparse.Namespace, config: Any, frames: int, window: in
 def markdown_table(points: list[dict]) -> str:
     """The points as a markdown table: per frame count, without and with windows, step and decode figures.
 
-    Overheads over linear scaling are from the smallest frame count's run without windows, by CPU
-    time: ``cpu(N) / (N / N0 * cpu(N0)) - 1``.
+    Overheads over linear scaling are from the first run of the smallest frame count, by CPU time:
+    ``cpu(N) / (N / N0 * cpu(N0)) - 1``; windows are compared with the first run without them of the
+    same frame count and guidance.
     """
     good = [p for p in points if "error" not in p]
     lines = ["| frames | windows | s / step, wall | s / step, CPU | over linear (CPU) | windows over none (CPU) | "
@@ -294,16 +295,18 @@ def markdown_table(points: list[dict]) -> str:
     if not good:
         return "\n".join(lines + [f"| {p['frames']} | {p.get('windows')} | {p['error']} |" for p in points])
     base = min(good, key=lambda p: (p["frames"], p["windows"]))
-    plain = {p["frames"]: p for p in good if not p["windows"]}
+    plain = {(p["frames"], p.get("guidance")): p for p in reversed(good) if not p["windows"]}
     for p in sorted(points, key=lambda p: (p["frames"], p.get("windows", False))):
         if "error" in p:
             lines.append(f"| {p['frames']} | {'yes' if p['windows'] else 'no'} | {p['error']} | | | | | | | |")
             continue
         linear = p["cpu_s_per_step"] / (p["frames"] / base["frames"] * base["cpu_s_per_step"]) - 1
-        other = plain.get(p["frames"])
+        other = plain.get((p["frames"], p.get("guidance")))
         versus = f"{p['cpu_s_per_step'] / other['cpu_s_per_step'] - 1:+.0%}" if p["windows"] and other else ""
         what = f"yes ({p['temporal_windows']} of {p['window_size']}, stride {p['window_stride']})" if p["windows"] \
             else "no"
+        if p.get("guidance") == "sequential":
+            what += ", sequential guidance"
         decode = (f"{p['decode_s']:.3g} / {p['decode_cpu_s']:.3g}", _gb(p["decode_peak_above_start_bytes"])) \
             if "decode_s" in p else ("", "")
         load = f"{p['loadavg_before'][0]:.1f} / {p['loadavg_after'][0]:.1f}"
