@@ -94,9 +94,10 @@ def test_a_run_names_its_results_and_fails_when_an_item_failed(tmp_path, monkeyp
 
 
 def test_every_item_parses_with_its_benchmarks_flags():
-    from dynamicrafter.bench import generation, training
+    from dynamicrafter.bench import frames, generation, training
 
-    parsers = {"dynamicrafter.bench": generation.build_parser, "dynamicrafter.bench.training": training.build_parser}
+    parsers = {"dynamicrafter.bench": generation.build_parser, "dynamicrafter.bench.training": training.build_parser,
+               "dynamicrafter.bench.frames": frames.build_parser}
     for item in bench_suite.SUITE:
         if item.module in ("pytest", "dynamicrafter.models.fused_norm"):
             continue  # tests and checks, not benchmarks

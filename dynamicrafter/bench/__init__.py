@@ -9,6 +9,8 @@ files of the repository's checkout (the tiny test models, for one, are given as 
 - :mod:`.load`: ``python -m dynamicrafter.bench.load``, loading and converting a full-size checkpoint;
 - :mod:`.training`: ``python -m dynamicrafter.bench.training``, a training step (``--estimate``: :mod:`.memory`,
   its peak memory estimated on the meta device);
+- :mod:`.frames`: ``python -m dynamicrafter.bench.frames``, a guided step and the decode at 16 to 128 frames,
+  with and without FreeNoise windows, each point in a process of its own;
 - :mod:`.convergence`: ``python -m dynamicrafter.bench.convergence --data DIR``, the samplers against steps;
 - :mod:`.suite`: ``python -m dynamicrafter.bench.suite``, the GPU measurements still missing, in one call.
 """

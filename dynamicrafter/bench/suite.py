@@ -82,6 +82,10 @@ SUITE: tuple[Item, ...] = (
     # Issue 17/20: a long video with FreeNoise windows (16-frame windows, stride 4): time and peak memory.
     Item("sample-512-64-frames-windows", "dynamicrafter.bench",
          ("512", *_GPU, "--dtype", "bfloat16", "--video_length", "64", "--num_inference_steps", "10"), limit=150.0),
+    # Issue 17: a guided step and the decode at 16/32/64/128 frames, with and without windows (one process each).
+    Item("long-video-frames-256", "dynamicrafter.bench.frames",
+         ("256", "--device", "cuda", "--random-weights", "--dtype", "bfloat16", "--frames", "16", "32", "64", "128",
+          "--steps", "3", "--json"), limit=300.0),
     Item("sample-256", "dynamicrafter.bench", ("256", *_SAMPLING)),
     Item("sample-1024-profile", "dynamicrafter.bench", ("1024", *_SAMPLING, "--profile"), limit=180.0),
     Item("train-lora-1024", "dynamicrafter.bench.training",
