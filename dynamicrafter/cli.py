@@ -245,7 +245,7 @@ KEYFRAME_FLAGS = ("--keyframes", "--cut_near_keyframes", "--video_length")
 
 
 def _overlap(args: argparse.Namespace) -> int:
-    """The chained segments' overlap used: ``--overlap``, else a quarter of ``--video_length``."""
+    """The chained segments' overlap used: ``--overlap``, else the default (1)."""
     return default_overlap(args.num_frames) if args.overlap is None else args.overlap
 
 

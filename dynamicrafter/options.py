@@ -262,13 +262,14 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
            minimum=0, maximum=1, applies=lambda config: config.interp, ui=(0.0, 1.0, 0.05),
            label="Start/end image embedding mix"),
     Option("segments", int, 1,
-           "chained segments: each of num_frames frames, each later one animating the frame of the one before "
-           "where their overlap starts; per-segment prompts from a list or one prompt-file line per segment",
+           "chained segments: each of num_frames frames, each later one animating the last frame of the one "
+           "before; per-segment prompts from a list or one prompt-file line per segment",
            minimum=1, maximum=MAX_SEGMENTS, ui=(1, 8, 1), label="Segments (chained)"),
     Option("overlap", int, None,
-           "chained segments: frames two segments share, cross-faded (0 joins them end to end)",
+           "chained segments: the last frames of a segment cross-faded with the first of the next (1: their "
+           "shared frame once; 0 joins them end to end, that frame twice)",
            minimum=0, maximum=MAX_FRAMES - 1, ui=(0, 8, 1), label="Overlap between segments (frames)",
-           none_means="a quarter of num_frames, 4 of 16"),
+           none_means="1 (0 for segments of one frame)"),
     Option("cut_near_keyframes", int, 1,
            "keyframes: frames dropped where two interpolations meet at a keyframe, as kijai's node (one pass): "
            "1 drops the repeated keyframe, 2 both its copies, 3 one more after it, ...; 0 keeps the repeat",

@@ -366,10 +366,10 @@ def _control(option: Option, config: ModelConfig) -> gr.components.Component:
     default = config.default_fs if option.name == "frame_stride" else option.default or 0
     if option.name in ("num_frames", "window_size"):
         default = config.unet.temporal_length
-    if option.name == "overlap":
-        default = config.unet.temporal_length // 4  # the pipeline's default for the trained length
-    elif option.name == "start_step":  # the model's last timestep: the usual start
+    if option.name == "start_step":  # the model's last timestep: the usual start
         default = config.diffusion.timesteps
+    elif option.name == "overlap":
+        default = 1  # the pipeline's default: the frame two segments share
     return gr.Slider(low, high, value=min(max(default, low), high), step=step, label=label, elem_id=elem_id)
 
 

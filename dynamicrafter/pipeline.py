@@ -409,11 +409,11 @@ class DynamiCrafterImg2VideoPipeline:
                 ratio) * end`` (after the resampler); 1 (the default) is the start image's alone.
             segments: with more than 1, one longer video from one image in chained segments of
                 ``num_frames`` (see :mod:`dynamicrafter.sequences`): each later segment animates
-                the frame of the one before where their ``overlap`` starts; ``prompt`` (and
+                the last frame of the one before; ``prompt`` (and
                 ``negative_prompt``) may then be a list of one per segment. A list of prompts
                 without ``segments`` keeps its meaning: one per image of a batch.
-            overlap: frames two chained segments share, cross-faded; 0 to ``num_frames - 1``
-                (default a quarter of ``num_frames``: 4 of 16). The video has
+            overlap: the last frames of a segment cross-faded with the first of the next; 0 to
+                ``num_frames - 1`` (default 1: their shared frame, once). The video has
                 ``segments * num_frames - (segments - 1) * overlap`` frames.
             keyframes: instead of ``image``, two or more images of one size (interpolation models):
                 one interpolation of ``num_frames`` per consecutive pair, joined into one video

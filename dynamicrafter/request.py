@@ -437,8 +437,8 @@ def joined_frames(num_frames: int, pieces: int, overlap: int = 0, cut: int = 0, 
 
 
 def default_overlap(num_frames: int) -> int:
-    """The overlap of chained segments left to the default: a quarter of their frames (4 of 16)."""
-    return num_frames // 4
+    """The overlap of chained segments left to the default: 1, the frame two segments share (0 for 1-frame segments)."""
+    return min(1, num_frames - 1)
 
 
 def check_segments(num_frames: int, segments: int, overlap: int,

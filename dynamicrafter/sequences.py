@@ -5,9 +5,9 @@ Two ways of making a video longer than one call, both driving the pipeline's ord
 :func:`join_pieces`:
 
 - **chained segments** (``segments=K``, any model): segment 0 animates the image; segment
-  ``i + 1`` animates the frame of segment ``i`` where their ``overlap`` starts (frame
-  ``num_frames - max(overlap, 1)``: the last frame when the overlap is 0 or 1), and the
-  ``overlap`` shared frames are cross-faded;
+  ``i + 1`` animates the last frame of segment ``i`` (decoded, as an 8-bit image), and the last
+  ``overlap`` frames of segment ``i`` are cross-faded with the first ``overlap`` of segment
+  ``i + 1`` (the default 1: the shared frame, which both have, once);
 - **keyframes** (``keyframes=[k0, ..., kN-1]``, 512_interp and tooncrafter): one interpolation
   per pair of consecutive keyframes (and ``kN-1 → k0`` with ``loop``), joined where they meet at
   a keyframe by cutting ``cut_near_keyframes`` frames as kijai's ComfyUI node does (1: the
@@ -46,9 +46,9 @@ def crossfade_weights(overlap: int) -> torch.Tensor:
     return torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
 
 
-def conditioning_frame(num_frames: int, overlap: int) -> int:
-    """Index of the frame of a segment that the next segment animates: where their overlap starts."""
-    return num_frames - max(overlap, 1)
+def conditioning_frame(num_frames: int) -> int:
+    """Index of the frame of a segment that the next segment animates: its last."""
+    return num_frames - 1
 
 
 def _cut(before: torch.Tensor, after: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +105,7 @@ def make_sequence(pipe: "DynamiCrafterImg2VideoPipeline", sequence: SequenceRequ
     for index in range(sequence.pieces):
         if sequence.kind == "segments":
             image = sequence.starts[0] if index == 0 else _frame_image(
-                pieces[-1][0, conditioning_frame(sequence.num_frames, sequence.overlap)])
+                pieces[-1][0, conditioning_frame(sequence.num_frames)])
             end = None
         else:
             image, end = sequence.starts[index], sequence.ends[index]
