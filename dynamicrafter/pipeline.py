@@ -728,8 +728,8 @@ class DynamiCrafterImg2VideoPipeline:
         controls = [prepare_control(net, images, request.num_frames, request.height, request.width, scale,
                                     request.control_start, request.control_end)
                     for net, images, scale in zip(self.controlnets, request.control_images, request.control_scale)]
-        steps = ddim_timesteps(request.num_inference_steps, request.timestep_spacing,
-                               self.model.schedule.num_timesteps)[::-1]  # in the order the sampler visits them
+        start = request.start_step or self.model.schedule.num_timesteps  # as sampling.sample spreads them
+        steps = ddim_timesteps(request.num_inference_steps, request.timestep_spacing, start)[::-1]  # visiting order
         index = {int(t): i for i, t in enumerate(steps)}
         return controlled(self._unet_forward, controls, index.__getitem__, len(steps),
                           self.config.unet.out_channels)

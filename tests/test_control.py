@@ -133,6 +133,10 @@ def test_scale_zero_is_no_control_and_frames_without_sketch(pipe, files, gradien
         # the second of two steps only
         late = _call(pipe, gradient_png, control_images=sketches, control_start=0.5)
         assert relative_error(late, plain) > 1e-4 and relative_error(late, steered) > 1e-4
+        # with the leakage-free start the steps are other timesteps; scale 0 is still no control
+        later = _call(pipe, gradient_png, start_step=600)
+        assert torch.equal(_call(pipe, gradient_png, control_images=sketches, control_scale=0.0, start_step=600), later)
+        assert relative_error(_call(pipe, gradient_png, control_images=sketches, start_step=600), later) > 1e-3
     finally:
         pipe.unload_controlnets()
 
