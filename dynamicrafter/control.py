@@ -158,13 +158,18 @@ class Control:
         """The scaled residuals ``[B*T, C_i, h_i, w_i]`` for the noisy latent ``x`` ``[B, 4, T, h, w]``.
 
         ``t`` ``[B]``, ``context`` ``[B, L, D]`` (every frame of a video gets its video's whole
-        context); frames without a control image get zeros.
+        context) or, with prompts over time, ``[B, T, L, D]`` (each frame its own row); frames
+        without a control image get zeros.
         """
         b, _, t_frames, h, w = x.shape
         n = len(self.frames)
         frames_x = x[:, :, self.frames].transpose(1, 2).reshape(b * n, -1, h, w)
         hints = self.hints.to(x.device).repeat(b, 1, 1, 1)
-        outs = self.net(frames_x, hints, t.repeat_interleave(n), context.repeat_interleave(n, dim=0))
+        if context.ndim == 4:  # a context per frame: the controlled frames' own rows
+            frame_context = context[:, self.frames].reshape(b * n, *context.shape[2:])
+        else:
+            frame_context = context.repeat_interleave(n, dim=0)
+        outs = self.net(frames_x, hints, t.repeat_interleave(n), frame_context)
         if n == t_frames:
             return [o * self.scale for o in outs]
         index = (torch.arange(b, device=x.device)[:, None] * t_frames

@@ -568,6 +568,9 @@ class SequenceRequest:
             pieces, piece = (len(keys) if loop else len(keys) - 1), "interpolation"
             starts = loaded[:pieces]
             ends = [loaded[(i + 1) % len(loaded)] for i in range(pieces)]
+        if isinstance(prompt, dict) or isinstance(prompt, (list, tuple)) and any(isinstance(p, dict) for p in prompt):
+            raise UserError("A prompt schedule ({frame: prompt}) times the frames of one call; with segments or "
+                            f"keyframes give one prompt per {piece} instead.")
         prompts = [_text(p, "prompt") for p in per_piece(prompt, pieces, piece)]
         negative = [None if n is None else _text(n, "negative_prompt")
                     for n in per_piece(negative_prompt, pieces, piece, "negative_prompt")]

@@ -109,8 +109,8 @@ def _sketch(value: int = 0):
     return Image.fromarray(pixels.numpy()).convert("RGB")
 
 
-def _call(pipe, image, **kwargs):
-    return pipe(image, "a line", num_inference_steps=2, num_frames=4, height=64, width=64, output_type="latent",
+def _call(pipe, image, prompt="a line", **kwargs):
+    return pipe(image, prompt, num_inference_steps=2, num_frames=4, height=64, width=64, output_type="latent",
                 generator=torch.Generator().manual_seed(5), return_dict=False, **kwargs)
 
 
@@ -134,6 +134,10 @@ def test_scale_zero_is_no_control_and_frames_without_sketch(pipe, files, gradien
         late = _call(pipe, gradient_png, control_images=sketches, control_start=0.5)
         assert relative_error(late, plain) > 1e-4 and relative_error(late, steered) > 1e-4
         # with the leakage-free start the steps are other timesteps; scale 0 is still no control
+        # prompts over time: the controlled frames read their own rows of the per-frame context
+        timed = {0: "a line", 3: "a dot"}
+        assert torch.equal(_call(pipe, gradient_png, prompt=timed, control_images=sketches, control_scale=0.0),
+                           _call(pipe, gradient_png, prompt=timed))
         later = _call(pipe, gradient_png, start_step=600)
         assert torch.equal(_call(pipe, gradient_png, control_images=sketches, control_scale=0.0, start_step=600), later)
         assert relative_error(_call(pipe, gradient_png, control_images=sketches, start_step=600), later) > 1e-3

@@ -136,6 +136,8 @@ BAD_INPUTS = [
                       "end_image=image)."),
     (dict(loop="yes"), "loop must be True or False, got str 'yes'."),
     (dict(cut_near_keyframes=6), "cut_near_keyframes must be between 0 and 5, got 6."),
+    (dict(segments=2, prompt={0: "a", 2: "b"}), "A prompt schedule ({frame: prompt}) times the frames of one call; "
+                                                "with segments or keyframes give one prompt per segment instead."),
     (dict(start_step=0), "start_step must be between 1 and 1000, got 0."),
     (dict(start_step=1001), "start_step must be between 1 and 1000, got 1001."),
     (dict(start_step=2.5), "start_step must be a whole number, got 2.5."),
