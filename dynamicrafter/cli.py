@@ -432,7 +432,8 @@ class _Runner:
         return self.pipe(
             image=None if job.keyframes else start, keyframes=list(job.keyframes) or None, loop=bool(job.keyframes)
             and job.loop, prompt=list(job.prompts or (job.prompt,)), negative_prompt=negative,
-            generator=torch.Generator(device=self.pipe.device).manual_seed(job.seed), **self.settings)["videos"]
+            generator=torch.Generator(device=self.pipe.device).manual_seed(job.seed),
+            **({} if self.mask is None or job.keyframes else {"mask": self.mask}), **self.settings)["videos"]
 
     def _write(self, job: Job, make: Any) -> None:
         """Make one job's video with ``make()`` and save it; a refused input or a non-finite result fails the job."""
