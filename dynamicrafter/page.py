@@ -434,10 +434,11 @@ def _image_input(label: str, elem_id: str) -> gr.Image:
 
 
 def _mask_input(config: ModelConfig) -> gr.ImageMask:
-    """The optional motion mask: paint in white what moves (over the input image, uploaded), or upload a mask."""
-    return gr.ImageMask(label="Motion mask (optional): paint what moves", type="filepath",
-                        sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                        transforms=(), layers=False, canvas_size=(config.width, config.height), elem_id="mask")
+    """The optional motion mask, folded: paint in white what moves (over the input image, uploaded), or upload a mask."""
+    with gr.Accordion("Motion mask (optional): hold parts of the image still", open=False):
+        return gr.ImageMask(label="Motion mask (optional): paint what moves", type="filepath",
+                            sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                            transforms=(), layers=False, canvas_size=(config.width, config.height), elem_id="mask")
 
 
 def _outputs() -> tuple[gr.Video, gr.Number, gr.Textbox]:
@@ -456,10 +457,10 @@ def _image_to_video_tab(maker: _VideoMaker, config: ModelConfig, examples: list[
     with gr.Row():
         with gr.Column():
             image = _image_input("Input image", "image")
-            mask = _mask_input(config)
             prompt, controls, random_seed = _controls(config)
             segments = _extra_controls("Longer video (chained segments; one prompt line per segment)",
                                        SEGMENT_CONTROLS, config)
+            mask = _mask_input(config)
             extra, extra_inputs = _control_inputs(maker.pipeline, config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column():
