@@ -264,26 +264,24 @@ def _sequence_jobs(args: argparse.Namespace, images: list[Path], prompt_dir: Pat
                               n_samples=args.num_videos_per_prompt)
 
 
-def _frames_written(job: Job, frames: int, args: argparse.Namespace | None = None) -> int:
-    """How many frames the video of ``job`` has once written (a loop drops its repeated last frame).
-
-    With ``args``, a sequence's: its pieces joined (:func:`~dynamicrafter.request.joined_frames`).
-    """
-    if args is not None and job.keyframes:
+def _frames_written(job: Job, args: argparse.Namespace) -> int:
+    """How many frames the video of ``job`` has once written: a loop drops its repeated last frame,
+    a sequence joins its pieces (:func:`~dynamicrafter.request.joined_frames`)."""
+    frames = args.num_frames
+    if job.keyframes:
         pieces = len(job.keyframes) if job.loop else len(job.keyframes) - 1
         return joined_frames(frames, pieces, cut=args.cut_near_keyframes, loop=job.loop)
-    if args is not None and args.segments > 1:
+    if args.segments > 1:
         return joined_frames(frames, args.segments, _overlap(args))
     return frames - 1 if job.loop else frames
 
 
-def _still_to_make(jobs: list[Job], frames: int, overwrite: bool, args: argparse.Namespace | None = None
-                   ) -> list[Job]:
-    """The jobs whose video is not yet a complete, playable file of the expected frame count."""
+def _still_to_make(jobs: list[Job], args: argparse.Namespace) -> list[Job]:
+    """The jobs whose video is not yet a complete, playable file of the expected frame count (or all, ``--overwrite``)."""
     todo = []
     for job in jobs:
-        expected = _frames_written(job, frames, args)
-        if overwrite or not job.output.exists():
+        expected = _frames_written(job, args)
+        if args.overwrite or not job.output.exists():
             todo.append(job)
         elif not is_complete_video(job.output, expected):
             logger.warning("Making %s again: it is not a complete video of %d frames.", job.output, expected)
@@ -530,7 +528,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     jobs = _check_prompts(jobs, args.num_frames)
     mine = ranks.share(jobs)
-    todo = _still_to_make(mine, args.num_frames, args.overwrite, args)
+    todo = _still_to_make(mine, args)
     _check_controls(args, todo)
     skipped = len(mine) - len(todo)
     device = None

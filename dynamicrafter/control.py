@@ -37,7 +37,6 @@ import torch
 from .checkpoints import UNET_PREFIX, CheckpointMismatchError, _describe, read_release_state_dict
 from .images import fit_image, load_image
 from .models import controlnet as cn
-from .request import frame_images
 
 if TYPE_CHECKING:
     from .configs import UNetConfig
@@ -182,13 +181,12 @@ class Control:
         return full
 
 
-def prepare_control(net: cn.ControlNet, images: Any, num_frames: int, height: int, width: int,
+def prepare_control(net: cn.ControlNet, by_frame: dict[int, Any], num_frames: int, height: int, width: int,
                     scale: float = DEFAULT_SCALE, start: float = 0.0, end: float = 1.0) -> Control:
-    """Read and fit a ControlNet's control images for a video of ``num_frames`` frames of ``height x width``."""
-    by_frame = frame_images(images, num_frames)
+    """Fit a ControlNet's control images ``{frame: image}`` (the request's, checked and read) to ``height x width``."""
     hint = sketch_hint if is_sketch_encoder(net) else rgb_hint
     frames = sorted(by_frame)
-    cache: dict[int, torch.Tensor] = {}  # one image for every frame is read once
+    cache: dict[int, torch.Tensor] = {}  # one image for every frame is fitted once
     hints = []
     for f in frames:
         key = id(by_frame[f])

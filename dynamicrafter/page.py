@@ -59,6 +59,8 @@ CONTROLS = (*MAIN_CONTROLS, *ADVANCED_CONTROLS, *WINDOW_CONTROLS, *LEAKAGE_CONTR
 #: Chained segments of ``/generate`` (folded under "Longer video") and the keyframe cut of ``/keyframes``.
 SEGMENT_CONTROLS = ("segments", "overlap")
 KEYFRAME_CONTROLS = ("cut_near_keyframes",)
+#: The start/end image embedding mix of ``/interpolate``.
+INTERP_CONTROLS = ("image_embed_ratio",)
 
 
 def _fail(message: str) -> gr.Error:
@@ -112,7 +114,8 @@ class _VideoMaker:
         A page error names the control.
         """
         checked: dict[str, Any] = {}
-        for name in (*CONTROLS, *(n for n in (*SEGMENT_CONTROLS, *KEYFRAME_CONTROLS) if n in values)):
+        optional = (*SEGMENT_CONTROLS, *KEYFRAME_CONTROLS, *INTERP_CONTROLS)  # the tabs' own controls
+        for name in (*CONTROLS, *(n for n in optional if n in values)):
             option, value = OPTIONS[name], values[name]
             if option.type is bool:  # a checkbox
                 checked[name] = bool(value)
@@ -284,14 +287,9 @@ class _VideoMaker:
         """Fill the motion between two images, or loop one (the ``/interpolate`` endpoint)."""
         start = self.load_image(start_image, "start image")
         end = start if loop else self.load_image(end_image, "end image")
-        option = OPTIONS["image_embed_ratio"]
-        try:
-            ratio = check_number(option.default if image_embed_ratio is None else image_embed_ratio, option.label,
-                                 minimum=option.minimum, maximum=option.maximum)
-        except UserError as exc:
-            raise _fail(str(exc)) from None
-        return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress,
-                        image_embed_ratio=ratio)
+        if image_embed_ratio is not None:  # optional for API clients
+            values["image_embed_ratio"] = image_embed_ratio
+        return self.run(start, end, "loop" if loop else "interp", prompt, values, random_seed, progress)
 
 
     def keyframes(self, keyframes: Any, loop: Any, prompt: Any, random_seed: Any, progress: gr.Progress,
@@ -495,7 +493,7 @@ def _interpolation_tab(maker: _VideoMaker, config: ModelConfig, examples: list[l
     loop.change(lambda looping: gr.Image(visible=not looping), inputs=loop, outputs=end,
                 queue=False, api_visibility="private")
     button.click(_endpoint(maker.interpolate, ("start_image", "end_image", "loop", "prompt"), CONTROLS,
-                           ("image_embed_ratio", *extra)),
+                           (*INTERP_CONTROLS, *extra)),
                  inputs=[start, end, loop, prompt, *controls, random_seed, ratio, *extra_inputs], outputs=list(outputs),
                  api_name="interpolate", preprocess=False, show_progress_on=outputs[0],
                  concurrency_limit=1, concurrency_id="pipeline")

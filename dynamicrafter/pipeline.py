@@ -513,7 +513,7 @@ class DynamiCrafterImg2VideoPipeline:
         if options:
             raise UserError(f"Unknown argument(s): {', '.join(sorted(options))}.")
         request = GenerationRequest.build(self.config, max_steps=self.model.schedule.num_timesteps, image=image,
-                                          controlnets=len(getattr(self, "controlnets", [])),
+                                          controlnets=len(self.controlnets),
                                           prompt=prompt, negative_prompt=negative_prompt, end_image=end_image,
                                           **given, **values)
         texts = [text for prompt in request.prompts for text in prompt_text(prompt)]
@@ -652,8 +652,8 @@ class DynamiCrafterImg2VideoPipeline:
         """
         if request.analytic_statistics is not None:
             noise = self.prepare_latents(dataclasses.replace(request, analytic_statistics=None))
-            start = request.start_step or self.model.schedule.num_timesteps
-            return request.analytic_statistics.initial_latents(noise, self.model.schedule.alphas_cumprod, start)
+            return request.analytic_statistics.initial_latents(noise, self.model.schedule.alphas_cumprod,
+                                                               request.start_step)
         if request.latents is not None:
             return request.latents.to(self.device, torch.float32)
         noise = _randn(request.latent_shape, request.generator, self.device)
@@ -728,8 +728,8 @@ class DynamiCrafterImg2VideoPipeline:
         controls = [prepare_control(net, images, request.num_frames, request.height, request.width, scale,
                                     request.control_start, request.control_end)
                     for net, images, scale in zip(self.controlnets, request.control_images, request.control_scale)]
-        start = request.start_step or self.model.schedule.num_timesteps  # as sampling.sample spreads them
-        steps = ddim_timesteps(request.num_inference_steps, request.timestep_spacing, start)[::-1]  # visiting order
+        # the timesteps sampling.sample visits, in its order
+        steps = ddim_timesteps(request.num_inference_steps, request.timestep_spacing, request.start_step)[::-1]
         index = {int(t): i for i, t in enumerate(steps)}
         return controlled(self._unet_forward, controls, index.__getitem__, len(steps),
                           self.config.unet.out_channels)

@@ -109,13 +109,13 @@ def check_windows(config: "ModelConfig", size: int | None, stride: int,
 
 
 def check_start_step(start_step: int | None, steps: int, max_steps: int,
-                     names: tuple[str, str] = ("start_step", "num_inference_steps")) -> int | None:
-    """The leakage-free start step ``M`` (``None``: the last timestep), or one sentence naming ``names``.
+                     names: tuple[str, str] = ("start_step", "num_inference_steps")) -> int:
+    """The timestep ``M`` sampling starts from (``None``: ``max_steps``, the usual start), or one sentence naming ``names``.
 
     The sampler's ``steps`` distinct timesteps lie in ``[0, M)``: at most ``M`` of them.
     """
     if start_step is None:
-        return None
+        return max_steps
     if start_step > max_steps:
         raise UserError(f"{names[0]} can be at most the model's {max_steps} training timesteps, got {start_step}.")
     if steps > start_step:
@@ -146,7 +146,8 @@ class GenerationRequest:
     A prompt is a string or a schedule ``{frame: prompt}`` of two prompts or more, sorted by
     frame (:mod:`~dynamicrafter.prompt_schedule`).
 
-    ``start_step`` is the leakage-free start ``M`` (``None``: the last timestep);
+    ``start_step`` is the timestep ``M`` sampling starts from (the model's number of timesteps
+    unless the leakage-free start gives a smaller one);
     ``analytic_init`` says whether its noise is Analytic-Init's, with the statistics of
     ``analytic_init_path`` (``None``: the model's published file); the pipeline's
     ``check_inputs`` puts the checked :class:`~dynamicrafter.diffusion.leakage.AnalyticInit` in
@@ -173,7 +174,7 @@ class GenerationRequest:
     window_size: int = 16
     window_stride: int = 4
     noise_rescheduling: bool = True
-    start_step: int | None = None
+    start_step: int = 1000
     analytic_init: bool = False
     analytic_init_path: str | None = None
     analytic_statistics: Any = None

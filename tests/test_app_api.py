@@ -168,6 +168,10 @@ def test_interpolation_model_gets_the_looping_tab(gradient_png):
             client.predict(start_image=handle_file(str(gradient_png)), end_image=None, loop=False,
                            prompt="", api_name="/interpolate", **FAST)
         assert str(info.value) == "Please upload the end image."
+        with pytest.raises(Exception) as info:  # the embedding mix, checked like every control
+            client.predict(start_image=handle_file(str(gradient_png)), end_image=handle_file(str(gradient_png)),
+                           loop=False, prompt="", image_embed_ratio=2, api_name="/interpolate", **FAST)
+        assert str(info.value) == "Start/end image embedding mix must be between 0 and 1, got 2."
         with pytest.raises(Exception) as info:  # the command line's rule: a 2-frame loop would be 1 frame
             client.predict(start_image=handle_file(str(gradient_png)), end_image=None, loop=True, prompt="",
                            api_name="/interpolate", **{**FAST, "num_frames": 2})

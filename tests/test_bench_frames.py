@@ -61,6 +61,7 @@ def test_bad_arguments_exit_with_one_line(caplog, tmp_path):
             (["--window_size", "8", "--window_stride", "9"], "--window_stride must be at most --window_size (8), "
              "got 9: windows further apart would leave frames without temporal attention."),
             (["--steps", "0"], "--steps must be at least 1."),
+            (["--random-weights", "--checkpoint", "model.ckpt"], "--random-weights and --checkpoint exclude each other."),
             (["--table", str(tmp_path / "none.jsonl")], f"--table: {tmp_path / 'none.jsonl'} is not a file of points.")):
         caplog.clear()
         assert frames.main(argv) == 2

@@ -533,6 +533,8 @@ def test_ranks_share_the_jobs(fake, tmp_path, monkeypatch):
     (["256", "--start_step", "20"], 2, "--num_inference_steps (50) can be at most --start_step (20): the sampler "
                                        "visits that many distinct timesteps below it."),
     (["256", "--analytic_init_path", "{tmp}/missing.pt"], 2, "missing.pt does not exist"),
+    (["256", "--analytic_init"], 2, "--analytic_init uses the CIL authors' statistics, published for the 512 and "
+                                    "1024 models; for the 256 model give a statistics file with --analytic_init_path."),
     (["256", "--batch_size", "0"], 2, "--batch_size: must be between 1 and 256, got 0"),
     (["256", "--fps", "0"], 2, "--fps: must be between 1 and 120, got 0"),
     (["256", "--frame_stride", "-5"], 2, "--frame_stride: must be between 1 and 100, got -5"),

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Sequence
 
-from ..frontend import configure_logging, run_command
+from ..frontend import EXIT_USAGE, CliError, chosen_model, configure_logging, run_command
 
-__all__ = ["run_tool"]
+__all__ = ["run_tool", "add_random_weights", "chosen_weights"]
 
 
 def run_tool(argv: Sequence[str] | None, build_parser: Callable[[], argparse.ArgumentParser],
@@ -34,3 +34,15 @@ def run_tool(argv: Sequence[str] | None, build_parser: Callable[[], argparse.Arg
     """
     configure_logging()
     return run_command(lambda: body(build_parser().parse_args(argv)))
+
+
+def add_random_weights(parser: argparse.ArgumentParser) -> None:
+    """The ``--random-weights`` flag of the tools that time the full-size model."""
+    parser.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
+
+
+def chosen_weights(args: argparse.Namespace, default: str) -> None:
+    """Set ``args.resolution`` (the model chosen, else ``default``); refuse ``--random-weights`` with ``--checkpoint``."""
+    args.resolution = chosen_model(args, default)
+    if args.checkpoint and args.random_weights:
+        raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)

@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..frontend import EXIT_USAGE, CliError, Parser, add_model_choice, chosen_model
+from ..frontend import EXIT_USAGE, CliError, Parser, add_model_choice
 from ..options import add_arguments
-from . import run_tool
+from . import add_random_weights, chosen_weights, run_tool
 
 __all__ = ["build_parser", "main", "markdown_table", "measure_point", "sweep_order"]
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_choice(parser, "256")
     add_arguments(parser, ("window_size", "window_stride", "height", "width"))
     add_arguments(parser, FRAMES_OPTIONS)
-    parser.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
+    add_random_weights(parser)
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128], metavar="N",
                         help="frame counts to measure, 1 to 128 (default: 16 32 64 128)")
     parser.add_argument("--steps", type=int, default=2, metavar="N",
@@ -86,9 +86,7 @@ def sweep_order(frames: list[int], window: int) -> list[tuple[int, bool]]:
 
 
 def _frames(args: argparse.Namespace) -> int:
-    args.resolution = chosen_model(args, "256")
-    if args.checkpoint and args.random_weights:
-        raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)
+    chosen_weights(args, "256")
     if args.steps < 1:
         raise CliError("--steps must be at least 1.", EXIT_USAGE)
     if args.table is not None:

@@ -43,9 +43,9 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..frontend import EXIT_USAGE, CliError, Parser, add_model_choice, chosen_model
+from ..frontend import EXIT_USAGE, CliError, Parser, add_model_choice
 from ..options import COMPILE_MODES, add_arguments, add_model_arguments
-from . import run_tool
+from . import add_random_weights, chosen_weights, run_tool
 
 __all__ = ["BENCH_OPTIONS", "FUSED_NORM_SETTINGS", "REFERENCE_UNET", "build_parser", "check_reference_checkout", "main"]
 
@@ -75,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_choice(parser, "256")
     add_arguments(parser, BENCH_OPTIONS)
     add_model_arguments(parser)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--random-weights", action="store_true", help="full-size model with random weights (default)")
+    add_random_weights(parser)
     parser.add_argument("--sequential-guidance", action="store_true", help="run the two guidance branches apart")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES,
                         help="compile the UNet in this mode: regional (its repeated blocks, what --compile does) or "
@@ -106,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    args.resolution = chosen_model(args, "256")
-    if args.checkpoint and args.random_weights:
-        raise CliError("--random-weights and --checkpoint exclude each other.", EXIT_USAGE)
+    chosen_weights(args, "256")
     if args.num_inference_steps < 2:
         raise CliError("--num_inference_steps must be at least 2 (the first step is the warm-up).", EXIT_USAGE)
     if args.compare_reference and args.quantize != "none":
